@@ -1,0 +1,1 @@
+"""QStash: the client side (publishing, queue admin) and ``server/``, the embedded broker."""

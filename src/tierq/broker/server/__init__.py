@@ -1,0 +1,1 @@
+"""The embedded, wire-compatible QStash broker (``tierq broker``)."""

@@ -1,0 +1,112 @@
+"""The broker as an ASGI app, and a runner that serves it with uvicorn."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+
+import httpx
+import redis.asyncio as aioredis
+import uvicorn
+from redis.exceptions import RedisError
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from tierq.broker.server import routes_dlq, routes_messages, routes_queues
+from tierq.broker.server.context import BrokerContext, error, ok
+from tierq.broker.server.credentials import Account
+from tierq.broker.server.dispatcher import Dispatcher
+from tierq.broker.server.keyring import KeyRing
+from tierq.broker.server.store import BrokerStore
+from tierq.config import BrokerSettings
+from tierq.errors import ClientError
+
+
+async def _client_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ClientError)
+    return error(exc.message, exc.status)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    return error(exc.detail or "error", exc.status_code)
+
+
+async def _redis_error(request: Request, exc: Exception) -> Response:
+    return error("broker storage (Redis) is unavailable, try again", 503)
+
+
+async def _healthz(request: Request) -> Response:
+    return ok({"status": "ok"})
+
+
+def create_broker_app(
+    settings: BrokerSettings, redis_url: str, accounts: dict[str, Account]
+) -> Starlette:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        client = aioredis.Redis.from_url(redis_url, decode_responses=False)
+        store = BrokerStore(client, settings)
+        keyring = KeyRing(store, accounts)
+        await keyring.load()
+        limits = httpx.Limits(
+            max_connections=settings.max_in_flight,
+            max_keepalive_connections=min(settings.max_in_flight, 256),
+        )
+        http = httpx.AsyncClient(
+            limits=limits,
+            timeout=httpx.Timeout(settings.max_timeout_s, connect=10.0),
+            follow_redirects=False,
+        )
+        dispatcher = Dispatcher(store, keyring, settings, http)
+        app.state.broker = BrokerContext(settings, store, dispatcher, keyring, accounts)
+        task = asyncio.create_task(dispatcher.run(), name="tierq-broker-dispatcher")
+        try:
+            yield
+        finally:
+            await dispatcher.stop()
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+            await http.aclose()
+            await client.aclose()
+
+    from starlette.routing import Route  # noqa: PLC0415 - keeps the route tables together
+
+    return Starlette(
+        routes=[
+            Route("/healthz", _healthz, methods=["GET"]),
+            *routes_messages.ROUTES,
+            *routes_queues.ROUTES,
+            *routes_dlq.ROUTES,
+        ],
+        exception_handlers={
+            ClientError: _client_error,
+            HTTPException: _http_error,
+            RedisError: _redis_error,
+        },
+        lifespan=lifespan,
+    )
+
+
+async def serve(
+    app: Starlette,
+    host: str,
+    port: int,
+    *,
+    on_started: Callable[[], None] | None = None,
+    log_level: str = "warning",
+) -> None:
+    """Serve until cancelled or signalled; ``on_started`` runs once the socket listens."""
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level=log_level, access_log=False, lifespan="on"
+    )
+    server = uvicorn.Server(config)
+    task = asyncio.create_task(server.serve())
+    while not server.started and not task.done():  # noqa: ASYNC110 - uvicorn offers a flag only
+        await asyncio.sleep(0.02)
+    if server.started and on_started is not None:
+        on_started()
+    await task

@@ -1,0 +1,293 @@
+"""The scheduler: claims due messages, delivers them over HTTP, records each outcome.
+
+One loop claims batches of due messages under a lease (one Redis round trip per batch) and
+starts a task per delivery, never more than ``max_in_flight`` at once. Each delivery ends with
+one script that records its outcome. Shutdown cancels deliveries still running: they stay
+in flight in Redis and are delivered again at the next start (at-least-once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import time
+from collections.abc import Callable
+
+import httpx
+import structlog
+from redis.exceptions import RedisError
+
+from tierq.broker.server.backoff import next_delay_s
+from tierq.broker.server.durations import parse_response_wait
+from tierq.broker.server.keyring import KeyRing
+from tierq.broker.server.model import AttemptResponse, FollowUp, StoredMessage, log_event
+from tierq.broker.server.requests import canonical_header
+from tierq.broker.server.signing import random_id, sign
+from tierq.broker.server.store import BrokerStore, Claimed, FollowUpMessage
+from tierq.config import BrokerSettings
+
+WAIT_HEADERS = (
+    "retry-after",
+    "x-ratelimit-reset",
+    "x-ratelimit-reset-requests",
+    "x-ratelimit-reset-tokens",
+)
+RECLAIM_EVERY_S = 10.0
+REDIS_RETRY_S = 1.0
+log = structlog.get_logger("tierq.broker")
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def response_wait_s(response: AttemptResponse, now_s: float) -> float | None:
+    """The first usable wait a failed response asks for (Retry-After and friends)."""
+    lowered = {k.lower(): v for k, v in response.headers.items()}
+    for name in WAIT_HEADERS:
+        for value in lowered.get(name, []):
+            wait = parse_response_wait(value, now_s)
+            if wait is not None:
+                return wait
+    return None
+
+
+def classify(response: AttemptResponse, retried: int, max_retries: int) -> str:
+    """``delivered``, ``retry`` or ``failed`` for one attempt's response."""
+    if 200 <= response.status < 300:
+        return "delivered"
+    non_retryable = response.status == 489 and any(
+        v.strip().lower() == "true"
+        for k, vs in response.headers.items()
+        if k.lower() == "upstash-nonretryable-error"
+        for v in vs
+    )
+    if non_retryable or retried >= max_retries:
+        return "failed"
+    return "retry"
+
+
+def callback_body(
+    msg: StoredMessage, body: bytes, response: AttemptResponse, retried: int, dlq_id: str | None
+) -> bytes:
+    """The JSON QStash sends to a callback / failure callback about one attempt."""
+    payload: dict[str, object] = {
+        "status": response.status,
+        "header": response.headers,
+        "body": base64.b64encode(response.body).decode(),
+        "retried": retried,
+        "maxRetries": msg.max_retries,
+        "sourceMessageId": msg.id,
+        "topicName": "",
+        "endpointName": "",
+        "url": msg.url,
+        "method": msg.method,
+        "sourceHeader": msg.headers,
+        "sourceBody": base64.b64encode(body).decode(),
+        "notBefore": msg.not_before_ms,
+        "createdAt": msg.created_at_ms,
+        "scheduleId": "",
+        "callerIP": msg.caller_ip or "",
+    }
+    if dlq_id is not None:
+        payload["dlqId"] = dlq_id
+    return json.dumps(payload).encode()
+
+
+def followup_messages(
+    msg: StoredMessage,
+    body: bytes,
+    response: AttemptResponse,
+    retried: int,
+    outcome: str,
+    dlq_id: str,
+    at_ms: int,
+) -> list[FollowUpMessage]:
+    """Callback after every attempt; failure callback once retries are exhausted."""
+    if msg.kind != "message":
+        return []
+    targets: list[tuple[str, FollowUp | None, str | None]] = [("callback", msg.callback, None)]
+    if outcome == "failed":
+        targets.append(("failure_callback", msg.failure_callback, dlq_id))
+    out = []
+    for kind, target, dlq in targets:
+        if target is None:
+            continue
+        follow = StoredMessage(
+            id=random_id("msg_"),
+            user=msg.user,
+            url=target.url,
+            method=target.method,
+            headers=target.headers,
+            content_type="application/json",
+            max_retries=msg.max_retries if target.retries is None else target.retries,
+            retry_delay=target.retry_delay or msg.retry_delay,
+            timeout_s=target.timeout_s,
+            not_before_ms=at_ms + int((target.delay_s or 0) * 1000),
+            created_at_ms=at_ms,
+            kind="callback" if kind == "callback" else "failure_callback",
+            source_message_id=msg.id,
+            caller_ip=msg.caller_ip,
+        )
+        payload = callback_body(msg, body, response, retried, dlq)
+        out.append(FollowUpMessage(follow, payload, follow.not_before_ms))
+    return out
+
+
+def delivery_headers(msg: StoredMessage, retried: int, signature: str) -> list[tuple[str, str]]:
+    headers = [(name, value) for name, values in msg.headers.items() for value in values]
+    present = {name.lower() for name, _ in headers}
+    if msg.content_type and "content-type" not in present:
+        headers.append(("Content-Type", msg.content_type))
+    if "user-agent" not in present:
+        headers.append(("User-Agent", "Upstash-QStash"))
+    headers += [
+        ("Upstash-Signature", signature),
+        ("Upstash-Message-Id", msg.id),
+        ("Upstash-Retried", str(retried)),
+    ]
+    if msg.caller_ip:
+        headers.append(("Upstash-Caller-Ip", msg.caller_ip))
+    return headers
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        store: BrokerStore,
+        keyring: KeyRing,
+        settings: BrokerSettings,
+        http: httpx.AsyncClient,
+        on_attempt: Callable[[StoredMessage, str], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.keyring = keyring
+        self.settings = settings
+        self.http = http
+        self._on_attempt = on_attempt
+        self._wake = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._stopping = False
+
+    def wake(self) -> None:
+        """Something became due now (a publish, a freed queue slot): look at once."""
+        self._wake.set()
+
+    @property
+    def lease_ms(self) -> int:
+        return int((self.settings.max_timeout_s + self.settings.lease_grace_s) * 1000)
+
+    async def run(self) -> None:
+        """Deliver until stopped; a Redis outage pauses the loop instead of ending it."""
+        await self.store.reclaim(None, now_ms())  # what a previous run had in flight
+        while not self._stopping:
+            try:
+                await self._loop()
+            except RedisError as exc:
+                log.warning("broker.redis_unavailable", error=str(exc))
+                await asyncio.sleep(REDIS_RETRY_S)
+
+    async def _loop(self) -> None:
+        last_reclaim = time.monotonic()
+        while not self._stopping:
+            if time.monotonic() - last_reclaim > RECLAIM_EVERY_S:
+                await self.store.reclaim(now_ms(), now_ms())
+                last_reclaim = time.monotonic()
+            free = self.settings.max_in_flight - len(self._tasks)
+            claimed: list[Claimed] = []
+            if free > 0:
+                self._wake.clear()
+                limit = min(free, self.settings.claim_batch)
+                claimed = await self.store.claim(now_ms(), limit, self.lease_ms)
+                for item in claimed:
+                    task = asyncio.create_task(self._deliver(item))
+                    self._tasks.add(task)
+                    task.add_done_callback(self._tasks.discard)
+                if len(claimed) == limit:
+                    continue
+            await self._sleep(free > 0)
+
+    async def _sleep(self, can_claim: bool) -> None:
+        timeout = self.settings.poll_interval_s
+        if can_claim:
+            due = await self.store.next_due_ms()
+            if due is not None:
+                timeout = min(timeout, max(0.0, (due - now_ms()) / 1000))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout)
+
+    async def stop(self, grace_s: float = 5.0) -> None:
+        self._stopping = True
+        self._wake.set()
+        if self._tasks:
+            _, pending = await asyncio.wait(set(self._tasks), timeout=grace_s)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+
+    async def _attempt(self, item: Claimed) -> AttemptResponse:
+        msg = item.msg
+        signature = sign(self.keyring.current(msg.user), msg.url, item.body, int(time.time()))
+        timeout = msg.timeout_s or self.settings.max_timeout_s
+        cap = self.settings.response_body_max_bytes
+        try:
+            async with asyncio.timeout(timeout):
+                resp = await self.http.request(
+                    msg.method,
+                    msg.url,
+                    content=item.body or None,
+                    headers=delivery_headers(msg, item.retried, signature),
+                )
+        except TimeoutError:
+            return AttemptResponse(status=0, error=f"timeout after {timeout:g}s")
+        except httpx.HTTPError as exc:
+            return AttemptResponse(status=0, error=f"{type(exc).__name__}: {exc}")
+        headers: dict[str, list[str]] = {}
+        for name, value in resp.headers.multi_items():
+            headers.setdefault(canonical_header(name), []).append(value)
+        return AttemptResponse(status=resp.status_code, headers=headers, body=resp.content[:cap])
+
+    async def _deliver(self, item: Claimed) -> None:
+        try:
+            await self._deliver_once(item)
+        except RedisError as exc:
+            # The outcome is lost; the lease expires and the message is delivered again.
+            log.warning("broker.finish_failed", message_id=item.msg.id, error=str(exc))
+
+    async def _deliver_once(self, item: Claimed) -> None:
+        msg = item.msg
+        response = await self._attempt(item)
+        at = now_ms()
+        outcome = classify(response, item.retried, msg.max_retries)
+        if self._on_attempt is not None:
+            self._on_attempt(msg, outcome)
+        dlq_id = self.store.new_dlq_id(at) if outcome == "failed" else ""
+        followups = followup_messages(msg, item.body, response, item.retried, outcome, dlq_id, at)
+        next_due = 0
+        if outcome == "retry":
+            wait = next_delay_s(
+                retried=item.retried,
+                expression=msg.retry_delay,
+                response_wait_s=response_wait_s(response, at / 1000),
+            )
+            next_due = at + int(wait * 1000)
+            events = [
+                log_event(msg, "ERROR", at, response=response, next_delivery_ms=next_due),
+                log_event(msg, "RETRY", at, next_delivery_ms=next_due),
+            ]
+        else:
+            state = "DELIVERED" if outcome == "delivered" else "FAILED"
+            events = [log_event(msg, state, at, response=response)]
+        await self.store.finish(
+            item,
+            outcome=outcome,
+            now_ms=at,
+            next_due_ms=next_due,
+            events=events,
+            response=response,
+            dlq_id=dlq_id,
+            followups=followups,
+        )
+        self.wake()

@@ -1,0 +1,91 @@
+"""Every Redis key pattern tierq uses, and its lifetime, in one place.
+
+No other module builds a key string. The broker's keys live under their own prefix (``tqb`` by
+default) so several brokers, or a broker and its tests, can share one Redis without touching each
+other's state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class BrokerKeys:
+    """Keys of the embedded QStash broker. The broker needs a single Redis node (not Cluster):
+    its scripts touch message, queue and schedule keys together.
+
+    - ``due``: zset message id → ms when it may be attempted (ready or waiting to retry)
+    - ``inflight``: zset message id → ms when its delivery lease expires
+    - ``msg(id)``: hash ``m`` (JSON), ``b`` (body), ``r`` (retries so far), ``u`` (user),
+      ``q`` (queue or ""), ``url``, ``c`` ("1" once a cancel was requested); deleted when done
+    - ``user_msgs(user)``: set of that user's live message ids
+    - ``events``: stream of log events (``e`` = JSON), trimmed to a maximum length
+    - ``dedup(user, key)``: string message id, expires after the deduplication window
+    - ``queues(user)``: set of queue names; ``queue``: hash name/parallelism/paused/createdAt/
+      updatedAt; ``queue_pending``: list (FIFO) of ids not started; ``queue_active``: set of ids
+      started and not finished (their retries included), never larger than parallelism
+    - ``dlq(user)``: zset dlq id → ms; ``dlq_entry(user, id)``: hash ``m``, ``b``, ``resp``
+    - ``signing_keys``: hash user → JSON ``{"current", "next"}``
+    - ``seq``: counter for DLQ ids
+    """
+
+    prefix: str = "tqb"
+
+    @property
+    def due(self) -> str:
+        return f"{self.prefix}:due"
+
+    @property
+    def inflight(self) -> str:
+        return f"{self.prefix}:inflight"
+
+    @property
+    def msg_prefix(self) -> str:
+        return f"{self.prefix}:msg:"
+
+    def msg(self, message_id: str) -> str:
+        return self.msg_prefix + message_id
+
+    def user_msgs(self, user: str) -> str:
+        return f"{self.prefix}:u:{user}:msgs"
+
+    @property
+    def events(self) -> str:
+        return f"{self.prefix}:events"
+
+    def dedup(self, user: str, key: str) -> str:
+        return f"{self.prefix}:u:{user}:dedup:{key}"
+
+    def queues(self, user: str) -> str:
+        return f"{self.prefix}:u:{user}:queues"
+
+    def queue(self, user: str, name: str) -> str:
+        return f"{self.prefix}:u:{user}:q:{name}"
+
+    def queue_pending(self, user: str, name: str) -> str:
+        return f"{self.prefix}:u:{user}:q:{name}:pending"
+
+    def queue_active(self, user: str, name: str) -> str:
+        return f"{self.prefix}:u:{user}:q:{name}:active"
+
+    def queue_keys(self, user: str, name: str) -> list[str]:
+        return [
+            self.queue(user, name),
+            self.queue_pending(user, name),
+            self.queue_active(user, name),
+        ]
+
+    def dlq(self, user: str) -> str:
+        return f"{self.prefix}:u:{user}:dlq"
+
+    def dlq_entry(self, user: str, dlq_id: str) -> str:
+        return f"{self.prefix}:u:{user}:dlq:{dlq_id}"
+
+    @property
+    def signing_keys(self) -> str:
+        return f"{self.prefix}:signing-keys"
+
+    @property
+    def seq(self) -> str:
+        return f"{self.prefix}:seq"
