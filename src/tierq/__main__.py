@@ -1,0 +1,3 @@
+from tierq.cli import main
+
+main()

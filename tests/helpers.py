@@ -1,0 +1,162 @@
+"""Test support: real servers in background threads, a recording HTTP destination, waiting."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import uvicorn
+
+from tierq.embedded_redis import free_port
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 10.0, interval: float = 0.01) -> Any:
+    """Poll ``predicate`` until it is truthy or the deadline passes (then fail the test)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(interval)
+
+
+class ServerThread:
+    """Serve an ASGI app with uvicorn on a free loopback port, in a thread of its own."""
+
+    def __init__(self, app: Any, port: int | None = None) -> None:
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = uvicorn.Config(
+            app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="on",
+            access_log=False, interface="asgi3",
+        )  # fmt: skip
+        self.server = uvicorn.Server(config)
+        self.server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def _run(self) -> None:
+        asyncio.run(self._serve())
+
+    async def _serve(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        await self.server.serve()
+
+    def start(self) -> ServerThread:
+        self.thread.start()
+        wait_until(lambda: self.server.started or not self.thread.is_alive(), timeout=15)
+        if not self.server.started:
+            raise RuntimeError("server did not start")
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=15)
+
+
+@dataclass
+class Received:
+    path: str
+    query: str
+    method: str
+    headers: dict[str, str]
+    body: bytes
+    at: float
+
+    @property
+    def url_path(self) -> str:
+        return self.path + (f"?{self.query}" if self.query else "")
+
+
+@dataclass
+class Script:
+    """How an endpoint answers: a list of (status, headers, body) used in turn, the last one
+    repeated; ``delay`` seconds before answering; ``hold`` makes answers wait for a release."""
+
+    answers: list[tuple[int, dict[str, str], bytes]] = field(
+        default_factory=lambda: [(200, {}, b"ok")]
+    )
+    delay: float = 0.0
+    hold: asyncio.Event | None = None
+
+
+class Destination:
+    """A real HTTP endpoint that records every request and answers as scripted per path."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.received: list[Received] = []
+        self.scripts: dict[str, Script] = {}
+        self.in_flight: dict[str, int] = {}
+        self.max_in_flight: dict[str, int] = {}
+        self.thread = ServerThread(self.app)
+
+    @property
+    def url(self) -> str:
+        return self.thread.url
+
+    def script(self, path: str, *answers: tuple[int, dict[str, str], bytes], delay: float = 0.0,
+               hold: bool = False) -> Script:  # fmt: skip
+        hold_event: asyncio.Event | None = None
+        if hold:
+            assert self.thread.loop is not None
+            hold_event = asyncio.Event()
+        s = Script(list(answers) or [(200, {}, b"ok")], delay, hold_event)
+        with self.lock:
+            self.scripts[path] = s
+        return s
+
+    def release(self, path: str) -> None:
+        """Let held requests on ``path`` answer."""
+        event = self.scripts[path].hold
+        assert event is not None and self.thread.loop is not None
+        self.thread.loop.call_soon_threadsafe(event.set)
+
+    def requests(self, path: str) -> list[Received]:
+        with self.lock:
+            return [r for r in self.received if r.path == path]
+
+    async def app(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        path = scope["path"]
+        headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
+        with self.lock:
+            self.received.append(
+                Received(path, scope["query_string"].decode(), scope["method"], headers, body,
+                         time.monotonic())  # fmt: skip
+            )
+            count = sum(1 for r in self.received if r.path == path)
+            script = self.scripts.get(path, Script())
+            self.in_flight[path] = self.in_flight.get(path, 0) + 1
+            self.max_in_flight[path] = max(self.max_in_flight.get(path, 0), self.in_flight[path])
+        try:
+            if script.delay:
+                await asyncio.sleep(script.delay)
+            if script.hold is not None:
+                await script.hold.wait()
+            status, extra, answer = script.answers[min(count, len(script.answers)) - 1]
+        finally:
+            with self.lock:
+                self.in_flight[path] -= 1
+        raw_headers = [(k.encode(), v.encode()) for k, v in extra.items()]
+        await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+        await send({"type": "http.response.body", "body": answer})
