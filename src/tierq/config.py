@@ -1,16 +1,33 @@
 """All settings and limits of tierq, in one place (pydantic-settings; units in names).
 
-Environment variables use the ``TIERQ_`` prefix, except the QStash ones, which keep the names
-Upstash documents (``QSTASH_URL``, ``QSTASH_TOKEN``, ``QSTASH_CURRENT_SIGNING_KEY``,
-``QSTASH_NEXT_SIGNING_KEY``).
+Sources, strongest first: constructor arguments, environment (``TIERQ_`` prefix, nested with
+``__``, e.g. ``TIERQ_USER_LIMITS__FREE=1``), an optional ``tierq.toml`` (path in
+``TIERQ_CONFIG``), defaults. The QStash variables keep the names Upstash documents
+(``QSTASH_URL``, ``QSTASH_TOKEN``, ``QSTASH_CURRENT_SIGNING_KEY``, ``QSTASH_NEXT_SIGNING_KEY``).
+Nothing else in tierq reads a limit from anywhere but here.
 """
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Literal
 
 from pydantic import AliasChoices, BaseModel, Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from tierq.queues import EXPERIENCES, Experience, Plan, QueueId, Tier
+
+DEV_PAID_KEY = "tq_dev_paid"
+DEV_FREE_KEY = "tq_dev_free"
+# Dev-only conveniences: `tierq dev` uses them, `tierq serve` refuses to run without real ones.
+DEV_ADMIN_TOKEN = "tq_dev_admin"  # noqa: S105 - public dev credential by design
+DEV_EVENTS_SECRET = "tq-dev-events-secret-not-for-production"  # noqa: S105 - same
 
 
 class BrokerSettings(BaseModel):
@@ -35,14 +52,83 @@ class BrokerSettings(BaseModel):
     max_body_bytes: int = 1024 * 1024
 
 
+class QueueSettings(BaseModel):
+    parallelism: int = Field(ge=1)
+    admission_depth: int = Field(ge=1, description="jobs admitted but not finished")
+    paused: bool = False
+
+
+def _default_queues() -> dict[QueueId, QueueSettings]:
+    parallelism = {
+        QueueId.PAID_STREAM: 16,
+        QueueId.FREE_STREAM: 4,
+        QueueId.PAID_BATCH: 8,
+        QueueId.FREE_BATCH: 2,
+        QueueId.PAID_VISION: 4,
+        QueueId.FREE_VISION: 1,
+    }
+    return {q: QueueSettings(parallelism=p, admission_depth=p * 50) for q, p in parallelism.items()}
+
+
+class TierLimits(BaseModel):
+    paid: int = Field(default=8, ge=1)
+    free: int = Field(default=2, ge=1)
+
+    def for_tier(self, tier: Tier) -> int:
+        return self.paid if tier == "paid" else self.free
+
+
+class ModelSettings(BaseModel):
+    """One entry of the model registry."""
+
+    provider: Literal["simulated", "openai"] = "simulated"
+    upstream: str = ""
+    base_url: str = ""
+    api_key_env: str = ""
+    experiences: list[Experience] = Field(default_factory=lambda: list(EXPERIENCES))
+    limits: TierLimits = Field(default_factory=lambda: TierLimits(paid=8, free=2))
+    timeout_s: float = 120.0
+    # simulated provider only
+    token_latency_ms: float = 20.0
+    tokens: int = 12
+
+
+class ServiceSettings(BaseModel):
+    experiences: list[Experience]
+    models: list[str]
+
+
+class UserSettings(BaseModel):
+    id: str
+    plan: Plan
+
+
+def _dev_models() -> dict[str, ModelSettings]:
+    return {"sim": ModelSettings()}
+
+
+def _dev_services() -> dict[str, ServiceSettings]:
+    return {
+        "chat": ServiceSettings(experiences=["stream", "batch"], models=["sim"]),
+        "describe": ServiceSettings(experiences=["vision"], models=["sim"]),
+    }
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="TIERQ_", env_nested_delimiter="__", extra="ignore"
+        env_prefix="TIERQ_",
+        env_nested_delimiter="__",
+        extra="ignore",
+        toml_file=os.environ.get("TIERQ_CONFIG", "tierq.toml"),
     )
 
+    # where things are
     redis_url: str | None = None
     data_dir: Path = Path(".tierq")
-
+    public_url: str = Field(
+        default="http://127.0.0.1:8000",
+        description="base URL QStash delivers to (this app, as QStash reaches it)",
+    )
     qstash_url: str | None = Field(
         default=None, validation_alias=AliasChoices("QSTASH_URL", "TIERQ_QSTASH_URL")
     )
@@ -60,4 +146,76 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("QSTASH_NEXT_SIGNING_KEY", "TIERQ_QSTASH_NEXT_SIGNING_KEY"),
     )
 
+    # secrets and identities
+    dev_mode: bool = False
+    api_keys: dict[str, UserSettings] = Field(default_factory=dict)
+    admin_token: str | None = None
+    events_secret: str | None = None
+
+    # the six queues: parallelism (QStash) and admission depth (producer backpressure)
+    queues: dict[QueueId, QueueSettings] = Field(default_factory=_default_queues)
+    # the model and service registry; model limits per tier live on each model
+    models: dict[str, ModelSettings] = Field(default_factory=_dev_models)
+    services: dict[str, ServiceSettings] = Field(default_factory=_dev_services)
+    # user guard: running jobs per user, by plan
+    user_limits: TierLimits = Field(default_factory=lambda: TierLimits(paid=8, free=2))
+
+    # leases and waiting
+    lease_ttl_s: float = 30.0
+    heartbeat_s: float = 10.0
+    guard_wait_s: float = 10.0
+    guard_poll_s: float = 0.05
+    guard_retry_after_s: int = 5
+    admission_ttl_s: float = 3600.0
+    admission_retry_after_s: int = 2
+
+    # jobs and events
+    job_timeout_s: float = 300.0
+    qstash_retries: int = 3
+    qstash_retry_delay: str | None = None
+    event_retention_s: float = 3600.0
+    sse_ping_s: float = 15.0
+    legacy_routes: Literal["forward", "hint", "off"] = "forward"
+    max_prompt_chars: int = 100_000
+    max_images: int = 8
+
     broker: BrokerSettings = Field(default_factory=BrokerSettings)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+    def with_dev_defaults(self) -> Settings:
+        """What ``tierq dev`` adds: fixed API keys, admin token and events secret."""
+        keys = {
+            DEV_PAID_KEY: UserSettings(id="dev-paid", plan="paid"),
+            DEV_FREE_KEY: UserSettings(id="dev-free", plan="free"),
+            **self.api_keys,
+        }
+        return self.model_copy(
+            update={
+                "dev_mode": True,
+                "api_keys": keys,
+                "admin_token": self.admin_token or DEV_ADMIN_TOKEN,
+                "events_secret": self.events_secret or DEV_EVENTS_SECRET,
+            }
+        )
+
+    def missing_production_secrets(self) -> list[str]:
+        """What ``tierq serve`` refuses to start without."""
+        needed = {
+            "TIERQ_API_KEYS": bool(self.api_keys),
+            "TIERQ_ADMIN_TOKEN": bool(self.admin_token),
+            "TIERQ_EVENTS_SECRET": bool(self.events_secret),
+            "QSTASH_TOKEN": bool(self.qstash_token),
+            "QSTASH_CURRENT_SIGNING_KEY": bool(self.qstash_current_signing_key),
+            "QSTASH_NEXT_SIGNING_KEY": bool(self.qstash_next_signing_key),
+        }
+        return [name for name, present in needed.items() if not present]

@@ -89,3 +89,40 @@ class BrokerKeys:
     @property
     def seq(self) -> str:
         return f"{self.prefix}:seq"
+
+
+@dataclass(frozen=True)
+class AppKeys:
+    """Keys of the tierq app. Job keys share a hash tag (``{job id}``), so the scripts that touch
+    a job's state and its event log together also work on Redis Cluster; every guard is one key.
+
+    - ``job(id)``: hash, the job's state record (status, owner, queue, result, …); expires
+      ``event_retention_s`` after the terminal event
+    - ``job_events(id)``: stream, the job's append-only event log; same expiry
+    - ``admission(queue)``: zset job id → lease expiry ms (producer backpressure)
+    - ``model_guard(model, tier)``: zset job id → lease expiry ms
+    - ``user_guard(user)``: zset job id → lease expiry ms
+    - ``cancel_channel``: pub/sub channel; a message is a job id whose run must stop now
+    Guard keys get a TTL on every write, so an idle guard disappears instead of lingering.
+    """
+
+    prefix: str = "tq"
+
+    def job(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{{{job_id}}}"
+
+    def job_events(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{{{job_id}}}:events"
+
+    def admission(self, queue_id: str) -> str:
+        return f"{self.prefix}:admission:{queue_id}"
+
+    def model_guard(self, model_id: str, tier: str) -> str:
+        return f"{self.prefix}:guard:model:{model_id}:{tier}"
+
+    def user_guard(self, user_id: str) -> str:
+        return f"{self.prefix}:guard:user:{user_id}"
+
+    @property
+    def cancel_channel(self) -> str:
+        return f"{self.prefix}:cancel"
