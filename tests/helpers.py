@@ -115,7 +115,8 @@ class Destination:
     def release(self, path: str) -> None:
         """Let held requests on ``path`` answer."""
         event = self.scripts[path].hold
-        assert event is not None and self.thread.loop is not None
+        assert event is not None
+        assert self.thread.loop is not None
         self.thread.loop.call_soon_threadsafe(event.set)
 
     def requests(self, path: str) -> list[Received]:
@@ -141,8 +142,14 @@ class Destination:
         headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
         with self.lock:
             self.received.append(
-                Received(path, scope["query_string"].decode(), scope["method"], headers, body,
-                         time.monotonic())  # fmt: skip
+                Received(
+                    path,
+                    scope["query_string"].decode(),
+                    scope["method"],
+                    headers,
+                    body,
+                    time.monotonic(),
+                )
             )
             count = sum(1 for r in self.received if r.path == path)
             script = self.scripts.get(path, Script())

@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from tierq.config import BrokerSettings, Settings
+from tierq.config import Settings
 
 
 class Exit(enum.IntEnum):
@@ -100,16 +100,118 @@ def broker(
         run_broker(settings, url)
 
 
+def dev_banner(settings: Settings, broker_url: str) -> str:
+    app_url = settings.public_url
+    return "\n".join(
+        [
+            f"tierq is running at {app_url}",
+            f"  SSE test page     {app_url}/ui/sse",
+            f"  submit a job      POST {app_url}/api/jobs",
+            f"  QStash broker     {broker_url}",
+            "  API keys          tq_dev_paid (paid plan), tq_dev_free (free plan)",
+            f"  admin token       {settings.admin_token}",
+            "",
+        ]
+    )
+
+
+async def run_dev(settings: Settings) -> None:
+    """The broker, then the app (which syncs the six queues into it), in one process."""
+    from tierq.app import create_app  # noqa: PLC0415
+    from tierq.broker.server.app import create_broker_app, serve  # noqa: PLC0415
+    from tierq.broker.server.credentials import build_accounts  # noqa: PLC0415
+
+    broker = settings.broker
+    accounts = build_accounts(
+        dev_accounts=True,
+        token=settings.qstash_token,
+        current_key=settings.qstash_current_signing_key,
+        next_key=settings.qstash_next_signing_key,
+    )
+    broker_started = asyncio.Event()
+    broker_task = asyncio.create_task(
+        serve(
+            create_broker_app(broker, settings.redis_url or "", accounts),
+            broker.host,
+            broker.port,
+            on_started=broker_started.set,
+        )
+    )
+    await asyncio.wait(
+        [broker_task, asyncio.create_task(broker_started.wait())], return_when="FIRST_COMPLETED"
+    )
+    if broker_task.done():
+        broker_task.result()
+    host, port = _host_port(settings.public_url)
+    broker_url = f"http://{broker.host}:{broker.port}"
+    app_task = asyncio.create_task(
+        serve(
+            create_app(settings),
+            host,
+            port,
+            on_started=lambda: typer.echo(dev_banner(settings, broker_url)),
+        )
+    )
+    await asyncio.gather(broker_task, app_task)
+
+
+def _host_port(url: str) -> tuple[str, int]:
+    from urllib.parse import urlsplit  # noqa: PLC0415
+
+    parts = urlsplit(url)
+    return parts.hostname or "127.0.0.1", parts.port or 80
+
+
+def dev_settings(host: str, port: int, broker_port: int) -> Settings:
+    """Everything local: dev keys, the embedded broker with its dev credentials."""
+    from tierq.broker.server.credentials import DEV_ACCOUNTS  # noqa: PLC0415
+
+    base = Settings()
+    dev = DEV_ACCOUNTS[0]
+    own_broker = base.qstash_url is None
+    return base.with_dev_defaults().model_copy(
+        update={
+            "public_url": f"http://{host}:{port}",
+            "qstash_url": base.qstash_url or f"http://{host}:{broker_port}",
+            "qstash_token": base.qstash_token or dev.token,
+            "qstash_current_signing_key": base.qstash_current_signing_key or dev.current_key,
+            "qstash_next_signing_key": base.qstash_next_signing_key or dev.next_key,
+            "broker": base.broker.model_copy(update={"host": host, "port": broker_port})
+            if own_broker
+            else base.broker,
+        }
+    )
+
+
 @app.command()
 def dev(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port of the app.")] = 8000,
     broker_port: Annotated[int, typer.Option(help="Port of the embedded broker.")] = 8080,
 ) -> None:
-    """Run everything locally: embedded Redis and the broker."""
-    settings = Settings()
-    settings.broker = BrokerSettings(host=host, port=broker_port)
+    """Run everything locally in one process: embedded Redis, the broker, the app."""
+    settings = dev_settings(host, port, broker_port)
     with redis_url_or_embedded(settings.redis_url, settings.data_dir) as url:
-        run_broker(settings, url)
+        asyncio.run(run_dev(settings.model_copy(update={"redis_url": url})))
+
+
+@app.command()
+def serve(
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "0.0.0.0",  # noqa: S104
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+) -> None:
+    """Run the app against real QStash and Redis; refuses to start without real secrets."""
+    from tierq.app import create_app  # noqa: PLC0415
+    from tierq.broker.server.app import serve as serve_app  # noqa: PLC0415
+
+    settings = Settings()
+    missing = settings.missing_production_secrets()
+    if not settings.redis_url:
+        missing.append("TIERQ_REDIS_URL")
+    if missing:
+        typer.echo(f"tierq serve needs real secrets; missing: {', '.join(missing)}", err=True)
+        raise typer.Exit(Exit.USAGE)
+    asyncio.run(serve_app(create_app(settings), host, port, log_level="info"))
 
 
 def main() -> None:

@@ -119,11 +119,13 @@ class Settings(BaseSettings):
         env_prefix="TIERQ_",
         env_nested_delimiter="__",
         extra="ignore",
+        populate_by_name=True,
         toml_file=os.environ.get("TIERQ_CONFIG", "tierq.toml"),
     )
 
     # where things are
     redis_url: str | None = None
+    key_prefix: str = "tq"
     data_dir: Path = Path(".tierq")
     public_url: str = Field(
         default="http://127.0.0.1:8000",

@@ -57,3 +57,14 @@ class UpstreamError(TierqError):
 
 class EmbeddedRedisError(UpstreamError):
     """The embedded redis-server could not be started."""
+
+
+class Busy(ClientError):
+    """A limit is full right now; retry after ``retry_after_s`` seconds."""
+
+    status = 429
+    code = "busy"
+
+    def __init__(self, message: str, *, retry_after_s: int, code: str | None = None):
+        super().__init__(message, code=code)
+        self.retry_after_s = retry_after_s

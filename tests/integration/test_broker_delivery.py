@@ -211,7 +211,8 @@ def test_deduplication(broker: Broker, destination: Destination, path: str) -> N
     first = qstash.message.publish(url=url, body="a", deduplication_id="once")
     again = qstash.message.publish(url=url, body="b", deduplication_id="once")
     assert again.message_id == first.message_id
-    assert again.deduplicated and not first.deduplicated
+    assert again.deduplicated
+    assert not first.deduplicated
     c1 = qstash.message.publish(url=url, body="same", content_based_deduplication=True)
     c2 = qstash.message.publish(url=url, body="same", content_based_deduplication=True)
     c3 = qstash.message.publish(url=url, body="other", content_based_deduplication=True)

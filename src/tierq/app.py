@@ -1,0 +1,137 @@
+"""The tierq app: producer API, worker routes, health. Built by ``create_app(settings)``."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import redis.asyncio as aioredis
+import structlog
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from qstash import AsyncQStash, Receiver
+from redis.exceptions import RedisError
+from starlette.exceptions import HTTPException
+
+from tierq.broker.client import QStashGateway
+from tierq.config import Settings
+from tierq.contracts import error_body
+from tierq.errors import Busy, ClientError, UpstreamError
+from tierq.events.log import JobStore
+from tierq.guards.leases import Leases
+from tierq.keys import AppKeys
+from tierq.producer.api import router as producer_router
+from tierq.providers.registry import ProviderRegistry
+from tierq.runtime import Runtime
+from tierq.worker.cancel import CancelHub
+from tierq.worker.legacy import legacy_router
+from tierq.worker.routes import router as worker_router
+
+log = structlog.get_logger("tierq.app")
+
+
+def _json_error(
+    status: int, code: str, message: str, headers: dict[str, str] | None = None
+) -> Response:
+    return JSONResponse(error_body(code, message), status_code=status, headers=headers)
+
+
+async def _client_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, ClientError)
+    headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, Busy) else None
+    return _json_error(exc.status, exc.code, exc.message, headers)
+
+
+async def _validation_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, RequestValidationError)
+    parts = [
+        f"{'.'.join(str(x) for x in err.get('loc', ()) if x != 'body')}: {err.get('msg')}"
+        for err in exc.errors()
+    ]
+    return _json_error(422, "invalid_request", "; ".join(parts) or "invalid request")
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    return _json_error(exc.status_code, code, str(exc.detail))
+
+
+async def _upstream_error(request: Request, exc: Exception) -> Response:
+    log.warning("app.upstream_error", error=str(exc))
+    return _json_error(503, "unavailable", "a dependency is unavailable; retry shortly")
+
+
+def build_runtime(settings: Settings, client: aioredis.Redis) -> Runtime:
+    keys = AppKeys(settings.key_prefix)
+    qstash = AsyncQStash(settings.qstash_token or "", base_url=settings.qstash_url)
+    receiver = Receiver(
+        current_signing_key=settings.qstash_current_signing_key or "",
+        next_signing_key=settings.qstash_next_signing_key or "",
+    )
+    return Runtime(
+        settings=settings,
+        redis=client,
+        keys=keys,
+        jobs=JobStore(client, keys, settings.event_retention_s),
+        leases=Leases(client),
+        gateway=QStashGateway(qstash, settings),
+        receiver=receiver,
+        providers=ProviderRegistry(settings.models),
+        cancels=CancelHub(client, keys.cancel_channel),
+    )
+
+
+def create_app(settings: Settings, *, sync_queues: bool = True) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        client = aioredis.Redis.from_url(settings.redis_url or "redis://127.0.0.1:6379/0")
+        rt = build_runtime(settings, client)
+        app.state.runtime = rt
+        await rt.cancels.start()
+        if sync_queues:
+            try:
+                await rt.gateway.sync_queues()
+            except UpstreamError as exc:
+                log.warning("app.queue_sync_failed", error=str(exc))
+        try:
+            yield
+        finally:
+            await rt.cancels.stop()
+            await rt.gateway.qstash.http._client.aclose()
+            await client.aclose()
+
+    app = FastAPI(title="tierq", lifespan=lifespan)
+    app.add_exception_handler(ClientError, _client_error)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(UpstreamError, _upstream_error)
+    app.add_exception_handler(RedisError, _upstream_error)
+    app.include_router(producer_router)
+    app.include_router(worker_router)
+    app.include_router(legacy_router(settings.legacy_routes))
+
+    @app.get("/healthz")
+    async def healthz() -> dict[str, Any]:
+        return {"status": "ok"}
+
+    @app.get("/readyz")
+    async def readyz(request: Request) -> Response:
+        rt: Runtime = request.app.state.runtime
+        checks: dict[str, str] = {}
+        try:
+            await rt.redis.ping()
+            checks["redis"] = "ok"
+        except RedisError as exc:
+            checks["redis"] = f"error: {exc}"
+        try:
+            await rt.gateway.queue_status(next(iter(settings.queues)).value)
+            checks["qstash"] = "ok"
+        except UpstreamError as exc:
+            checks["qstash"] = f"error: {exc}"
+        ready = all(v == "ok" for v in checks.values())
+        return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
+
+    return app

@@ -1,0 +1,144 @@
+"""A job's state record and append-only event log (a Redis Stream), changed only by scripts.
+
+Every event gets its ``seq`` inside the script that appends it, so sequence numbers are dense
+and ordered even with several writers; the log entry id is what SSE sends as ``id``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
+from redis.exceptions import RedisError
+
+from tierq.contracts import TERMINAL_STATUSES, WorkerEvent, is_terminal
+from tierq.errors import UpstreamError
+from tierq.keys import AppKeys
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def event_prefix(event: WorkerEvent) -> str:
+    """The event as JSON without ``seq`` and without its closing brace (the script adds both)."""
+    data = event.model_dump(by_alias=True, exclude={"seq"}, mode="json")
+    return json.dumps(data, separators=(",", ":"))[:-1]
+
+
+@dataclass(frozen=True)
+class Appended:
+    entry_id: str
+    seq: int
+
+
+def _flatten(fields: dict[str, str] | None) -> list[str]:
+    return [x for pair in (fields or {}).items() for x in pair]
+
+
+class JobStore:
+    """State and events of jobs. Each method is one Redis round trip."""
+
+    def __init__(self, client: aioredis.Redis, keys: AppKeys, retention_s: float) -> None:
+        self.r = client
+        self.keys = keys
+        self.retention_ms = int(retention_s * 1000)
+        lua = resources.files("tierq.events") / "lua"
+        self._scripts: dict[str, AsyncScript] = {
+            name: client.register_script((lua / f"{name}.lua").read_text())
+            for name in ("create", "append", "cancel")
+        }
+
+    def _job_keys(self, job_id: str) -> list[str]:
+        return [self.keys.job(job_id), self.keys.job_events(job_id)]
+
+    async def create(self, job_id: str, fields: dict[str, str], first: WorkerEvent) -> bool:
+        """Create the job with its first event; ``False`` when it already exists."""
+        try:
+            result = await self._scripts["create"](
+                keys=self._job_keys(job_id), args=[event_prefix(first), *_flatten(fields)]
+            )
+        except RedisError as exc:
+            raise UpstreamError(f"redis: {exc}") from exc
+        return bool(result)
+
+    async def append(
+        self,
+        event: WorkerEvent,
+        *,
+        status: str | None = None,
+        fields: dict[str, str] | None = None,
+        revive: bool = False,
+    ) -> Appended | None:
+        """Log ``event`` (and set the status/fields); ``None`` when the job is gone or already
+        terminal — the caller must then stop working on it."""
+        terminal = is_terminal(event)
+        try:
+            entry, seq = await self._scripts["append"](
+                keys=self._job_keys(event.job_id),
+                args=[
+                    event_prefix(event),
+                    status or "",
+                    "1" if terminal else "0",
+                    self.retention_ms,
+                    "revive" if revive else "",
+                    *_flatten(fields),
+                ],
+            )
+        except RedisError as exc:
+            raise UpstreamError(f"redis: {exc}") from exc
+        return Appended(_s(entry), int(seq)) if _s(entry) else None
+
+    async def request_cancel(self, event: WorkerEvent, channel: str, now_ms: int) -> str:
+        """``cancelled`` (it was queued), ``requested`` (its worker will stop it), ``missing``,
+        or the terminal status it already had."""
+        try:
+            result = await self._scripts["cancel"](
+                keys=self._job_keys(event.job_id),
+                args=[event_prefix(event), self.retention_ms, channel, event.job_id, now_ms],
+            )
+        except RedisError as exc:
+            raise UpstreamError(f"redis: {exc}") from exc
+        return _s(result)
+
+    async def state(self, job_id: str) -> dict[str, str] | None:
+        raw: dict[Any, Any] = await self.r.hgetall(self.keys.job(job_id))
+        return {_s(k): _s(v) for k, v in raw.items()} or None
+
+    async def set_fields(self, job_id: str, fields: dict[str, str]) -> None:
+        await self.r.hset(self.keys.job(job_id), mapping=fields)  # type: ignore[arg-type]
+
+    async def delete(self, job_id: str) -> None:
+        await self.r.delete(*self._job_keys(job_id))
+
+    async def read(self, job_id: str, after: str | None, count: int = 500) -> list[tuple[str, str]]:
+        """Log entries after ``after`` (exclusive; ``None`` = from the start)."""
+        start = f"({after}" if after else "-"
+        rows: Any = await self.r.xrange(self.keys.job_events(job_id), min=start, count=count)
+        return [(_s(i), _s(f[b"e"] if b"e" in f else f["e"])) for i, f in rows]
+
+    async def tail(
+        self, job_id: str, after: str, block_ms: int, client: aioredis.Redis | None = None
+    ) -> list[tuple[str, str]]:
+        """Wait up to ``block_ms`` for entries after ``after`` (``$`` = only new ones)."""
+        rows: Any = await (client or self.r).xread(
+            {self.keys.job_events(job_id): after}, block=block_ms, count=500
+        )
+        out = []
+        for _stream, entries in rows or []:
+            for i, f in entries:
+                out.append((_s(i), _s(f[b"e"] if b"e" in f else f["e"])))
+        return out
+
+
+def is_final(state: dict[str, str] | None, seq: int) -> bool:
+    """Whether the event with ``seq`` is the job's last: its terminal event."""
+    return (
+        state is not None
+        and state.get("status") in TERMINAL_STATUSES
+        and state.get("terminalSeq") == str(seq)
+    )

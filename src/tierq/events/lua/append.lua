@@ -1,0 +1,26 @@
+-- Append one event to a job's log and update its state record, atomically.
+-- Rejected when the job is gone or already terminal (so a redelivery never duplicates a terminal
+-- event), except that mode "revive" may restart a job whose last state is "failed" (DLQ retry).
+-- KEYS: 1 job state hash, 2 job event stream
+-- ARGV: 1 event JSON without its closing brace and without seq, 2 new status or "",
+--       3 "1" when this event is terminal, 4 retention ms, 5 mode ("" or "revive"),
+--       6.. field/value pairs to set on the state record
+-- Returns {entry id, seq} when appended, {"", current status or "missing"} when rejected.
+local status = redis.call('HGET', KEYS[1], 'status')
+if not status then return {'', 'missing'} end
+local terminal = status == 'completed' or status == 'failed' or status == 'cancelled'
+if terminal and not (ARGV[5] == 'revive' and status == 'failed') then return {'', status} end
+local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
+local id = redis.call('XADD', KEYS[2], '*', 'e', ARGV[1] .. ',"seq":' .. seq .. '}')
+if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], 'status', ARGV[2]) end
+if #ARGV >= 6 then redis.call('HSET', KEYS[1], unpack(ARGV, 6)) end
+if ARGV[3] == '1' then
+  redis.call('HSET', KEYS[1], 'terminalSeq', seq)
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+  redis.call('PEXPIRE', KEYS[2], ARGV[4])
+elseif terminal then
+  redis.call('PERSIST', KEYS[1])
+  redis.call('PERSIST', KEYS[2])
+  redis.call('HDEL', KEYS[1], 'terminalSeq')
+end
+return {id, seq}

@@ -1,0 +1,34 @@
+"""Server-Sent Events for one job: replay its log, then tail it live, end after the last event.
+
+The SSE ``id`` of each message is the log entry id, so a reconnect with ``Last-Event-ID`` resumes
+exactly after the last event the client saw. Shutdown paths: the terminal event ends the
+stream; the job's log expiring ends it; a client disconnect makes sse-starlette cancel this
+generator, which cancels the pending ``XREAD`` at once (the Redis tail stops with the client).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from sse_starlette import ServerSentEvent
+
+from tierq.contracts import is_terminal, parse_event
+from tierq.events.log import JobStore, is_final
+
+
+async def job_event_stream(
+    store: JobStore, job_id: str, last_event_id: str | None, block_ms: int
+) -> AsyncIterator[ServerSentEvent]:
+    after = last_event_id or "0-0"
+    while True:
+        rows = await store.tail(job_id, after, block_ms)
+        if not rows:
+            if await store.state(job_id) is None:
+                return  # the job's records expired (or never existed)
+            continue
+        for entry_id, raw in rows:
+            after = entry_id
+            event = parse_event(raw)
+            yield ServerSentEvent(data=raw, event=event.type, id=entry_id)
+            if is_terminal(event) and is_final(await store.state(job_id), event.seq):
+                return

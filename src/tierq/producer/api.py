@@ -1,0 +1,113 @@
+"""The client API: submit, status, cancel, and the job's events over SSE."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+from sse_starlette import EventSourceResponse
+
+from tierq.config import UserSettings
+from tierq.contracts import Cancelled, JobRequest
+from tierq.errors import NotFound, Unauthorized, UpstreamError
+from tierq.events.sse import job_event_stream
+from tierq.producer.auth import authenticate_user, bearer, events_token_valid
+from tierq.producer.submit import submit
+from tierq.runtime import Runtime
+
+router = APIRouter()
+
+
+def runtime(request: Request) -> Runtime:
+    rt: Runtime = request.app.state.runtime
+    return rt
+
+
+async def _owned_state(rt: Runtime, user: UserSettings, job_id: str) -> dict[str, str]:
+    state = await rt.jobs.state(job_id)
+    if state is None or state.get("userId") != user.id:
+        raise NotFound(f"job {job_id} not found", code="job_not_found")
+    return state
+
+
+def job_view(job_id: str, state: dict[str, str]) -> dict[str, Any]:
+    view: dict[str, Any] = {
+        "jobId": job_id,
+        "status": state.get("status"),
+        "queueId": state.get("queueId"),
+        "tier": state.get("tier"),
+        "modelId": state.get("modelId"),
+        "service": state.get("service"),
+        "experience": state.get("experience"),
+    }
+    for name in ("createdAt", "startedAt", "finishedAt", "attempts"):
+        if name in state:
+            view[name] = int(state[name])
+    if "result" in state:
+        view["result"] = state["result"]
+    for name in ("usage", "error"):
+        if name in state:
+            view[name] = json.loads(state[name])
+    return view
+
+
+@router.post("/api/jobs", status_code=202)
+async def submit_job(job: JobRequest, request: Request) -> JSONResponse:
+    rt = runtime(request)
+    user = authenticate_user(request, rt.settings)
+    reply = await submit(rt, user, job)
+    return JSONResponse(reply.model_dump(by_alias=True, mode="json"), status_code=202)
+
+
+@router.get("/api/jobs/{job_id}")
+async def get_job(job_id: str, request: Request) -> dict[str, Any]:
+    rt = runtime(request)
+    user = authenticate_user(request, rt.settings)
+    return job_view(job_id, await _owned_state(rt, user, job_id))
+
+
+@router.delete("/api/jobs/{job_id}")
+async def cancel_job(job_id: str, request: Request) -> dict[str, Any]:
+    """A queued job is cancelled at once; a running one stops within the worker's cancel latency."""
+    rt = runtime(request)
+    user = authenticate_user(request, rt.settings)
+    state = await _owned_state(rt, user, job_id)
+    now_ms = int(time.time() * 1000)
+    event = Cancelled(jobId=job_id, ts=now_ms)
+    result = await rt.jobs.request_cancel(event, rt.keys.cancel_channel, now_ms)
+    if result == "cancelled":
+        await rt.leases.release(rt.keys.admission(state["queueId"]), job_id)
+        if state.get("messageId"):
+            # Already delivered or gone is fine: the worker sees the job cancelled and skips it.
+            with contextlib.suppress(UpstreamError):
+                await rt.gateway.cancel(state["messageId"])
+    status = {"requested": "cancelling", "missing": "gone"}.get(result, result)
+    return {"jobId": job_id, "status": status}
+
+
+@router.get("/api/jobs/{job_id}/events")
+async def job_events(job_id: str, request: Request) -> EventSourceResponse:
+    """SSE. Readable with the job's ``eventsToken`` (``?token=``) or its owner's API key."""
+    rt = runtime(request)
+    token = request.query_params.get("token")
+    if token:
+        if not events_token_valid(rt.settings.events_secret or "", job_id, token):
+            raise Unauthorized("invalid events token")
+        if await rt.jobs.state(job_id) is None:
+            raise NotFound(f"job {job_id} not found", code="job_not_found")
+    else:
+        user = authenticate_user(request, rt.settings) if bearer(request) else None
+        if user is None:
+            raise Unauthorized("send ?token=<eventsToken> or Authorization: Bearer <key>")
+        await _owned_state(rt, user, job_id)
+    last_id = request.headers.get("last-event-id") or request.query_params.get("lastEventId")
+    block_ms = int(rt.settings.sse_ping_s * 1000)
+    return EventSourceResponse(
+        job_event_stream(rt.jobs, job_id, last_id, block_ms),
+        ping=int(rt.settings.sse_ping_s),
+        send_timeout=30,
+    )

@@ -1,0 +1,122 @@
+"""Admit a job: validate against the registry, resolve its tier, take an admission slot, record
+it and publish it to its named queue — or leave nothing behind."""
+
+from __future__ import annotations
+
+import secrets
+import time
+
+from tierq.config import Settings, UserSettings
+from tierq.contracts import JobRequest, Queued, SubmitResponse, WorkerBody
+from tierq.errors import Busy, ClientError, Forbidden, NotFound, UpstreamError
+from tierq.producer.auth import events_token
+from tierq.queues import Mode, Plan, Tier, queue_for, worker_path
+from tierq.runtime import Runtime
+
+
+def resolve_tier(mode: Mode, plan: Plan) -> Tier:
+    """auto uses the plan; paid needs a paid plan; free is always allowed."""
+    if mode == "auto":
+        return plan
+    if mode == "paid" and plan != "paid":
+        raise Forbidden("mode 'paid' needs a paid plan; use 'auto' or 'free'", code="plan_required")
+    return mode
+
+
+def check_registry(settings: Settings, req: JobRequest) -> None:
+    service = settings.services.get(req.service)
+    if service is None:
+        raise NotFound(f"unknown service {req.service!r}", code="unknown_service")
+    if req.experience not in service.experiences:
+        raise ClientError(
+            f"service {req.service!r} does not offer experience {req.experience!r}",
+            code="unsupported_experience",
+        )
+    model = settings.models.get(req.model)
+    if model is None or req.model not in service.models:
+        raise NotFound(
+            f"model {req.model!r} is not served by {req.service!r}", code="unknown_model"
+        )
+    if req.experience not in model.experiences:
+        raise ClientError(
+            f"model {req.model!r} does not support {req.experience!r}",
+            code="unsupported_experience",
+        )
+    if req.experience == "vision" and not req.input.images:
+        raise ClientError("vision jobs need at least one image", code="invalid_input")
+    if len(req.input.images) > settings.max_images:
+        raise ClientError(f"at most {settings.max_images} images per job", code="invalid_input")
+    if len(req.input.prompt) > settings.max_prompt_chars:
+        raise ClientError(
+            f"prompt longer than {settings.max_prompt_chars} characters", code="invalid_input"
+        )
+
+
+def new_job_id() -> str:
+    return "job_" + secrets.token_urlsafe(16)
+
+
+async def submit(rt: Runtime, user: UserSettings, req: JobRequest) -> SubmitResponse:
+    settings = rt.settings
+    check_registry(settings, req)
+    tier = resolve_tier(req.mode, user.plan)
+    queue = queue_for(tier, req.experience)
+    job_id = new_job_id()
+    admission_key = rt.keys.admission(queue.value)
+    depth = settings.queues[queue].admission_depth
+    admitted = await rt.leases.acquire(admission_key, job_id, depth, settings.admission_ttl_s)
+    if not admitted.acquired:
+        raise Busy(
+            f"queue {queue.value} is full ({depth} jobs admitted); retry later",
+            retry_after_s=settings.admission_retry_after_s,
+            code="queue_full",
+        )
+    now_ms = int(time.time() * 1000)
+    body = WorkerBody(
+        jobId=job_id,
+        userId=user.id,
+        plan=user.plan,
+        tier=tier,
+        queueId=queue,
+        modelId=req.model,
+        service=req.service,
+        experience=req.experience,
+        input=req.input,
+        submittedAt=now_ms,
+        maxRetries=settings.qstash_retries,
+    )
+    fields = {
+        "userId": user.id,
+        "tier": tier,
+        "queueId": queue.value,
+        "modelId": req.model,
+        "service": req.service,
+        "experience": req.experience,
+        "createdAt": str(now_ms),
+    }
+    try:
+        await rt.jobs.create(
+            job_id, fields, Queued(jobId=job_id, ts=now_ms, queueId=queue, tier=tier)
+        )
+        url = settings.public_url.rstrip("/") + worker_path(req.experience, req.service)
+        message_id = await rt.gateway.publish(body, url)
+    except BaseException:
+        await _undo(rt, job_id, admission_key)
+        raise
+    await rt.jobs.set_fields(job_id, {"messageId": message_id})
+    return SubmitResponse(
+        job_id=job_id,
+        queue_id=queue,
+        tier=tier,
+        events_url=f"/api/jobs/{job_id}/events",
+        events_token=events_token(settings.events_secret or "", job_id),
+    )
+
+
+async def _undo(rt: Runtime, job_id: str, admission_key: str) -> None:
+    """Nothing half-written: drop the job record and give the admission slot back."""
+    try:
+        await rt.jobs.delete(job_id)
+        await rt.leases.release(admission_key, job_id)
+    except UpstreamError:
+        pass  # the admission lease still expires on its own

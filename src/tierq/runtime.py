@@ -1,0 +1,29 @@
+"""The long-lived parts one app process shares, built once at start-up (no import-time state)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import redis.asyncio as aioredis
+from qstash import Receiver
+
+from tierq.broker.client import QStashGateway
+from tierq.config import Settings
+from tierq.events.log import JobStore
+from tierq.guards.leases import Leases
+from tierq.keys import AppKeys
+from tierq.providers.registry import ProviderRegistry
+from tierq.worker.cancel import CancelHub
+
+
+@dataclass
+class Runtime:
+    settings: Settings
+    redis: aioredis.Redis
+    keys: AppKeys
+    jobs: JobStore
+    leases: Leases
+    gateway: QStashGateway
+    receiver: Receiver
+    providers: ProviderRegistry
+    cancels: CancelHub

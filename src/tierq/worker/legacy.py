@@ -1,0 +1,39 @@
+"""Thin adapters for the six old per-tier routes ``/api/worker/{tier}/{experience}/{service}``.
+
+``forward``: verify the signature, then hand the request to the same handler as the unified
+routes. ``hint``: verify, then answer 410 naming the unified route. ``off``: not mounted.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response
+
+from tierq.queues import EXPERIENCES, TIERS, Experience, worker_kind, worker_path
+from tierq.worker.result import error_reply
+from tierq.worker.routes import handle, runtime, to_response, verified_body
+
+
+def _adapter(experience: Experience, mode: str):  # type: ignore[no-untyped-def]
+    async def adapter(service: str, request: Request) -> Response:
+        if mode == "forward":
+            return await handle(request, worker_kind(experience), service)
+        await verified_body(runtime(request), request)
+        unified = worker_path(experience, service)
+        return to_response(error_reply(410, "route_moved", f"this route is gone: use {unified}"))
+
+    return adapter
+
+
+def legacy_router(mode: str) -> APIRouter:
+    router = APIRouter()
+    if mode == "off":
+        return router
+    for tier in TIERS:
+        for experience in EXPERIENCES:
+            router.add_api_route(
+                f"/api/worker/{tier}/{experience}/{{service}}",
+                _adapter(experience, mode),
+                methods=["POST"],
+            )
+    return router

@@ -1,0 +1,99 @@
+"""The one driver that composes the worker steps for a delivery.
+
+validate → route decision → guard → execute → events, with cleanup on every way out:
+success, failure, exception, timeout and cancellation (of the job or of the request itself).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import structlog
+
+from tierq.contracts import Started, WorkerBody
+from tierq.errors import UpstreamError
+from tierq.guards.heartbeat import heartbeat
+from tierq.queues import WorkerKind
+from tierq.runtime import Runtime
+from tierq.worker.result import Err, Reply, done, error_reply
+from tierq.worker.steps.cleanup import cleanup
+from tierq.worker.steps.events import record, record_cancelled
+from tierq.worker.steps.execute import execute
+from tierq.worker.steps.guard import guard
+from tierq.worker.steps.route import decide
+from tierq.worker.steps.validate import validate
+
+log = structlog.get_logger("tierq.worker")
+
+
+async def _runner_alive(rt: Runtime, body: WorkerBody, state: dict[str, str] | None) -> bool:
+    if state is None or state.get("status") not in ("running", "waiting"):
+        return False
+    key = rt.keys.model_guard(body.model_id, body.tier)
+    return body.job_id in await rt.leases.holders(key)
+
+
+async def run_delivery(
+    rt: Runtime, raw: bytes, route: WorkerKind, service: str, message_id: str, retried: int
+) -> Reply:
+    checked = validate(raw, route, service)
+    if isinstance(checked, Err):
+        return checked.error
+    body = checked.value
+    structlog.contextvars.bind_contextvars(
+        job_id=body.job_id, queue=body.queue_id.value, user=body.user_id
+    )
+    try:
+        return await _run(rt, body, message_id, retried)
+    except UpstreamError as exc:
+        log.warning("worker.upstream_error", error=str(exc))
+        return error_reply(503, "unavailable", "a dependency is unavailable; retry")
+    finally:
+        structlog.contextvars.unbind_contextvars("job_id", "queue", "user")
+
+
+async def _run(rt: Runtime, body: WorkerBody, message_id: str, retried: int) -> Reply:
+    with rt.cancels.watch(body.job_id) as cancel:  # before reading state: no cancel is missed
+        state = await rt.jobs.state(body.job_id)
+        alive = await _runner_alive(rt, body, state)
+        decision = decide(state, message_id, alive, rt.settings.guard_retry_after_s)
+        if isinstance(decision, Err):
+            return decision.error
+        if decision.value.action == "cancel":
+            reply = await record_cancelled(rt, body)
+            await cleanup(rt, body, [], finished=True)
+            return reply
+        held: list[tuple[str, str]] = []
+        finished = False
+        try:
+            guarded = await guard(rt, body, cancel)
+            if isinstance(guarded, Err):
+                return guarded.error
+            held = guarded.value.leases
+            if guarded.value.cancelled:
+                finished = True
+                return await record_cancelled(rt, body)
+            now = int(time.time() * 1000)
+            run_number = int((state or {}).get("attempts", "0"))
+            started = await rt.jobs.append(
+                Started(jobId=body.job_id, ts=now, attempt=run_number),
+                status="running",
+                fields={"startedAt": str(now), "attempts": str(run_number + 1)},
+                revive=decision.value.revive,
+            )
+            if started is None:  # cancelled (or expired) while we took the guards
+                finished = True
+                return done("skipped")
+            beat = asyncio.create_task(
+                heartbeat(rt.leases, held, rt.settings.lease_ttl_s, rt.settings.heartbeat_s, None)
+            )
+            try:
+                outcome = await execute(rt, body, run_number, cancel)
+            finally:
+                beat.cancel()
+                await asyncio.gather(beat, return_exceptions=True)
+            reply, finished = await record(rt, body, outcome, retried, message_id)
+            return reply
+        finally:
+            await cleanup(rt, body, held, finished)

@@ -1,0 +1,59 @@
+"""The two unified worker routes QStash delivers to. Every delivery's signature is checked on the
+raw body (current and next signing key) before anything else happens."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from qstash.errors import SignatureError
+
+from tierq.errors import Unauthorized
+from tierq.queues import WorkerKind
+from tierq.runtime import Runtime
+from tierq.worker.pipeline import run_delivery
+from tierq.worker.result import Reply
+
+router = APIRouter()
+
+
+def runtime(request: Request) -> Runtime:
+    rt: Runtime = request.app.state.runtime
+    return rt
+
+
+async def verified_body(rt: Runtime, request: Request) -> bytes:
+    """The raw body, once its ``Upstash-Signature`` checks out for this URL; else 401."""
+    raw = await request.body()
+    signature = request.headers.get("upstash-signature")
+    if not signature:
+        raise Unauthorized("missing Upstash-Signature", code="bad_signature")
+    url = rt.settings.public_url.rstrip("/") + request.url.path
+    if request.url.query:
+        url += "?" + request.url.query
+    try:
+        rt.receiver.verify(signature=signature, body=raw.decode(), url=url)
+    except (SignatureError, UnicodeDecodeError) as exc:
+        raise Unauthorized(f"invalid signature: {exc}", code="bad_signature") from None
+    return raw
+
+
+def to_response(reply: Reply) -> Response:
+    return JSONResponse(reply.body, status_code=reply.status, headers=reply.headers)
+
+
+async def handle(request: Request, route: WorkerKind, service: str) -> Response:
+    rt = runtime(request)
+    raw = await verified_body(rt, request)
+    retried = int(request.headers.get("upstash-retried", "0") or 0)
+    message_id = request.headers.get("upstash-message-id", "")
+    return to_response(await run_delivery(rt, raw, route, service, message_id, retried))
+
+
+@router.post("/api/worker/stream/{service}")
+async def stream_worker(service: str, request: Request) -> Response:
+    return await handle(request, "stream", service)
+
+
+@router.post("/api/worker/batch/{service}")
+async def batch_worker(service: str, request: Request) -> Response:
+    return await handle(request, "batch", service)

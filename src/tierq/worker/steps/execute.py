@@ -1,0 +1,79 @@
+"""Step 4: run the model, racing it against cancel and the job's timeout.
+
+Deltas are written as they come; the outcome (completed, failed, cancelled) is returned for the
+events step to record. Any exception from provider code becomes a retryable failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from typing import Literal
+
+from tierq.contracts import Delta, Usage, WorkerBody
+from tierq.providers.base import Chunk, Finish, ProviderError, ProviderRequest
+from tierq.runtime import Runtime
+
+OutcomeKind = Literal["completed", "failed", "cancelled"]
+
+
+@dataclass(frozen=True)
+class Outcome:
+    kind: OutcomeKind
+    result: str = ""
+    usage: Usage | None = None
+    code: str = ""
+    message: str = ""
+    retryable: bool = False
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+async def _consume(rt: Runtime, body: WorkerBody, attempt: int) -> Outcome:
+    model = rt.settings.models[body.model_id]
+    request = ProviderRequest(
+        job_id=body.job_id,
+        model_id=body.model_id,
+        upstream_model=model.upstream or body.model_id,
+        experience=body.experience,
+        input=body.input,
+        attempt=attempt,
+    )
+    async for item in rt.providers.get(body.model_id).run(request):
+        if isinstance(item, Chunk):
+            delta = Delta(jobId=body.job_id, ts=_now_ms(), text=item.text)
+            if await rt.jobs.append(delta) is None:
+                return Outcome("cancelled")  # the job ended behind our back
+        elif isinstance(item, Finish):
+            return Outcome("completed", result=item.text, usage=item.usage)
+    return Outcome("failed", code="no_result", message="the model ended without a result",
+                   retryable=True)  # fmt: skip
+
+
+async def execute(rt: Runtime, body: WorkerBody, attempt: int, cancel: asyncio.Event) -> Outcome:
+    timeout = min(rt.settings.job_timeout_s, rt.settings.models[body.model_id].timeout_s)
+    run = asyncio.create_task(_consume(rt, body, attempt))
+    stop = asyncio.create_task(cancel.wait())
+    try:
+        finished, _ = await asyncio.wait(
+            {run, stop}, timeout=timeout, return_when="FIRST_COMPLETED"
+        )
+    finally:
+        for task in (run, stop):
+            task.cancel()
+        await asyncio.gather(run, stop, return_exceptions=True)
+    if run in finished and not run.cancelled():
+        exc = run.exception()
+        if exc is None:
+            return run.result()
+        if isinstance(exc, ProviderError):
+            return Outcome("failed", code=exc.code, message=str(exc), retryable=exc.retryable)
+        return Outcome("failed", code="internal_error", message=f"{type(exc).__name__}: {exc}",
+                       retryable=True)  # fmt: skip
+    if stop in finished:
+        return Outcome("cancelled")
+    return Outcome("failed", code="timeout", message=f"no result within {timeout:g}s",
+                   retryable=True)  # fmt: skip

@@ -1,0 +1,149 @@
+"""The job path end to end: producer → named queue → unified worker → guards → SSE."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from qstash import QStash
+
+from system import DEV, FREE, PAID, System
+from tierq.config import ModelSettings, QueueSettings, TierLimits
+from tierq.queues import QueueId
+
+SLOW = {"token_latency_ms": 60, "tokens": 5}
+
+
+def types(events: list[Any]) -> list[str]:
+    return [e.event for e in events]
+
+
+def assert_job_sequence(events: list[Any], *, stream: bool) -> None:
+    kinds = types(events)
+    assert kinds[0] == "queued"
+    assert kinds[-1] == "completed"
+    assert "started" in kinds
+    middle = kinds[kinds.index("started") + 1 : -1]
+    if stream:
+        assert middle
+        assert set(middle) == {"delta"}
+    else:
+        assert middle == []
+    assert [e.data["seq"] for e in events] == list(range(1, len(events) + 1))
+    assert all(e.data["type"] == e.event for e in events)
+
+
+@pytest.mark.parametrize(
+    ("key", "mode", "queue", "tier"),
+    [
+        (PAID, "auto", "q_paid_stream", "paid"),
+        (PAID, "paid", "q_paid_stream", "paid"),
+        (PAID, "free", "q_free_stream", "free"),
+        (FREE, "auto", "q_free_stream", "free"),
+        (FREE, "free", "q_free_stream", "free"),
+    ],
+)
+def test_three_state_sse(system: System, key: str, mode: str, queue: str, tier: str) -> None:
+    res = system.submit(key, mode=mode)
+    assert res.status_code == 202, res.text
+    reply = res.json()
+    assert reply["queueId"] == queue
+    assert reply["tier"] == tier
+    assert reply["eventsUrl"] == f"/api/jobs/{reply['jobId']}/events"
+    events = system.events(reply["jobId"], reply["eventsToken"])
+    assert_job_sequence(events, stream=True)
+    assert events[0].data["queueId"] == queue
+    completed = events[-1].data
+    assert completed["result"] == "".join(e.data["text"] for e in events if e.event == "delta")
+    job = system.job(reply["jobId"], key)
+    assert job["status"] == "completed"
+    assert job["result"] == completed["result"]
+
+
+def test_paid_mode_needs_paid_plan(system: System) -> None:
+    res = system.submit(FREE, mode="paid")
+    assert res.status_code == 403
+    assert res.json()["error"]["code"] == "plan_required"
+
+
+@pytest.mark.parametrize("tier", ["paid", "free"])
+@pytest.mark.parametrize(
+    ("experience", "service", "route"),
+    [
+        ("stream", "chat", "/api/worker/stream/chat"),
+        ("batch", "chat", "/api/worker/batch/chat"),
+        ("vision", "describe", "/api/worker/batch/describe"),
+    ],
+)
+def test_six_combinations_reach_their_route(
+    system: System, tier: str, experience: str, service: str, route: str
+) -> None:
+    job_input: dict[str, Any] = {"prompt": "look"}
+    if experience == "vision":
+        job_input["images"] = ["data:image/png;base64,iVBORw0KGgo="]
+    res = system.submit(PAID, mode=tier, experience=experience, service=service, input=job_input)
+    assert res.status_code == 202, res.text
+    reply = res.json()
+    assert reply["queueId"] == f"q_{tier}_{experience}"
+    events = system.events(reply["jobId"], reply["eventsToken"])
+    assert_job_sequence(events, stream=experience == "stream")
+    qstash = QStash(DEV.token, base_url=system.broker.url)
+    try:
+        message_id = system.job(reply["jobId"])["jobId"] and system.redis.hget(
+            system.keys.job(reply["jobId"]), "messageId"
+        )
+        assert message_id is not None
+        logs = qstash.log.list(filter={"message_ids": [message_id.decode()]}).logs
+    finally:
+        qstash.http._client.close()
+    delivered = [log for log in logs if log.state.value == "DELIVERED"]
+    assert len(delivered) == 1
+    assert delivered[0].url == system.settings.public_url + route
+    assert delivered[0].queue == reply["queueId"]
+
+
+def overlap(intervals: list[tuple[int, int]]) -> int:
+    """The largest number of intervals open at one instant."""
+    points = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals])
+    best = current = 0
+    for _, step in points:
+        current += step
+        best = max(best, current)
+    return best
+
+
+def test_queue_parallelism_is_honoured(make_system: Callable[..., System]) -> None:
+    queues = {q: QueueSettings(parallelism=1, admission_depth=100) for q in QueueId}
+    queues[QueueId.PAID_BATCH] = QueueSettings(parallelism=3, admission_depth=100)
+    system = make_system(
+        queues=queues,
+        user_limits=TierLimits(paid=50, free=50),
+        models={"sim": ModelSettings(limits=TierLimits(paid=50, free=50))},
+    )
+    replies = [
+        system.submit(PAID, experience="batch", input={"prompt": f"p{i}", "simulate": SLOW}).json()
+        for i in range(9)
+    ]
+    intervals = []
+    for reply in replies:
+        events = system.events(reply["jobId"], reply["eventsToken"])
+        by_type = {e.event: e.data["ts"] for e in events}
+        intervals.append((by_type["started"], by_type["completed"]))
+    assert overlap(intervals) == 3
+
+
+def test_paused_queue_holds_jobs_until_resumed(system: System) -> None:
+    qstash = QStash(DEV.token, base_url=system.broker.url)
+    try:
+        qstash.queue.pause("q_paid_stream")
+        replies = [system.submit(PAID).json() for _ in range(3)]
+        other = system.submit(PAID, mode="free").json()
+        system.events(other["jobId"], other["eventsToken"])  # another queue still flows
+        assert all(system.job(r["jobId"])["status"] == "queued" for r in replies)
+        assert qstash.queue.get("q_paid_stream").lag == 3
+        qstash.queue.resume("q_paid_stream")
+        for reply in replies:
+            assert types(system.events(reply["jobId"], reply["eventsToken"]))[-1] == "completed"
+    finally:
+        qstash.http._client.close()
