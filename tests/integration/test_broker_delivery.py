@@ -8,7 +8,7 @@ import json
 import pytest
 from qstash import AsyncQStash
 
-from conftest import Broker
+from brokers import Broker
 from helpers import Destination, wait_until
 
 FAST_RETRY = "100"  # ms, so retry tests stay quick

@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from conftest import Broker
+from brokers import Broker
 from helpers import Destination, wait_until
 
 
