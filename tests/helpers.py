@@ -167,3 +167,17 @@ class Destination:
         raw_headers = [(k.encode(), v.encode()) for k, v in extra.items()]
         await send({"type": "http.response.start", "status": status, "headers": raw_headers})
         await send({"type": "http.response.body", "body": answer})
+
+
+async def async_wait_until(
+    predicate: Callable[[], Any], within_s: float = 10.0, interval: float = 0.01
+) -> Any:
+    """``wait_until`` for coroutines: ``predicate`` returns an awaitable."""
+    deadline = time.monotonic() + within_s
+    while True:
+        value = await predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {within_s}s")
+        await asyncio.sleep(interval)
