@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import AliasChoices, BaseModel, Field
+from pydantic import AliasChoices, BaseModel, Field, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -182,6 +182,12 @@ class Settings(BaseSettings):
     max_images: int = 8
 
     broker: BrokerSettings = Field(default_factory=BrokerSettings)
+
+    @model_validator(mode="after")
+    def _heartbeat_inside_ttl(self) -> Settings:
+        if not 0 < self.heartbeat_s < self.lease_ttl_s:
+            raise ValueError("heartbeat_s must be positive and shorter than lease_ttl_s")
+        return self
 
     @classmethod
     def settings_customise_sources(

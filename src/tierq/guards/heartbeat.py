@@ -1,4 +1,4 @@
-"""Keep a running job's leases alive; runs beside the job and is cancelled at cleanup."""
+"""Keep a running job's leases alive: a sibling task of the job, cancelled at cleanup."""
 
 from __future__ import annotations
 
@@ -12,23 +12,50 @@ from tierq.guards.leases import Leases
 
 log = structlog.get_logger("tierq.guards")
 
+Held = list[tuple[str, str]]
+
 
 async def heartbeat(
     leases: Leases,
-    held: list[tuple[str, str]],
+    held: Held,
     ttl_s: float,
     every_s: float,
-    on_lost: Callable[[str], None] | None,
+    on_lost: Callable[[str], None] | None = None,
 ) -> None:
-    """Renew every held lease every ``every_s`` until cancelled; ``on_lost(key)`` when one is
-    gone. A Redis hiccup is logged and retried at the next beat (the TTL leaves room for it)."""
-    while True:
+    """Renew every ``(key, holder)`` lease in ``held`` to ``ttl_s`` every ``every_s`` seconds
+    (the first renewal comes after one interval) until cancelled.
+
+    When a renewal reports a lease lost, ``on_lost(key)`` is called once for it (in this task;
+    it must not raise) and that lease is no longer renewed; once every lease is lost the
+    coroutine returns. A Redis failure is logged and retried at the next beat, which the TTL
+    leaves room for. ``ValueError`` unless ``0 < every_s < ttl_s``. ``held`` is not modified.
+    """
+    if not 0 < every_s < ttl_s:
+        raise ValueError(f"heartbeat needs 0 < every_s < ttl_s, got {every_s!r}, {ttl_s!r}")
+    live = list(held)
+    while live:
         await asyncio.sleep(every_s)
-        for key, holder in held:
-            try:
-                alive = await leases.renew(key, holder, ttl_s)
-            except UpstreamError as exc:
-                log.warning("heartbeat.renew_failed", key=key, error=str(exc))
-                continue
-            if not alive and on_lost is not None:
-                on_lost(key)
+        live = await _beat(leases, live, ttl_s, on_lost)
+
+
+async def _beat(
+    leases: Leases, live: Held, ttl_s: float, on_lost: Callable[[str], None] | None
+) -> Held:
+    """Renew all ``live`` leases concurrently; the ones still held."""
+    results = await asyncio.gather(*(_renew(leases, key, h, ttl_s) for key, h in live))
+    kept: Held = []
+    for lease, alive in zip(live, results, strict=True):
+        if alive:
+            kept.append(lease)
+        elif on_lost is not None:
+            on_lost(lease[0])
+    return kept
+
+
+async def _renew(leases: Leases, key: str, holder: str, ttl_s: float) -> bool:
+    """``False`` only when Redis says the lease is lost; a failed call counts as still held."""
+    try:
+        return await leases.renew(key, holder, ttl_s)
+    except UpstreamError as exc:
+        log.warning("heartbeat.renew_failed", key=key, holder=holder, error=str(exc))
+        return True

@@ -51,18 +51,25 @@ def compile_expression(expr: str) -> ast.Expression:
         tree = ast.parse(expr.strip(), mode="eval")
     except SyntaxError as exc:
         raise ValueError(f"invalid retry delay expression {expr!r}") from exc
+    callees = {id(n.func) for n in ast.walk(tree) if isinstance(n, ast.Call)}
     for node in ast.walk(tree):
-        _check_node(node, expr)
-    _evaluate(tree.body, 0)  # fail now on e.g. unknown arity, not at retry time
+        _check_node(node, expr, is_callee=id(node) in callees)
+    try:
+        _evaluate(tree.body, 0)  # fail now on e.g. unknown arity or 1/0, not at retry time
+    except (ZeroDivisionError, OverflowError) as exc:
+        raise ValueError(f"retry delay expression {expr!r} cannot be evaluated: {exc}") from exc
     return tree
 
 
-def _check_node(node: ast.AST, expr: str) -> None:
+def _check_node(node: ast.AST, expr: str, *, is_callee: bool) -> None:
+    """Only numbers, arithmetic, ``retried`` and calls of the listed functions."""
     allowed = (ast.Expression, ast.BinOp, ast.UnaryOp, ast.Call, ast.Name, ast.Constant, ast.Load)
     ok = isinstance(node, (*allowed, *_BIN_OPS, ast.USub, ast.UAdd))
-    if isinstance(node, ast.Name) and node.id != "retried" and node.id not in _FUNCS:
-        ok = False
-    if isinstance(node, ast.Constant) and not isinstance(node.value, int | float):
+    if isinstance(node, ast.Name):
+        ok = node.id in _FUNCS if is_callee else node.id == "retried"
+    if isinstance(node, ast.Constant) and (
+        isinstance(node.value, bool) or not isinstance(node.value, int | float)
+    ):
         ok = False
     if isinstance(node, ast.Call) and not (
         isinstance(node.func, ast.Name) and node.func.id in _FUNCS and not node.keywords

@@ -1,6 +1,5 @@
--- Live (unexpired) holders of a guard, read-only. One key.
+-- Count the live leases of a guard. Read-only, one key.
 -- KEYS: 1 the guard zset
--- Returns the count.
-local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
-return redis.call('ZCOUNT', KEYS[1], '(' .. now, '+inf')
+-- ARGV: none
+-- Returns the number of leases whose expiry is after now.
+return redis.call('ZCOUNT', KEYS[1], '(' .. now_ms(), '+inf')

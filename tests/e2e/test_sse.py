@@ -1,0 +1,285 @@
+"""SSE over real HTTP: wire format, replay, exact resume, keep-alive, end, disconnect, auth."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from helpers import wait_until
+from system import FREE, PAID, System
+
+ENTRY_ID = re.compile(r"^\d+-\d+$")
+TERMINAL = {"completed", "failed", "cancelled"}
+HANG = {"fail": "hang"}
+SLOW = {"tokens": 20, "token_latency_ms": 50}
+
+
+@dataclass
+class RawStream:
+    """What one SSE connection carried: its messages (field → value), comment lines, and
+    whether the server completed the response (``False`` when the client stopped reading)."""
+
+    messages: list[dict[str, str]]
+    comments: list[str]
+    ended: bool
+
+
+def read_sse(
+    system: System,
+    job_id: str,
+    *,
+    token: str | None = None,
+    key: str | None = None,
+    last_event_id: str | None = None,
+    limit: int | None = None,
+    within_s: float = 20.0,
+) -> RawStream:
+    """Read the job's SSE stream line by line until it ends (or ``limit`` messages arrived),
+    failing if that takes longer than ``within_s``."""
+    params = {"token": token} if token else {}
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    if last_event_id:
+        headers["Last-Event-ID"] = last_event_id
+    deadline = time.monotonic() + within_s
+    messages: list[dict[str, str]] = []
+    comments: list[str] = []
+    current: dict[str, str] = {}
+    with (
+        httpx.Client(base_url=system.app.url, timeout=10) as client,
+        client.stream(
+            "GET", f"/api/jobs/{job_id}/events", params=params, headers=headers
+        ) as res,
+    ):
+        assert res.status_code == 200, res.read()
+        assert res.headers["content-type"].startswith("text/event-stream")
+        for line in res.iter_lines():
+            assert time.monotonic() < deadline, "the SSE stream did not end in time"
+            if line.startswith(":"):
+                comments.append(line)
+                continue
+            if not line:
+                if current:
+                    messages.append(current)
+                    current = {}
+                    if limit is not None and len(messages) >= limit:
+                        return RawStream(messages, comments, ended=False)
+                continue
+            name, _, value = line.partition(":")
+            assert name not in current, f"field {name!r} twice in one message"
+            current[name] = value.removeprefix(" ")
+    assert not current, "the stream ended inside a message"
+    return RawStream(messages, comments, ended=True)
+
+
+def submit_ok(system: System, key: str = PAID, **job: Any) -> dict[str, Any]:
+    res = system.submit(key, **job)
+    assert res.status_code == 202, res.text
+    reply: dict[str, Any] = res.json()
+    return reply
+
+
+def log_ids(system: System, job_id: str) -> list[str]:
+    return [i.decode() for i, _ in system.redis.xrange(system.keys.job_events(job_id))]
+
+
+def datas(stream: RawStream) -> list[dict[str, Any]]:
+    return [json.loads(m["data"]) for m in stream.messages]
+
+
+def xread_clients(system: System) -> int:
+    return sum(1 for c in system.redis.client_list() if c.get("cmd") == "xread")
+
+
+def cancel(system: System, job_id: str) -> None:
+    res = system.http.delete(f"/api/jobs/{job_id}", headers={"Authorization": f"Bearer {PAID}"})
+    assert res.status_code == 200, res.text
+
+
+def assert_error(res: httpx.Response, status: int) -> dict[str, Any]:
+    assert res.status_code == status, res.text
+    assert res.headers["content-type"].startswith("application/json")
+    error: dict[str, Any] = res.json()["error"]
+    assert isinstance(error["code"], str)
+    assert error["code"]
+    assert isinstance(error["message"], str)
+    assert error["message"]
+    return error
+
+
+# -- wire format, replay, end -------------------------------------------------------------
+
+
+def test_each_message_carries_type_job_seq_ts_and_the_log_entry_id(system: System) -> None:
+    reply = submit_ok(system, input={"prompt": "x", "simulate": {"tokens": 5}})
+    job_id = reply["jobId"]
+    stream = read_sse(system, job_id, token=reply["eventsToken"])
+    assert stream.ended
+    assert stream.messages
+    for message in stream.messages:
+        assert set(message) == {"id", "event", "data"}, message
+        assert ENTRY_ID.match(message["id"]), message["id"]
+        data = json.loads(message["data"])
+        assert data["type"] == message["event"]
+        assert data["jobId"] == job_id
+        assert isinstance(data["ts"], int)
+        assert data["ts"] > 0
+    events = datas(stream)
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    assert [m["id"] for m in stream.messages] == log_ids(system, job_id)
+    kinds = [m["event"] for m in stream.messages]
+    assert kinds[0] == "queued"
+    assert kinds[-1] == "completed"
+    assert kinds.count("delta") == 5
+
+
+def test_replay_after_the_job_finished_returns_the_whole_log_and_ends(system: System) -> None:
+    reply = submit_ok(system)
+    job_id = reply["jobId"]
+    wait_until(lambda: system.job(job_id)["status"] == "completed")
+    first = read_sse(system, job_id, token=reply["eventsToken"])
+    again = read_sse(system, job_id, key=PAID)
+    assert first.ended
+    assert again.ended
+    assert [m["id"] for m in first.messages] == log_ids(system, job_id)
+    assert first.messages == again.messages
+    assert first.messages[-1]["event"] == "completed"
+
+
+def test_stream_of_a_running_job_ends_right_after_the_terminal_event(system: System) -> None:
+    reply = submit_ok(system, input={"prompt": "x", "simulate": SLOW})
+    job_id = reply["jobId"]
+    stream = read_sse(system, job_id, token=reply["eventsToken"], within_s=15)
+    assert stream.ended  # the server completed the HTTP response by itself
+    kinds = [m["event"] for m in stream.messages]
+    assert kinds[-1] == "completed"
+    assert not TERMINAL & set(kinds[:-1])
+    assert kinds.count("delta") == 20
+    assert [m["id"] for m in stream.messages] == log_ids(system, job_id)
+
+
+def test_last_event_id_resumes_exactly(system: System) -> None:
+    reply = submit_ok(system, input={"prompt": "x", "simulate": {**SLOW, "tokens": 40}})
+    job_id, token = reply["jobId"], reply["eventsToken"]
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        uninterrupted = pool.submit(read_sse, system, job_id, token=token)
+        head = read_sse(system, job_id, token=token, limit=6)
+        assert not head.ended
+        assert system.job(job_id)["status"] == "running"  # disconnected in the middle of the job
+        tail = read_sse(system, job_id, token=token, last_event_id=head.messages[-1]["id"])
+        full = uninterrupted.result(timeout=30)
+    assert tail.ended
+    assert full.ended
+    assert tail.messages
+    assert tail.messages[0]["event"] == "delta"
+    assert head.messages + tail.messages == full.messages
+    events = datas(full)
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    assert events[-1]["type"] == "completed"
+    assert [m["id"] for m in full.messages] == log_ids(system, job_id)
+    resumed_at_end = read_sse(system, job_id, token=token, last_event_id=full.messages[-2]["id"])
+    assert resumed_at_end.messages == full.messages[-1:]
+
+
+# -- keep-alive and disconnect -------------------------------------------------------------
+
+
+def test_keep_alive_pings_while_a_job_hangs(make_system: Callable[..., System]) -> None:
+    system = make_system(sse_ping_s=1)
+    reply = submit_ok(system, input={"prompt": "x", "simulate": HANG})
+    job_id = reply["jobId"]
+    wait_until(lambda: system.job(job_id)["status"] == "running")
+    pings: list[str] = []
+    kinds: list[str] = []
+    deadline = time.monotonic() + 15
+    with (
+        httpx.Client(base_url=system.app.url, timeout=5) as client,
+        client.stream("GET", f"/api/jobs/{job_id}/events?token={reply['eventsToken']}") as res,
+    ):
+        assert res.status_code == 200
+        for line in res.iter_lines():
+            assert time.monotonic() < deadline, "no pings / no end within the deadline"
+            if line.startswith(":"):
+                pings.append(line)
+                if len(pings) == 2:
+                    cancel(system, job_id)
+            elif line.startswith("event:"):
+                kinds.append(line.partition(":")[2].strip())
+    assert len(pings) >= 2
+    assert all(p.startswith(": ping") for p in pings), pings
+    assert kinds == ["queued", "started", "cancelled"]
+
+
+def test_client_disconnect_stops_the_redis_tail(make_system: Callable[..., System]) -> None:
+    # A long block per XREAD: a tail left running after the disconnect would stay in XREAD
+    # far longer than the deadline below.
+    system = make_system(sse_ping_s=30)
+    baseline = xread_clients(system)
+    reply = submit_ok(system, input={"prompt": "x", "simulate": HANG})
+    job_id = reply["jobId"]
+    wait_until(lambda: system.job(job_id)["status"] == "running")
+    try:
+        with (
+            httpx.Client(base_url=system.app.url, timeout=5) as client,
+            client.stream(
+                "GET", f"/api/jobs/{job_id}/events?token={reply['eventsToken']}"
+            ) as res,
+        ):
+            assert res.status_code == 200
+            lines = res.iter_lines()
+            seen: list[str] = []
+            while "event: started" not in seen:
+                seen.append(next(lines))
+            wait_until(lambda: xread_clients(system) == baseline + 1, timeout=5)
+        wait_until(lambda: xread_clients(system) == baseline, timeout=3)
+    finally:
+        cancel(system, job_id)
+    wait_until(lambda: system.job(job_id)["status"] == "cancelled")
+    assert xread_clients(system) == baseline
+
+
+# -- auth -----------------------------------------------------------------------------------
+
+
+def test_events_need_a_token_or_the_owners_key(system: System) -> None:
+    mine = submit_ok(system)
+    other = submit_ok(system)
+    job_id = mine["jobId"]
+    url = f"/api/jobs/{job_id}/events"
+    wait_until(lambda: system.job(job_id)["status"] == "completed")
+
+    assert_error(system.http.get(url), 401)
+    assert_error(system.http.get(url, params={"token": other["eventsToken"]}), 401)
+    assert_error(system.http.get(url, params={"token": "not-a-token"}), 401)
+    assert_error(system.http.get(url, headers={"Authorization": "Bearer tq_nobody"}), 401)
+    assert_error(system.http.get(url, headers={"Authorization": f"Bearer {FREE}"}), 404)
+    # the token of another job does not open this one even alongside the owner's key
+    res = system.http.get(
+        url, params={"token": other["eventsToken"]}, headers={"Authorization": f"Bearer {PAID}"}
+    )
+    assert_error(res, 401)
+
+    by_key = read_sse(system, job_id, key=PAID)
+    by_token = read_sse(system, job_id, token=mine["eventsToken"])
+    assert by_key.ended
+    assert by_key.messages == by_token.messages
+    assert by_key.messages[-1]["event"] == "completed"
+
+
+def test_job_status_is_only_visible_to_its_owner(system: System) -> None:
+    reply = submit_ok(system)
+    job_id = reply["jobId"]
+    assert system.job(job_id)["jobId"] == job_id
+    res = system.http.get(f"/api/jobs/{job_id}", headers={"Authorization": f"Bearer {FREE}"})
+    assert assert_error(res, 404)["code"] == "job_not_found"
+    assert_error(system.http.get(f"/api/jobs/{job_id}"), 401)
+    missing = system.http.get(
+        "/api/jobs/job_does_not_exist/events", headers={"Authorization": f"Bearer {PAID}"}
+    )
+    assert_error(missing, 404)
