@@ -11,6 +11,7 @@ import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 from qstash import AsyncQStash, Receiver
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException
@@ -22,6 +23,7 @@ from tierq.errors import Busy, ClientError, UpstreamError
 from tierq.events.log import JobStore
 from tierq.guards.leases import Leases
 from tierq.keys import AppKeys
+from tierq.ops.metrics import Metrics
 from tierq.producer.api import router as producer_router
 from tierq.providers.registry import ProviderRegistry
 from tierq.runtime import Runtime
@@ -64,7 +66,9 @@ async def _upstream_error(request: Request, exc: Exception) -> Response:
     return _json_error(503, "unavailable", "a dependency is unavailable; retry shortly")
 
 
-def build_runtime(settings: Settings, client: aioredis.Redis) -> Runtime:
+def build_runtime(
+    settings: Settings, client: aioredis.Redis, metrics: Metrics | None = None
+) -> Runtime:
     keys = AppKeys(settings.key_prefix)
     qstash = AsyncQStash(settings.qstash_token or "", base_url=settings.qstash_url)
     receiver = Receiver(
@@ -81,14 +85,19 @@ def build_runtime(settings: Settings, client: aioredis.Redis) -> Runtime:
         receiver=receiver,
         providers=ProviderRegistry(settings.models),
         cancels=CancelHub(client, keys.cancel_channel),
+        metrics=metrics or Metrics(),
     )
 
 
-def create_app(settings: Settings, *, sync_queues: bool = True) -> FastAPI:
+def create_app(
+    settings: Settings, *, sync_queues: bool = True, metrics: Metrics | None = None
+) -> FastAPI:
+    shared_metrics = metrics or Metrics()
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         client = aioredis.Redis.from_url(settings.redis_url or "redis://127.0.0.1:6379/0")
-        rt = build_runtime(settings, client)
+        rt = build_runtime(settings, client, shared_metrics)
         app.state.runtime = rt
         await rt.cancels.start()
         if sync_queues:
@@ -112,6 +121,10 @@ def create_app(settings: Settings, *, sync_queues: bool = True) -> FastAPI:
     app.include_router(producer_router)
     app.include_router(worker_router)
     app.include_router(legacy_router(settings.legacy_routes))
+
+    @app.get("/metrics")
+    async def metrics_endpoint() -> Response:
+        return Response(shared_metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:

@@ -128,10 +128,13 @@ async def run_dev(settings: Settings) -> None:
         current_key=settings.qstash_current_signing_key,
         next_key=settings.qstash_next_signing_key,
     )
+    from tierq.ops.metrics import Metrics  # noqa: PLC0415
+
+    metrics = Metrics()  # one /metrics for both
     broker_started = asyncio.Event()
     broker_task = asyncio.create_task(
         serve(
-            create_broker_app(broker, settings.redis_url or "", accounts),
+            create_broker_app(broker, settings.redis_url or "", accounts, metrics),
             broker.host,
             broker.port,
             on_started=broker_started.set,
@@ -146,7 +149,7 @@ async def run_dev(settings: Settings) -> None:
     broker_url = f"http://{broker.host}:{broker.port}"
     app_task = asyncio.create_task(
         serve(
-            create_app(settings),
+            create_app(settings, metrics=metrics),
             host,
             port,
             on_started=lambda: typer.echo(dev_banner(settings, broker_url)),

@@ -102,6 +102,8 @@ class AppKeys:
     - ``admission(queue)``: zset job id → lease expiry ms (producer backpressure)
     - ``model_guard(model, tier)``: zset job id → lease expiry ms
     - ``user_guard(user)``: zset job id → lease expiry ms
+    - ``running(queue)``: zset job id → lease expiry ms of jobs running now (no limit; for
+      operators: "in flight" per queue)
     - ``cancel_channel``: pub/sub channel; a message is a job id whose run must stop now
     Guard keys get a TTL on every write, so an idle guard disappears instead of lingering.
     """
@@ -122,6 +124,13 @@ class AppKeys:
 
     def user_guard(self, user_id: str) -> str:
         return f"{self.prefix}:guard:user:{user_id}"
+
+    @property
+    def user_guard_pattern(self) -> str:
+        return f"{self.prefix}:guard:user:*"
+
+    def running(self, queue_id: str) -> str:
+        return f"{self.prefix}:running:{queue_id}"
 
     @property
     def cancel_channel(self) -> str:

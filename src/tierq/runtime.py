@@ -12,6 +12,7 @@ from tierq.config import Settings
 from tierq.events.log import JobStore
 from tierq.guards.leases import Leases
 from tierq.keys import AppKeys
+from tierq.ops.metrics import Metrics
 from tierq.providers.registry import ProviderRegistry
 from tierq.worker.cancel import CancelHub
 
@@ -27,3 +28,4 @@ class Runtime:
     receiver: Receiver
     providers: ProviderRegistry
     cancels: CancelHub
+    metrics: Metrics

@@ -5,11 +5,12 @@ from __future__ import annotations
 import contextlib
 import json
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from sse_starlette import EventSourceResponse
+from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from tierq.config import UserSettings
 from tierq.contracts import Cancelled, JobRequest
@@ -80,6 +81,7 @@ async def cancel_job(job_id: str, request: Request) -> dict[str, Any]:
     event = Cancelled(jobId=job_id, ts=now_ms)
     result = await rt.jobs.request_cancel(event, rt.keys.cancel_channel, now_ms)
     if result == "cancelled":
+        rt.metrics.cancelled.labels(state["queueId"]).inc()
         await rt.leases.release(rt.keys.admission(state["queueId"]), job_id)
         if state.get("messageId"):
             # Already delivered or gone is fine: the worker sees the job cancelled and skips it.
@@ -87,6 +89,19 @@ async def cancel_job(job_id: str, request: Request) -> dict[str, Any]:
                 await rt.gateway.cancel(state["messageId"])
     status = {"requested": "cancelling", "missing": "gone"}.get(result, result)
     return {"jobId": job_id, "status": status}
+
+
+async def counted(
+    rt: Runtime, stream: AsyncIterator[ServerSentEvent]
+) -> AsyncIterator[ServerSentEvent]:
+    """The stream, counted in the SSE metrics while it is open."""
+    rt.metrics.sse_total.inc()
+    rt.metrics.sse_open.inc()
+    try:
+        async for item in stream:
+            yield item
+    finally:
+        rt.metrics.sse_open.dec()
 
 
 @router.get("/api/jobs/{job_id}/events")
@@ -107,7 +122,7 @@ async def job_events(job_id: str, request: Request) -> EventSourceResponse:
     last_id = request.headers.get("last-event-id") or request.query_params.get("lastEventId")
     block_ms = int(rt.settings.sse_ping_s * 1000)
     return EventSourceResponse(
-        job_event_stream(rt.jobs, job_id, last_id, block_ms),
+        counted(rt, job_event_stream(rt.jobs, job_id, last_id, block_ms)),
         ping=int(rt.settings.sse_ping_s),
         send_timeout=30,
     )

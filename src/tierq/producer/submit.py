@@ -66,6 +66,7 @@ async def submit(rt: Runtime, user: UserSettings, req: JobRequest) -> SubmitResp
     depth = settings.queues[queue].admission_depth
     admitted = await rt.leases.acquire(admission_key, job_id, depth, settings.admission_ttl_s)
     if not admitted.acquired:
+        rt.metrics.admission_rejections.labels(queue.value).inc()
         raise Busy(
             f"queue {queue.value} is full ({depth} jobs admitted); retry later",
             retry_after_s=settings.admission_retry_after_s,
@@ -104,6 +105,7 @@ async def submit(rt: Runtime, user: UserSettings, req: JobRequest) -> SubmitResp
         await _undo(rt, job_id, admission_key)
         raise
     await rt.jobs.set_fields(job_id, {"messageId": message_id})
+    rt.metrics.submitted.labels(queue.value).inc()
     return SubmitResponse(
         job_id=job_id,
         queue_id=queue,

@@ -25,6 +25,7 @@ from tierq.worker.steps.route import decide
 from tierq.worker.steps.validate import validate
 
 log = structlog.get_logger("tierq.worker")
+_UNBOUNDED = 1_000_000_000  # the running-jobs set only counts; the guards do the limiting
 
 
 async def _runner_alive(rt: Runtime, body: WorkerBody, state: dict[str, str] | None) -> bool:
@@ -85,6 +86,11 @@ async def _run(rt: Runtime, body: WorkerBody, message_id: str, retried: int) -> 
             if started is None:  # cancelled (or expired) while we took the guards
                 finished = True
                 return done("skipped")
+            queue = body.queue_id.value
+            rt.metrics.queue_wait.labels(queue).observe(max(0, now - body.submitted_at_ms) / 1000)
+            running = rt.keys.running(queue)
+            await rt.leases.acquire(running, body.job_id, _UNBOUNDED, rt.settings.lease_ttl_s)
+            held.append((running, body.job_id))
             beat = asyncio.create_task(
                 heartbeat(rt.leases, held, rt.settings.lease_ttl_s, rt.settings.heartbeat_s, None)
             )
@@ -93,6 +99,7 @@ async def _run(rt: Runtime, body: WorkerBody, message_id: str, retried: int) -> 
             finally:
                 beat.cancel()
                 await asyncio.gather(beat, return_exceptions=True)
+            rt.metrics.run_time.labels(queue).observe(time.time() - now / 1000)
             reply, finished = await record(rt, body, outcome, retried, message_id)
             return reply
         finally:

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable
 import httpx
 import redis.asyncio as aioredis
 import uvicorn
+from prometheus_client import CONTENT_TYPE_LATEST
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -23,6 +24,7 @@ from tierq.broker.server.keyring import KeyRing
 from tierq.broker.server.store import BrokerStore
 from tierq.config import BrokerSettings
 from tierq.errors import ClientError
+from tierq.ops.metrics import Metrics
 
 
 async def _client_error(request: Request, exc: Exception) -> Response:
@@ -44,8 +46,16 @@ async def _healthz(request: Request) -> Response:
 
 
 def create_broker_app(
-    settings: BrokerSettings, redis_url: str, accounts: dict[str, Account]
+    settings: BrokerSettings,
+    redis_url: str,
+    accounts: dict[str, Account],
+    metrics: Metrics | None = None,
 ) -> Starlette:
+    shared_metrics = metrics or Metrics()
+
+    async def metrics_endpoint(request: Request) -> Response:
+        return Response(shared_metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         client = aioredis.Redis.from_url(redis_url, decode_responses=False)
@@ -61,7 +71,13 @@ def create_broker_app(
             timeout=httpx.Timeout(settings.max_timeout_s, connect=10.0),
             follow_redirects=False,
         )
-        dispatcher = Dispatcher(store, keyring, settings, http)
+        dispatcher = Dispatcher(
+            store,
+            keyring,
+            settings,
+            http,
+            on_attempt=lambda _m, o: shared_metrics.broker_attempt(o),
+        )
         app.state.broker = BrokerContext(settings, store, dispatcher, keyring, accounts)
         task = asyncio.create_task(dispatcher.run(), name="tierq-broker-dispatcher")
         try:
@@ -78,6 +94,7 @@ def create_broker_app(
     return Starlette(
         routes=[
             Route("/healthz", _healthz, methods=["GET"]),
+            Route("/metrics", metrics_endpoint, methods=["GET"]),
             *routes_messages.ROUTES,
             *routes_queues.ROUTES,
             *routes_dlq.ROUTES,

@@ -22,6 +22,12 @@ def _now_ms() -> int:
 
 
 async def record_cancelled(rt: Runtime, body: WorkerBody) -> Reply:
+    """Log ``cancelled`` (for a cancel noticed outside the model run)."""
+    rt.metrics.cancelled.labels(body.queue_id.value).inc()
+    return await _cancelled(rt, body)
+
+
+async def _cancelled(rt: Runtime, body: WorkerBody) -> Reply:
     now = _now_ms()
     await rt.jobs.append(
         Cancelled(jobId=body.job_id, ts=now), status="cancelled", fields={"finishedAt": str(now)}
@@ -33,10 +39,23 @@ async def record(
     rt: Runtime, body: WorkerBody, outcome: Outcome, attempt: int, message_id: str
 ) -> tuple[Reply, bool]:
     """The reply, and whether the job is now finished (terminal)."""
+    reply, finished = await _record(rt, body, outcome, attempt, message_id)
+    queue = body.queue_id.value
+    counter = {"completed": rt.metrics.completed, "cancelled": rt.metrics.cancelled}
+    if finished:
+        counter.get(outcome.kind, rt.metrics.failed).labels(queue).inc()
+    elif outcome.kind == "failed":
+        rt.metrics.attempt_failures.labels(queue).inc()
+    return reply, finished
+
+
+async def _record(
+    rt: Runtime, body: WorkerBody, outcome: Outcome, attempt: int, message_id: str
+) -> tuple[Reply, bool]:
     now = _now_ms()
     job = body.job_id
     if outcome.kind == "cancelled":
-        return await record_cancelled(rt, body), True
+        return await _cancelled(rt, body), True
     if outcome.kind == "completed":
         usage = outcome.usage or Usage()
         event = Completed(jobId=job, ts=now, result=outcome.result, usage=usage)

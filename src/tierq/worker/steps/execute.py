@@ -42,8 +42,13 @@ async def _consume(rt: Runtime, body: WorkerBody, attempt: int) -> Outcome:
         input=body.input,
         attempt=attempt,
     )
+    started = time.monotonic()
+    first = True
     async for item in rt.providers.get(body.model_id).run(request):
         if isinstance(item, Chunk):
+            if first:
+                rt.metrics.ttft.labels(body.queue_id.value).observe(time.monotonic() - started)
+                first = False
             delta = Delta(jobId=body.job_id, ts=_now_ms(), text=item.text)
             if await rt.jobs.append(delta) is None:
                 return Outcome("cancelled")  # the job ended behind our back

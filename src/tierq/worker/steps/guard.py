@@ -57,11 +57,13 @@ async def guard(rt: Runtime, body: WorkerBody, cancel: asyncio.Event) -> Result[
                 held.cancelled = True
                 return Ok(held)
             if not announced:
+                rt.metrics.guard_waits.labels(name).inc()
                 waiting = Waiting(jobId=body.job_id, ts=int(time.time() * 1000), guard=name)
                 await rt.jobs.append(waiting, status="waiting")
                 announced = True
             remaining = deadline - time.monotonic()
             if remaining <= 0:
+                rt.metrics.guard_rejections.labels(name).inc()
                 await rt.leases.release_all(held.leases)
                 await rt.jobs.set_fields(body.job_id, {"status": "queued"})
                 retry = str(settings.guard_retry_after_s)
