@@ -23,10 +23,12 @@ from tierq.errors import Busy, ClientError, UpstreamError
 from tierq.events.log import JobStore
 from tierq.guards.leases import Leases
 from tierq.keys import AppKeys
+from tierq.ops.admin import router as admin_router
 from tierq.ops.metrics import Metrics
 from tierq.producer.api import router as producer_router
 from tierq.providers.registry import ProviderRegistry
 from tierq.runtime import Runtime
+from tierq.web.pages import router as pages_router
 from tierq.worker.cancel import CancelHub
 from tierq.worker.legacy import legacy_router
 from tierq.worker.routes import router as worker_router
@@ -119,6 +121,8 @@ def create_app(
     app.add_exception_handler(UpstreamError, _upstream_error)
     app.add_exception_handler(RedisError, _upstream_error)
     app.include_router(producer_router)
+    app.include_router(admin_router)
+    app.include_router(pages_router)
     app.include_router(worker_router)
     app.include_router(legacy_router(settings.legacy_routes))
 

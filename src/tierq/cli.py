@@ -194,6 +194,7 @@ def dev(
 ) -> None:
     """Run everything locally in one process: embedded Redis, the broker, the app."""
     settings = dev_settings(host, port, broker_port)
+    _setup_logs(settings, json_output=False)
     with redis_url_or_embedded(settings.redis_url, settings.data_dir) as url:
         asyncio.run(run_dev(settings.model_copy(update={"redis_url": url})))
 
@@ -208,6 +209,7 @@ def serve(
     from tierq.broker.server.app import serve as serve_app  # noqa: PLC0415
 
     settings = Settings()
+    _setup_logs(settings, json_output=settings.log_json)
     missing = settings.missing_production_secrets()
     if not settings.redis_url:
         missing.append("TIERQ_REDIS_URL")
@@ -215,6 +217,14 @@ def serve(
         typer.echo(f"tierq serve needs real secrets; missing: {', '.join(missing)}", err=True)
         raise typer.Exit(Exit.USAGE)
     asyncio.run(serve_app(create_app(settings), host, port, log_level="info"))
+
+
+def _setup_logs(settings: Settings, *, json_output: bool) -> None:
+    from tierq.ops.logging import configure_logging  # noqa: PLC0415
+
+    configure_logging(
+        json_output=json_output, level=settings.log_level, secrets=settings.secret_values()
+    )
 
 
 def main() -> None:

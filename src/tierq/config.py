@@ -181,6 +181,11 @@ class Settings(BaseSettings):
     max_prompt_chars: int = 100_000
     max_images: int = 8
 
+    # logs: level, JSON (production) or console (dev), sampling rate per job event type
+    log_level: str = "info"
+    log_json: bool = True
+    log_sample_rates: dict[str, float] = Field(default_factory=dict)
+
     broker: BrokerSettings = Field(default_factory=BrokerSettings)
 
     @model_validator(mode="after")
@@ -215,6 +220,14 @@ class Settings(BaseSettings):
                 "events_secret": self.events_secret or DEV_EVENTS_SECRET,
             }
         )
+
+    def secret_values(self) -> list[str]:
+        """Every secret this configuration holds (so logs can mask them)."""
+        values = [
+            self.admin_token, self.events_secret, self.qstash_token,
+            self.qstash_current_signing_key, self.qstash_next_signing_key, *self.api_keys,
+        ]  # fmt: skip
+        return [v for v in values if v]
 
     def missing_production_secrets(self) -> list[str]:
         """What ``tierq serve`` refuses to start without."""

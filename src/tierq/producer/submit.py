@@ -9,6 +9,7 @@ import time
 from tierq.config import Settings, UserSettings
 from tierq.contracts import JobRequest, Queued, SubmitResponse, WorkerBody
 from tierq.errors import Busy, ClientError, Forbidden, NotFound, UpstreamError
+from tierq.ops.logging import log_job_event
 from tierq.producer.auth import events_token
 from tierq.queues import Mode, Plan, Tier, queue_for, worker_path
 from tierq.runtime import Runtime
@@ -106,6 +107,10 @@ async def submit(rt: Runtime, user: UserSettings, req: JobRequest) -> SubmitResp
         raise
     await rt.jobs.set_fields(job_id, {"messageId": message_id})
     rt.metrics.submitted.labels(queue.value).inc()
+    log_job_event(
+        "queued", settings.log_sample_rates, job_id=job_id, queue=queue.value, user=user.id,
+        message_id=message_id,
+    )  # fmt: skip
     return SubmitResponse(
         job_id=job_id,
         queue_id=queue,

@@ -14,6 +14,7 @@ import structlog
 from tierq.contracts import Started, WorkerBody
 from tierq.errors import UpstreamError
 from tierq.guards.heartbeat import heartbeat
+from tierq.ops.logging import log_job_event
 from tierq.queues import WorkerKind
 from tierq.runtime import Runtime
 from tierq.worker.result import Err, Reply, done, error_reply
@@ -87,6 +88,7 @@ async def _run(rt: Runtime, body: WorkerBody, message_id: str, retried: int) -> 
                 finished = True
                 return done("skipped")
             queue = body.queue_id.value
+            log_job_event("started", rt.settings.log_sample_rates, attempt=run_number)
             rt.metrics.queue_wait.labels(queue).observe(max(0, now - body.submitted_at_ms) / 1000)
             running = rt.keys.running(queue)
             await rt.leases.acquire(running, body.job_id, _UNBOUNDED, rt.settings.lease_ttl_s)

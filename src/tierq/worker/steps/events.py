@@ -12,6 +12,7 @@ import json
 import time
 
 from tierq.contracts import Cancelled, Completed, Failed, Usage, WorkerBody
+from tierq.ops.logging import log_job_event
 from tierq.runtime import Runtime
 from tierq.worker.result import Reply, done, error_reply, non_retryable
 from tierq.worker.steps.execute import Outcome
@@ -41,6 +42,10 @@ async def record(
     """The reply, and whether the job is now finished (terminal)."""
     reply, finished = await _record(rt, body, outcome, attempt, message_id)
     queue = body.queue_id.value
+    log_job_event(
+        outcome.kind, rt.settings.log_sample_rates, terminal=finished, code=outcome.code or None,
+        attempt=attempt, status=reply.status,
+    )  # fmt: skip
     counter = {"completed": rt.metrics.completed, "cancelled": rt.metrics.cancelled}
     if finished:
         counter.get(outcome.kind, rt.metrics.failed).labels(queue).inc()

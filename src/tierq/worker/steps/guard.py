@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from tierq.contracts import Waiting, WorkerBody
+from tierq.ops.logging import log_job_event
 from tierq.runtime import Runtime
 from tierq.worker.result import Err, Ok, Reply, Result, error_reply
 
@@ -58,6 +59,7 @@ async def guard(rt: Runtime, body: WorkerBody, cancel: asyncio.Event) -> Result[
                 return Ok(held)
             if not announced:
                 rt.metrics.guard_waits.labels(name).inc()
+                log_job_event("waiting", rt.settings.log_sample_rates, guard=name, limit=limit)
                 waiting = Waiting(jobId=body.job_id, ts=int(time.time() * 1000), guard=name)
                 await rt.jobs.append(waiting, status="waiting")
                 announced = True

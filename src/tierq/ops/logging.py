@@ -1,0 +1,114 @@
+"""Structured logs (structlog): JSON in production, readable in dev; an unsampled audit stream.
+
+- Context (job id, queue, user, trace id) is bound through contextvars by the code that knows it.
+- Job events are logged through ``log_job_event``, sampled per event type
+  (``log_sample_rates``); ``delta`` events are never logged one by one.
+- ``audit(action, **fields)`` writes to the separate ``tierq.audit`` stream, never sampled.
+- Secrets never reach a log line: values of sensitive keys are masked, and any configured secret
+  that appears inside a value is replaced.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import sys
+from collections.abc import Iterable, Mapping, MutableMapping
+from typing import Any, TextIO
+
+import structlog
+
+SENSITIVE_KEYS = frozenset(
+    {"authorization", "token", "api_key", "apikey", "password", "secret", "qstash_token",
+     "signing_key", "signature", "upstash-signature", "events_token", "admin_token"}
+)  # fmt: skip
+MASK = "***"
+AUDIT_LOGGER = "tierq.audit"
+
+
+class SecretMasker:
+    """A structlog processor: masks sensitive keys and known secret values anywhere."""
+
+    def __init__(self, secrets: Iterable[str]) -> None:
+        self.secrets = sorted({s for s in secrets if s and len(s) >= 6}, key=len, reverse=True)
+
+    def _clean(self, value: Any) -> Any:
+        if isinstance(value, str):
+            for secret in self.secrets:
+                if secret in value:
+                    value = value.replace(secret, MASK)
+            return value
+        if isinstance(value, Mapping):
+            return {k: MASK if str(k).lower() in SENSITIVE_KEYS else self._clean(v)
+                    for k, v in value.items()}  # fmt: skip
+        if isinstance(value, list | tuple):
+            return [self._clean(v) for v in value]
+        return value
+
+    def __call__(
+        self, logger: Any, name: str, event_dict: MutableMapping[str, Any]
+    ) -> MutableMapping[str, Any]:
+        for key in list(event_dict):
+            if key.lower() in SENSITIVE_KEYS:
+                event_dict[key] = MASK
+            else:
+                event_dict[key] = self._clean(event_dict[key])
+        return event_dict
+
+
+def configure_logging(
+    *,
+    json_output: bool,
+    level: str = "info",
+    secrets: Iterable[str] = (),
+    stream: TextIO | None = None,
+    audit_stream: TextIO | None = None,
+) -> None:
+    """Set up structlog and stdlib logging once per process (CLI entry points call this)."""
+    renderer: Any = (
+        structlog.processors.JSONRenderer()
+        if json_output
+        else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.stdlib.add_logger_name,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            SecretMasker(secrets),
+            structlog.processors.format_exc_info,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
+        logger_factory=_Factory(stream or sys.stderr, audit_stream or stream or sys.stderr),
+        cache_logger_on_first_use=False,
+    )
+
+
+class _Factory:
+    """Audit lines go to their own stream; everything else to the main one."""
+
+    def __init__(self, main: TextIO, audit: TextIO) -> None:
+        self.main, self.audit = main, audit
+
+    def __call__(self, *args: Any) -> structlog.PrintLogger:
+        name = args[0] if args else ""
+        return structlog.PrintLogger(self.audit if name == AUDIT_LOGGER else self.main)
+
+
+def audit(action: str, **fields: Any) -> None:
+    """One audit record (admin actions): never sampled, always written."""
+    structlog.get_logger(AUDIT_LOGGER).info(action, audit=True, **fields)
+
+
+_job_log = structlog.get_logger("tierq.jobs")
+
+
+def log_job_event(event_type: str, rates: Mapping[str, float], **fields: Any) -> None:
+    """Log one job event, sampled at ``rates[event_type]`` (default 1); never ``delta``."""
+    if event_type == "delta":
+        return
+    rate = rates.get(event_type, 1.0)
+    if rate >= 1.0 or random.random() < rate:
+        _job_log.info("job.event", type=event_type, **fields)
