@@ -685,11 +685,9 @@ def test_dlq_filters_and_pagination(broker: Broker, destination: Destination, p:
     assert ids(queue="other") == set()
     assert ids(label="lab-a") == {a}
     assert e["A"].label == "lab-a"
-    times = sorted(int(x.dlq_id.split("-")[0]) for x in (e["A"], e["B"], e["C"]))
     assert ids(from_time=e["t0"], to_time=now_ms()) == {a, b, c}
     assert ids(from_time=now_ms() + 60_000) == set()
     assert ids(to_time=e["t0"] - 1) == set()
-    assert times[0] >= e["t0"]
 
     earliest = [m["messageId"] for m in call(broker, "GET", "/v2/dlq").json()["messages"]]
     latest = call(broker, "GET", "/v2/dlq", params={"order": "latestFirst"}).json()["messages"]

@@ -120,8 +120,9 @@ async def _selected_ids(
 ) -> tuple[list[str], str | None]:
     """DLQ ids named by the JSON body (Python SDK), by ``dlqIds``, or by filters."""
     body = await json_body(request) if body_key else None
-    if isinstance(body, dict) and body.get(body_key):
-        return [str(i) for i in body[body_key]], None
+    if isinstance(body, dict) and body_key in body:
+        # An explicit list selects exactly those entries; an empty one selects none.
+        return [str(i) for i in body[body_key] or []], None
     named = query_list(request, "dlqIds")
     if named and not any(k != "dlqIds" for k in request.query_params):
         return named, None

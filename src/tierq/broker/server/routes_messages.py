@@ -207,9 +207,12 @@ async def cancel_many(request: Request) -> Response:
 
 def incoming_of(msg: StoredMessage, overrides: Incoming) -> Incoming:
     """A DLQ retry's settings: the original ones, overridden by the retry request's."""
+    # Only Upstash-* settings override: a client's own Content-Type on the retry request
+    # must not replace the message's.
+    upstash = {k: v for k, v in overrides.settings.items() if k.startswith("upstash-")}
     settings = {
         k: v
-        for k, v in {**msg.config, **overrides.settings}.items()
+        for k, v in {**msg.config, **upstash}.items()
         if k not in {"upstash-deduplication-id", "upstash-content-based-deduplication"}
     }
     return Incoming(settings, {**msg.headers, **overrides.forwarded})
