@@ -86,6 +86,12 @@ def configure_logging(
     )
 
 
+class _NamedPrintLogger(structlog.PrintLogger):
+    def __init__(self, name: str, file: TextIO) -> None:
+        super().__init__(file)
+        self.name = name
+
+
 class _Factory:
     """Audit lines go to their own stream; everything else to the main one."""
 
@@ -93,8 +99,8 @@ class _Factory:
         self.main, self.audit = main, audit
 
     def __call__(self, *args: Any) -> structlog.PrintLogger:
-        name = args[0] if args else ""
-        return structlog.PrintLogger(self.audit if name == AUDIT_LOGGER else self.main)
+        name = str(args[0]) if args else "tierq"
+        return _NamedPrintLogger(name, self.audit if name == AUDIT_LOGGER else self.main)
 
 
 def audit(action: str, **fields: Any) -> None:
