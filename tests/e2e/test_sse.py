@@ -53,9 +53,7 @@ def read_sse(
     current: dict[str, str] = {}
     with (
         httpx.Client(base_url=system.app.url, timeout=10) as client,
-        client.stream(
-            "GET", f"/api/jobs/{job_id}/events", params=params, headers=headers
-        ) as res,
+        client.stream("GET", f"/api/jobs/{job_id}/events", params=params, headers=headers) as res,
     ):
         assert res.status_code == 200, res.read()
         assert res.headers["content-type"].startswith("text/event-stream")
@@ -93,8 +91,9 @@ def datas(stream: RawStream) -> list[dict[str, Any]]:
     return [json.loads(m["data"]) for m in stream.messages]
 
 
-def xread_clients(system: System) -> int:
-    return sum(1 for c in system.redis.client_list() if c.get("cmd") == "xread")
+def xread_clients(system: System) -> set[str]:
+    """Ids of the Redis connections whose current (or last) command is XREAD."""
+    return {c["id"] for c in system.redis.client_list() if c.get("cmd") == "xread"}
 
 
 def cancel(system: System, job_id: str) -> None:
@@ -187,6 +186,62 @@ def test_last_event_id_resumes_exactly(system: System) -> None:
     assert resumed_at_end.messages == full.messages[-1:]
 
 
+def test_a_retryable_failure_does_not_end_the_stream(make_system: Callable[..., System]) -> None:
+    system = make_system(qstash_retries=2)
+    simulate = {"tokens": 3, "fail": "error", "fail_attempts": 1}
+    reply = submit_ok(system, input={"prompt": "x", "simulate": simulate})
+    stream = read_sse(system, reply["jobId"], token=reply["eventsToken"])
+    assert stream.ended
+    events = datas(stream)
+    kinds = [e["type"] for e in events]
+    failed = kinds.index("failed")  # the simulated error strikes halfway through the tokens
+    assert kinds[:2] == ["queued", "started"]
+    assert events[failed]["retryable"] is True
+    assert kinds[failed + 1] == "started"
+    assert kinds[-1] == "completed"
+    assert kinds.count("started") == 2
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+
+
+def test_resuming_after_the_terminal_event_ends_at_once(system: System) -> None:
+    """What EventSource does when the server closes the stream: it reconnects with the last id.
+    The job is over and the client has every event, so the answer must end at once (an empty
+    stream, or 204 which also tells EventSource to stop reconnecting) - not tail for ever."""
+    reply = submit_ok(system)
+    job_id = reply["jobId"]
+    full = read_sse(system, job_id, token=reply["eventsToken"])
+    assert full.messages[-1]["event"] == "completed"
+    deadline = time.monotonic() + 5
+    with (
+        httpx.Client(base_url=system.app.url, timeout=5) as client,
+        client.stream(
+            "GET",
+            f"/api/jobs/{job_id}/events",
+            params={"token": reply["eventsToken"]},
+            headers={"Last-Event-ID": full.messages[-1]["id"]},
+        ) as res,
+    ):
+        assert res.status_code in (200, 204)
+        lines = []
+        for line in res.iter_lines():
+            lines.append(line)
+            assert time.monotonic() < deadline, f"still open after the terminal event: {lines}"
+    assert not [line for line in lines if line and not line.startswith(":")]
+
+
+def test_a_malformed_last_event_id_is_a_client_error(system: System) -> None:
+    reply = submit_ok(system)
+    job_id = reply["jobId"]
+    wait_until(lambda: system.job(job_id)["status"] == "completed")
+    res = system.http.get(
+        f"/api/jobs/{job_id}/events",
+        params={"token": reply["eventsToken"]},
+        headers={"Last-Event-ID": "not-an-id"},
+    )
+    assert 400 <= res.status_code < 500, res.status_code
+    assert_error(res, res.status_code)
+
+
 # -- keep-alive and disconnect -------------------------------------------------------------
 
 
@@ -227,21 +282,23 @@ def test_client_disconnect_stops_the_redis_tail(make_system: Callable[..., Syste
     try:
         with (
             httpx.Client(base_url=system.app.url, timeout=5) as client,
-            client.stream(
-                "GET", f"/api/jobs/{job_id}/events?token={reply['eventsToken']}"
-            ) as res,
+            client.stream("GET", f"/api/jobs/{job_id}/events?token={reply['eventsToken']}") as res,
         ):
             assert res.status_code == 200
             lines = res.iter_lines()
             seen: list[str] = []
             while "event: started" not in seen:
                 seen.append(next(lines))
-            wait_until(lambda: xread_clients(system) == baseline + 1, timeout=5)
-        wait_until(lambda: xread_clients(system) == baseline, timeout=3)
+            # the tail of this stream: one connection blocked in XREAD (others may come and go)
+            tail = wait_until(lambda: xread_clients(system) - baseline, timeout=5)
+            assert len(tail) == 1
+        # the client is gone: its tail must stop at once, not when the 30 s XREAD times out
+        wait_until(lambda: not tail & xread_clients(system), timeout=3)
     finally:
         cancel(system, job_id)
     wait_until(lambda: system.job(job_id)["status"] == "cancelled")
-    assert xread_clients(system) == baseline
+    assert not tail & xread_clients(system)
+    assert xread_clients(system) <= baseline
 
 
 # -- auth -----------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +17,7 @@ import httpx
 import pytest
 from qstash import QStash
 
+from helpers import wait_until
 from system import DEV, PAID, System
 from tierq.broker.server.signing import new_signing_key, sign
 from tierq.contracts import WorkerBody
@@ -187,6 +189,31 @@ def test_a_redelivered_message_does_not_run_the_job_again(system: System) -> Non
     assert event_types(system, d.job_id) == kinds
     assert system.job(d.job_id) == state
     assert snapshot(system, d.job_id)[2:] == (0, 0)
+
+
+def test_a_redelivery_while_the_job_runs_is_refused_with_retry_after(system: System) -> None:
+    d = paused_delivery(
+        system, input={"prompt": "x", "simulate": {"tokens": 20, "token_latency_ms": 50}}
+    )
+    headers = signed_headers(system, STREAM_ROUTE, d.body, d.message_id)
+
+    def first_delivery() -> httpx.Response:
+        with httpx.Client(base_url=system.app.url, timeout=30) as client:
+            return client.post(STREAM_ROUTE, content=d.body, headers=headers)
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        running = pool.submit(first_delivery)
+        wait_until(lambda: system.job(d.job_id)["status"] == "running")
+        again = deliver(system, STREAM_ROUTE, d.body, {**headers, "Upstash-Retried": "1"})
+        assert_error(again, 429, "already_running")
+        assert again.headers["Retry-After"] == str(system.settings.guard_retry_after_s)
+        assert snapshot(system, d.job_id)[2:] == (1, 1)  # still one lease each, not two
+        first = running.result(timeout=30)
+    assert first.status_code == 200, first.text
+    kinds = event_types(system, d.job_id)
+    assert kinds.count("started") == 1
+    assert kinds.count("completed") == 1
+    wait_until(lambda: snapshot(system, d.job_id)[2:] == (0, 0), timeout=5)
 
 
 # -- bodies that can never succeed ----------------------------------------------------------

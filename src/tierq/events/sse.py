@@ -2,8 +2,9 @@
 
 The SSE ``id`` of each message is the log entry id, so a reconnect with ``Last-Event-ID`` resumes
 exactly after the last event the client saw. Shutdown paths: the terminal event ends the
-stream; the job's log expiring ends it; a client disconnect makes sse-starlette cancel this
-generator, which cancels the pending ``XREAD`` at once (the Redis tail stops with the client).
+stream; a resume at or after the terminal event ends it at once; the job's log expiring ends
+it; a client disconnect makes sse-starlette cancel this generator, which cancels the pending
+``XREAD`` at once (the Redis tail stops with the client).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from collections.abc import AsyncIterator
 
 from sse_starlette import ServerSentEvent
 
-from tierq.contracts import is_terminal, parse_event
+from tierq.contracts import TERMINAL_STATUSES, is_terminal, parse_event
 from tierq.events.log import JobStore, is_final
 
 
@@ -21,11 +22,19 @@ async def job_event_stream(
 ) -> AsyncIterator[ServerSentEvent]:
     after = last_event_id or "0-0"
     while True:
-        rows = await store.tail(job_id, after, block_ms)
+        rows = await store.read(job_id, after)
         if not rows:
-            if await store.state(job_id) is None:
+            state = await store.state(job_id)
+            if state is None:
                 return  # the job's records expired (or never existed)
-            continue
+            if state.get("status") in TERMINAL_STATUSES:
+                # It ended: read once more (the terminal event may have landed since the read
+                # above); nothing after it means the client is already past the end.
+                rows = await store.read(job_id, after)
+                if not rows:
+                    return
+            else:
+                rows = await store.tail(job_id, after, block_ms)
         for entry_id, raw in rows:
             after = entry_id
             event = parse_event(raw)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import time
 from collections.abc import AsyncIterator
 from typing import Any
@@ -14,13 +15,14 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from tierq.config import UserSettings
 from tierq.contracts import Cancelled, JobRequest
-from tierq.errors import NotFound, Unauthorized, UpstreamError
+from tierq.errors import ClientError, NotFound, Unauthorized, UpstreamError
 from tierq.events.sse import job_event_stream
 from tierq.producer.auth import authenticate_user, bearer, events_token_valid
 from tierq.producer.submit import submit
 from tierq.runtime import Runtime
 
 router = APIRouter()
+_STREAM_ID = re.compile(r"\d{1,20}-\d{1,20}")
 
 
 def runtime(request: Request) -> Runtime:
@@ -120,6 +122,10 @@ async def job_events(job_id: str, request: Request) -> EventSourceResponse:
             raise Unauthorized("send ?token=<eventsToken> or Authorization: Bearer <key>")
         await _owned_state(rt, user, job_id)
     last_id = request.headers.get("last-event-id") or request.query_params.get("lastEventId")
+    if last_id and not _STREAM_ID.fullmatch(last_id):
+        raise ClientError(
+            "Last-Event-ID must be an event id this stream sent", code="invalid_last_event_id"
+        )
     block_ms = int(rt.settings.sse_ping_s * 1000)
     return EventSourceResponse(
         counted(rt, job_event_stream(rt.jobs, job_id, last_id, block_ms)),
