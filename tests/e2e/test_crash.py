@@ -107,19 +107,20 @@ def test_worker_killed_mid_job_leaks_nothing(
                 "service": "chat", "experience": "stream", "model": "sim",
                 "input": {"prompt": "crash", "simulate": {"tokens": 30, "token_latency_ms": 100}},
             }  # fmt: skip
-            reply = http.post("/api/jobs", json=job, headers=auth).json()
+            submitted = http.post("/api/jobs", json=job, headers=auth)
+            assert submitted.status_code == 202, submitted.text
+            reply = submitted.json()
             job_id = reply["jobId"]
-            wait_until(
-                lambda: http.get(f"/api/jobs/{job_id}", headers=auth).json()["status"] == "running"
-            )
+
+            def status() -> str:
+                res = http.get(f"/api/jobs/{job_id}", headers=auth)
+                assert res.status_code == 200, res.text
+                return str(res.json()["status"])
+
+            wait_until(lambda: status() == "running")
             app.kill9()
             app.start()
-            wait_until(
-                lambda: (
-                    http.get(f"/api/jobs/{job_id}", headers=auth).json()["status"] == "completed"
-                ),
-                timeout=60,
-            )
+            wait_until(lambda: status() == "completed", timeout=60)
             url = f"/api/jobs/{job_id}/events?token={reply['eventsToken']}"
             with http.stream("GET", url) as res:
                 kinds = [
