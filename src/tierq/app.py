@@ -68,8 +68,21 @@ async def _upstream_error(request: Request, exc: Exception) -> Response:
     return _json_error(503, "unavailable", "a dependency is unavailable; retry shortly")
 
 
+def redis_clients(settings: Settings) -> tuple[aioredis.Redis, aioredis.Redis]:
+    """The command client (bounded, blocking pool) and the SSE tail client."""
+    url = settings.redis_url or "redis://127.0.0.1:6379/0"
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url, max_connections=settings.redis_max_connections, timeout=settings.redis_pool_timeout_s
+    )
+    tails = aioredis.Redis.from_url(url, max_connections=settings.sse_max_streams)
+    return aioredis.Redis.from_pool(pool), tails  # the client owns (and closes) the pool
+
+
 def build_runtime(
-    settings: Settings, client: aioredis.Redis, metrics: Metrics | None = None
+    settings: Settings,
+    client: aioredis.Redis,
+    metrics: Metrics | None = None,
+    tail_client: aioredis.Redis | None = None,
 ) -> Runtime:
     keys = AppKeys(settings.key_prefix)
     qstash = AsyncQStash(settings.qstash_token or "", base_url=settings.qstash_url)
@@ -81,7 +94,7 @@ def build_runtime(
         settings=settings,
         redis=client,
         keys=keys,
-        jobs=JobStore(client, keys, settings.event_retention_s),
+        jobs=JobStore(client, keys, settings.event_retention_s, tail_client),
         leases=Leases(client),
         gateway=QStashGateway(qstash, settings),
         receiver=receiver,
@@ -98,8 +111,8 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        client = aioredis.Redis.from_url(settings.redis_url or "redis://127.0.0.1:6379/0")
-        rt = build_runtime(settings, client, shared_metrics)
+        client, tails = redis_clients(settings)
+        rt = build_runtime(settings, client, shared_metrics, tails)
         app.state.runtime = rt
         await rt.cancels.start()
         if sync_queues:
@@ -113,6 +126,7 @@ def create_app(
             await rt.cancels.stop()
             await rt.gateway.qstash.http._client.aclose()
             await client.aclose()
+            await tails.aclose()
 
     app = FastAPI(title="tierq", lifespan=lifespan)
     app.add_exception_handler(ClientError, _client_error)

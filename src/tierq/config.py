@@ -126,6 +126,11 @@ class Settings(BaseSettings):
     # where things are
     redis_url: str | None = None
     key_prefix: str = "tq"
+    # Commands share a bounded pool (callers wait up to redis_pool_timeout_s for a connection);
+    # each open SSE stream blocks one connection of a second pool while it tails.
+    redis_max_connections: int = 256
+    redis_pool_timeout_s: float = 10.0
+    sse_max_streams: int = 10_000
     data_dir: Path = Path(".tierq")
     public_url: str = Field(
         default="http://127.0.0.1:8000",

@@ -43,8 +43,15 @@ def _flatten(fields: dict[str, str] | None) -> list[str]:
 class JobStore:
     """State and events of jobs. Each method is one Redis round trip."""
 
-    def __init__(self, client: aioredis.Redis, keys: AppKeys, retention_s: float) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        keys: AppKeys,
+        retention_s: float,
+        tail_client: aioredis.Redis | None = None,
+    ) -> None:
         self.r = client
+        self.tail_r = tail_client or client
         self.keys = keys
         self.retention_ms = int(retention_s * 1000)
         lua = resources.files("tierq.events") / "lua"
@@ -121,11 +128,10 @@ class JobStore:
         rows: Any = await self.r.xrange(self.keys.job_events(job_id), min=start, count=count)
         return [(_s(i), _s(f[b"e"] if b"e" in f else f["e"])) for i, f in rows]
 
-    async def tail(
-        self, job_id: str, after: str, block_ms: int, client: aioredis.Redis | None = None
-    ) -> list[tuple[str, str]]:
-        """Wait up to ``block_ms`` for entries after ``after`` (``$`` = only new ones)."""
-        rows: Any = await (client or self.r).xread(
+    async def tail(self, job_id: str, after: str, block_ms: int) -> list[tuple[str, str]]:
+        """Wait up to ``block_ms`` for entries after ``after``, on the tail pool (a blocked
+        ``XREAD`` holds its connection)."""
+        rows: Any = await self.tail_r.xread(
             {self.keys.job_events(job_id): after}, block=block_ms, count=500
         )
         out = []

@@ -58,7 +58,9 @@ def create_broker_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        client = aioredis.Redis.from_url(redis_url, decode_responses=False)
+        # Bounded pool; callers wait for a free connection instead of failing under load.
+        pool = aioredis.BlockingConnectionPool.from_url(redis_url, max_connections=128, timeout=30)
+        client = aioredis.Redis.from_pool(pool)  # owns (and closes) the pool
         store = BrokerStore(client, settings)
         keyring = KeyRing(store, accounts)
         await keyring.load()
