@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -68,14 +69,39 @@ async def _upstream_error(request: Request, exc: Exception) -> Response:
     return _json_error(503, "unavailable", "a dependency is unavailable; retry shortly")
 
 
-def redis_clients(settings: Settings) -> tuple[aioredis.Redis, aioredis.Redis]:
-    """The command client (bounded, blocking pool) and the SSE tail client."""
+@dataclass
+class RedisClients:
+    """Three pools, because blocking reads must not starve commands (nor time out):
+    ``commands`` (bounded; callers wait for a free connection), ``tails`` (one connection per
+    open SSE stream blocked in ``XREAD``), ``pubsub`` (the cancel subscription, no read timeout).
+    """
+
+    commands: aioredis.Redis
+    tails: aioredis.Redis
+    pubsub: aioredis.Redis
+
+    async def aclose(self) -> None:
+        for client in (self.commands, self.tails, self.pubsub):
+            await client.aclose()
+
+
+def redis_clients(settings: Settings) -> RedisClients:
     url = settings.redis_url or "redis://127.0.0.1:6379/0"
     pool = aioredis.BlockingConnectionPool.from_url(
-        url, max_connections=settings.redis_max_connections, timeout=settings.redis_pool_timeout_s
+        url,
+        max_connections=settings.redis_max_connections,
+        timeout=settings.redis_pool_timeout_s,
+        socket_timeout=settings.redis_socket_timeout_s,
     )
-    tails = aioredis.Redis.from_url(url, max_connections=settings.sse_max_streams)
-    return aioredis.Redis.from_pool(pool), tails  # the client owns (and closes) the pool
+    return RedisClients(
+        commands=aioredis.Redis.from_pool(pool),  # the client owns (and closes) the pool
+        tails=aioredis.Redis.from_url(
+            url,
+            max_connections=settings.sse_max_streams,
+            socket_timeout=settings.sse_ping_s + settings.redis_socket_timeout_s,
+        ),
+        pubsub=aioredis.Redis.from_url(url, socket_timeout=None, health_check_interval=30),
+    )
 
 
 def build_runtime(
@@ -83,6 +109,7 @@ def build_runtime(
     client: aioredis.Redis,
     metrics: Metrics | None = None,
     tail_client: aioredis.Redis | None = None,
+    pubsub_client: aioredis.Redis | None = None,
 ) -> Runtime:
     keys = AppKeys(settings.key_prefix)
     qstash = AsyncQStash(settings.qstash_token or "", base_url=settings.qstash_url)
@@ -99,7 +126,7 @@ def build_runtime(
         gateway=QStashGateway(qstash, settings),
         receiver=receiver,
         providers=ProviderRegistry(settings.models),
-        cancels=CancelHub(client, keys.cancel_channel),
+        cancels=CancelHub(pubsub_client or client, keys.cancel_channel),
         metrics=metrics or Metrics(),
     )
 
@@ -111,8 +138,10 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        client, tails = redis_clients(settings)
-        rt = build_runtime(settings, client, shared_metrics, tails)
+        clients = redis_clients(settings)
+        rt = build_runtime(
+            settings, clients.commands, shared_metrics, clients.tails, clients.pubsub
+        )
         app.state.runtime = rt
         await rt.cancels.start()
         if sync_queues:
@@ -125,8 +154,7 @@ def create_app(
         finally:
             await rt.cancels.stop()
             await rt.gateway.qstash.http._client.aclose()
-            await client.aclose()
-            await tails.aclose()
+            await clients.aclose()
 
     app = FastAPI(title="tierq", lifespan=lifespan)
     app.add_exception_handler(ClientError, _client_error)

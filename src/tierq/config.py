@@ -130,6 +130,7 @@ class Settings(BaseSettings):
     # each open SSE stream blocks one connection of a second pool while it tails.
     redis_max_connections: int = 256
     redis_pool_timeout_s: float = 10.0
+    redis_socket_timeout_s: float = 10.0
     sse_max_streams: int = 10_000
     data_dir: Path = Path(".tierq")
     public_url: str = Field(

@@ -6,10 +6,11 @@ import base64
 import json
 
 import pytest
-from qstash import AsyncQStash
+from qstash import AsyncQStash, QStash
 
 from brokers import Broker
 from helpers import Destination, wait_until
+from tierq.broker.server.credentials import DEV_ACCOUNTS
 
 FAST_RETRY = "100"  # ms, so retry tests stay quick
 
@@ -270,3 +271,19 @@ def test_delay_is_honoured(broker: Broker, destination: Destination, path: str) 
     [now_req] = wait_until(lambda: destination.requests(immediate_path))
     [later_req] = wait_until(lambda: destination.requests(path), timeout=10)
     assert later_req.at - now_req.at >= 0.8
+
+
+def test_deliveries_never_carry_cookies_between_users(
+    broker: Broker, destination: Destination, path: str
+) -> None:
+    destination.script(path, (200, {"Set-Cookie": "session=SECRET; Path=/"}, b"ok"))
+    first = broker.client()
+    first.message.publish(url=destination.url + path, body="a")
+    wait_until(lambda: destination.requests(path))
+    other = QStash(DEV_ACCOUNTS[1].token, base_url=broker.url)
+    try:
+        other.message.publish(url=destination.url + path, body="b")
+    finally:
+        other.http._client.close()
+    got = wait_until(lambda: len(destination.requests(path)) == 2 and destination.requests(path))
+    assert all("cookie" not in r.headers for r in got)

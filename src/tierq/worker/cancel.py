@@ -10,8 +10,26 @@ import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError
 
+from tierq.events.log import JobStore
+
 log = structlog.get_logger("tierq.worker")
 _RECONNECT_S = 1.0
+
+
+async def poll_cancel_flag(
+    jobs: JobStore, job_id: str, cancel: asyncio.Event, every_s: float
+) -> None:
+    """A safety net beside the pub/sub signal (which a reconnect can miss): look at the job's
+    ``cancelRequested`` flag every ``every_s`` and set ``cancel`` when it is there."""
+    while not cancel.is_set():
+        await asyncio.sleep(every_s)
+        try:
+            state = await jobs.state(job_id)
+        except RedisError as exc:
+            log.warning("cancel_poll.failed", error=str(exc))
+            continue
+        if state is not None and state.get("cancelRequested") == "1":
+            cancel.set()
 
 
 class CancelHub:

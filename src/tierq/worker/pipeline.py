@@ -17,6 +17,7 @@ from tierq.guards.heartbeat import heartbeat
 from tierq.ops.logging import log_job_event
 from tierq.queues import WorkerKind
 from tierq.runtime import Runtime
+from tierq.worker.cancel import poll_cancel_flag
 from tierq.worker.result import Err, Reply, done, error_reply
 from tierq.worker.steps.cleanup import cleanup
 from tierq.worker.steps.events import record, record_cancelled
@@ -93,14 +94,20 @@ async def _run(rt: Runtime, body: WorkerBody, message_id: str, retried: int) -> 
             running = rt.keys.running(queue)
             await rt.leases.acquire(running, body.job_id, _UNBOUNDED, rt.settings.lease_ttl_s)
             held.append((running, body.job_id))
-            beat = asyncio.create_task(
-                heartbeat(rt.leases, held, rt.settings.lease_ttl_s, rt.settings.heartbeat_s, None)
-            )
+            siblings = [
+                asyncio.create_task(
+                    heartbeat(rt.leases, held, rt.settings.lease_ttl_s, rt.settings.heartbeat_s)
+                ),
+                asyncio.create_task(
+                    poll_cancel_flag(rt.jobs, body.job_id, cancel, rt.settings.heartbeat_s)
+                ),
+            ]
             try:
                 outcome = await execute(rt, body, run_number, cancel)
             finally:
-                beat.cancel()
-                await asyncio.gather(beat, return_exceptions=True)
+                for task in siblings:
+                    task.cancel()
+                await asyncio.gather(*siblings, return_exceptions=True)
             rt.metrics.run_time.labels(queue).observe(time.time() - now / 1000)
             reply, finished = await record(rt, body, outcome, retried, message_id)
             return reply

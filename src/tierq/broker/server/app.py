@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 
 import httpx
 import redis.asyncio as aioredis
@@ -69,6 +70,8 @@ def create_broker_app(
             max_keepalive_connections=min(settings.max_in_flight, 256),
         )
         http = httpx.AsyncClient(
+            # Deliveries of different users share this client: it must never keep cookies.
+            cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
             limits=limits,
             timeout=httpx.Timeout(settings.max_timeout_s, connect=10.0),
             follow_redirects=False,

@@ -22,8 +22,11 @@ def body_hash(body: bytes) -> str:
     return base64.urlsafe_b64encode(hashlib.sha256(body).digest()).decode()
 
 
+_RANDOM = secrets.SystemRandom()
+
+
 def random_id(prefix: str, length: int = 24) -> str:
-    return prefix + "".join(secrets.choice(_ALPHABET) for _ in range(length))
+    return prefix + "".join(_RANDOM.choices(_ALPHABET, k=length))
 
 
 def signature_claims(url: str, body: bytes, now_s: int, jti: str) -> dict[str, object]:
