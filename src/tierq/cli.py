@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 
+from tierq.cli_ops import register
 from tierq.config import Settings
 
 
@@ -23,6 +24,7 @@ class Exit(enum.IntEnum):
 
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
+register(app)
 
 
 @contextlib.contextmanager
@@ -217,6 +219,65 @@ def serve(
         typer.echo(f"tierq serve needs real secrets; missing: {', '.join(missing)}", err=True)
         raise typer.Exit(Exit.USAGE)
     asyncio.run(serve_app(create_app(settings), host, port, log_level="info"))
+
+
+@app.command()
+def sim(
+    jobs: Annotated[int, typer.Option(min=1, help="Synthetic jobs to run.")] = 1000,
+    users: Annotated[
+        int, typer.Option(min=1, help="Synthetic users sim-user-0.. (even: paid, odd: free).")
+    ] = 20,
+    concurrency: Annotated[
+        int, typer.Option(min=1, help="Deliveries in flight at once, across all queues.")
+    ] = 64,
+    token_latency_ms: Annotated[
+        float, typer.Option(min=0, max=60_000, help="Simulated model latency per token.")
+    ] = 0.0,
+    tokens: Annotated[int, typer.Option(min=0, max=10_000, help="Tokens per job.")] = 8,
+    fail_rate: Annotated[
+        float, typer.Option(min=0, max=1, help="Fraction of jobs that fail once, then retry.")
+    ] = 0.0,
+    seed: Annotated[int, typer.Option(help="Seed of the job mix.")] = 1,
+    redis_url: Annotated[
+        str | None, typer.Option(help="Redis to run against; default: embedded, temporary.")
+    ] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    keep_keys: Annotated[
+        bool, typer.Option(help="Leave the run's Redis keys behind for inspection.")
+    ] = False,
+) -> None:
+    """Drive the worker pipeline in-process with synthetic jobs and check nothing leaks.
+
+    Exits 6 when a lease or a non-terminal job is left behind."""
+    import tempfile  # noqa: PLC0415
+
+    from tierq.errors import UpstreamError  # noqa: PLC0415
+    from tierq.ops.sim import SimError, SimExit, format_report, simulate  # noqa: PLC0415
+
+    settings = Settings()
+    _setup_logs(settings.model_copy(update={"log_level": "warning"}), json_output=False)
+    with contextlib.ExitStack() as stack:
+        # keep stdout for the report: the embedded Redis banner goes to stderr under --json
+        with contextlib.redirect_stdout(sys.stderr) if json_output else contextlib.nullcontext():
+            data_dir = None if redis_url else stack.enter_context(tempfile.TemporaryDirectory())
+            url = stack.enter_context(redis_url_or_embedded(redis_url, Path(data_dir or ".")))
+        run = simulate(
+            settings, url, jobs=jobs, users=users, concurrency=concurrency,
+            token_latency_ms=token_latency_ms, tokens=tokens, fail_rate=fail_rate, seed=seed,
+            keep_keys=keep_keys,
+        )  # fmt: skip
+        try:
+            report = asyncio.run(run)
+        except SimError as exc:
+            typer.echo(f"tierq sim: {exc}", err=True)
+            raise typer.Exit(Exit.USAGE) from None
+        except UpstreamError as exc:
+            typer.echo(f"tierq sim: {exc}", err=True)
+            raise typer.Exit(Exit.UNAVAILABLE) from None
+    typer.echo(report.to_json() if json_output else format_report(report))
+    if report.leaks.total:
+        typer.echo(f"tierq sim: {report.leaks.total} leak(s) found", err=True)
+        raise typer.Exit(SimExit.LEAKS)
 
 
 def _setup_logs(settings: Settings, *, json_output: bool) -> None:

@@ -44,6 +44,7 @@ class BrokerSettings(BaseModel):
     max_queues: int = 1000
     dedup_window_s: float = 600.0
     max_in_flight: int = 1000
+    http_shards: int = 8
     claim_batch: int = 200
     poll_interval_s: float = 0.5
     lease_grace_s: float = 60.0

@@ -73,7 +73,7 @@ def broker_thread(redis_url: str) -> Iterator[ServerThread]:
     thread.stop()
 
 
-@pytest.mark.timeout(120)
+@pytest.mark.timeout(180)
 def test_worker_killed_mid_job_leaks_nothing(
     redis_url: str, broker_thread: ServerThread, tmp_path: Path
 ) -> None:
@@ -120,7 +120,7 @@ def test_worker_killed_mid_job_leaks_nothing(
             wait_until(lambda: status() == "running")
             app.kill9()
             app.start()
-            wait_until(lambda: status() == "completed", timeout=60)
+            wait_until(lambda: status() == "completed", timeout=120)
             url = f"/api/jobs/{job_id}/events?token={reply['eventsToken']}"
             with http.stream("GET", url) as res:
                 kinds = [

@@ -208,3 +208,24 @@ def test_failing_job_lands_in_dlq_and_completes_after_retry(
         qstash.http._client.close()
     wait_until(lambda: system.job(reply["jobId"])["status"] == "completed")
     assert system.job(reply["jobId"])["result"]
+
+
+def test_guard_full_on_the_last_attempt_fails_the_job_for_good(
+    make_system: Callable[..., System],
+) -> None:
+    system = make_system(
+        models={"sim": ModelSettings(limits=TierLimits(paid=1, free=1))},
+        guard_wait_s=0.2,
+        qstash_retries=0,
+    )
+    blocker = submit_ok(system, input={"prompt": "a", "simulate": HANG})
+    wait_until(lambda: system.job(blocker["jobId"])["status"] == "running")
+    second = submit_ok(system, input={"prompt": "b"})
+    events = system.events(second["jobId"], second["eventsToken"])
+    assert [e.event for e in events] == ["queued", "waiting", "failed"]
+    assert events[-1].data["code"] == "model_busy"
+    assert events[-1].data["retryable"] is False
+    admission = system.keys.admission("q_paid_stream")
+    wait_until(lambda: system.slot_count(admission) == 1)  # only the blocker's slot is left
+    system.http.delete(f"/api/jobs/{blocker['jobId']}", headers={"Authorization": f"Bearer {PAID}"})
+    assert_no_slots_held(system)

@@ -1,7 +1,377 @@
-"""The admin API under /api/admin (see docs/admin-api.md)."""
+"""The admin API under /api/admin (see docs/admin-api.md).
+
+Every route needs the admin token. Queue and DLQ routes go through the QStash REST API (the
+official SDK for queues, ``QStashDlq`` for the DLQ), so they behave the same against Upstash and
+the embedded broker; in-flight, admission and guard numbers come from tierq's Redis leases.
+Every route that changes something writes one audit record, whatever its outcome.
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+import asyncio
+import collections
+import contextlib
+import hmac
+from collections.abc import AsyncIterator, Iterator
+from typing import Annotated, Any
 
-router = APIRouter(prefix="/api/admin")
+import httpx
+from fastapi import APIRouter, Depends, Query, Request
+from pydantic import BaseModel, ConfigDict, Field
+from qstash.errors import QStashError
+from qstash.queue import Queue
+from redis.exceptions import RedisError
+
+from tierq.errors import Forbidden, NotFound, Unauthorized, UpstreamError
+from tierq.ops.logging import audit
+from tierq.ops.qstash_admin import (
+    DLQ_PAGE_MAX,
+    QStashDlq,
+    dlq_entry,
+    not_synced,
+    sdk_error,
+    sdk_status,
+)
+from tierq.producer.api import cancel, job_view, runtime
+from tierq.producer.auth import bearer, events_token
+from tierq.queues import TIERS, QueueId, parse_queue
+from tierq.runtime import Runtime
+
+_QSTASH_TIMEOUT_S = 15.0
+_RETRY_CONCURRENCY = 8
+
+
+async def require_admin(request: Request) -> None:
+    """401 without a token, 403 with a wrong one (or when no admin token is configured)."""
+    expected = runtime(request).settings.admin_token
+    token = bearer(request)
+    if token is None:
+        audit("admin.denied", path=request.url.path, reason="missing_token")
+        raise Unauthorized("missing admin token: send Authorization: Bearer <admin token>")
+    if not expected or not hmac.compare_digest(token.encode(), expected.encode()):
+        audit("admin.denied", path=request.url.path, reason="invalid_token")
+        raise Forbidden("invalid admin token")
+
+
+router = APIRouter(prefix="/api/admin", dependencies=[Depends(require_admin)])
+
+
+async def qstash_dlq(request: Request) -> AsyncIterator[QStashDlq]:
+    """A DLQ client for one request (its HTTP client closes with the request)."""
+    settings = runtime(request).settings
+    async with httpx.AsyncClient(timeout=_QSTASH_TIMEOUT_S) as client:
+        yield QStashDlq(client, settings.qstash_url, settings.qstash_token or "")
+
+
+Dlq = Annotated[QStashDlq, Depends(qstash_dlq)]
+
+
+@contextlib.contextmanager
+def audited(action: str, **fields: Any) -> Iterator[dict[str, Any]]:
+    """Audit ``action`` once the block ends: ``outcome`` ok or error, plus whatever the block
+    put in the yielded dict. Never give it the token."""
+    result: dict[str, Any] = {}
+    try:
+        yield result
+    except BaseException as exc:
+        audit(action, outcome="error", error=type(exc).__name__, **fields, **result)
+        raise
+    audit(action, outcome="ok", **fields, **result)
+
+
+def queue_or_404(queue_id: str) -> QueueId:
+    try:
+        return QueueId(queue_id)
+    except ValueError:
+        raise NotFound(
+            f"{queue_id!r} is not one of the six queues", code="queue_not_found"
+        ) from None
+
+
+# -- queues ---------------------------------------------------------------------------------
+
+
+async def _qstash_queue(rt: Runtime, queue: QueueId) -> Queue | None:
+    """QStash's record of the queue; ``None`` when QStash does not have it (never synced)."""
+    try:
+        return await rt.gateway.qstash.queue.get(queue.value)
+    except QStashError as exc:
+        if sdk_status(exc) == 404:
+            return None
+        raise UpstreamError(f"qstash queue get failed for {queue}: {exc}") from exc
+
+
+async def queue_view(rt: Runtime, queue: QueueId, dlq_size: int) -> dict[str, Any]:
+    q, in_flight, admitted = await asyncio.gather(
+        _qstash_queue(rt, queue),
+        rt.leases.count(rt.keys.running(queue.value)),
+        rt.leases.count(rt.keys.admission(queue.value)),
+    )
+    tier, experience = parse_queue(queue)
+    conf = rt.settings.queues.get(queue)
+    return {
+        "queueId": queue.value,
+        "tier": tier,
+        "experience": experience,
+        "parallelism": q.parallelism if q else None,
+        "paused": q.paused if q else None,
+        "lag": q.lag if q else 0,
+        "inFlight": in_flight,
+        "admitted": admitted,
+        "admissionDepth": conf.admission_depth if conf else None,
+        "dlq": dlq_size,
+    }
+
+
+def dlq_counts(messages: list[dict[str, Any]]) -> collections.Counter[str]:
+    return collections.Counter(str(dlq_entry(m)["queueId"]) for m in messages)
+
+
+async def queue_views(rt: Runtime, dlq: QStashDlq) -> list[dict[str, Any]]:
+    """The six queues in routing-table order."""
+    counts = dlq_counts(await dlq.all())
+    return list(await asyncio.gather(*(queue_view(rt, q, counts[q.value]) for q in QueueId)))
+
+
+async def one_queue_view(rt: Runtime, dlq: QStashDlq, queue: QueueId) -> dict[str, Any]:
+    return await queue_view(rt, queue, len(await dlq.all(queue=queue.value)))
+
+
+@router.get("/queues")
+async def list_queues(request: Request, dlq: Dlq) -> dict[str, Any]:
+    return {"queues": await queue_views(runtime(request), dlq)}
+
+
+@router.post("/queues/sync")
+async def sync_queues(request: Request, dlq: Dlq) -> dict[str, Any]:
+    """Upsert all six from configuration (parallelism and paused)."""
+    rt = runtime(request)
+    with audited("queue.sync", queues=[q.value for q in rt.settings.queues]):
+        await rt.gateway.sync_queues()
+    return {"queues": await queue_views(rt, dlq)}
+
+
+@router.get("/queues/{queue_id}")
+async def get_queue(queue_id: str, request: Request, dlq: Dlq) -> dict[str, Any]:
+    return await one_queue_view(runtime(request), dlq, queue_or_404(queue_id))
+
+
+async def _set_paused(request: Request, dlq: Dlq, queue_id: str, paused: bool) -> dict[str, Any]:
+    rt = runtime(request)
+    queue = queue_or_404(queue_id)
+    action = "queue.pause" if paused else "queue.resume"
+    with audited(action, queue=queue.value):
+        api = rt.gateway.qstash.queue
+        try:
+            await (api.pause(queue.value) if paused else api.resume(queue.value))
+        except QStashError as exc:
+            raise sdk_error(exc, f"{action} {queue.value}") from exc
+    return await one_queue_view(rt, dlq, queue)
+
+
+@router.post("/queues/{queue_id}/pause")
+async def pause_queue(queue_id: str, request: Request, dlq: Dlq) -> dict[str, Any]:
+    return await _set_paused(request, dlq, queue_id, True)
+
+
+@router.post("/queues/{queue_id}/resume")
+async def resume_queue(queue_id: str, request: Request, dlq: Dlq) -> dict[str, Any]:
+    return await _set_paused(request, dlq, queue_id, False)
+
+
+class ParallelismBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    parallelism: int = Field(ge=1, strict=True)
+
+
+@router.put("/queues/{queue_id}/parallelism")
+async def set_parallelism(
+    queue_id: str, body: ParallelismBody, request: Request, dlq: Dlq
+) -> dict[str, Any]:
+    """Until the next sync: configuration still holds the queue's configured parallelism."""
+    rt = runtime(request)
+    queue = queue_or_404(queue_id)
+    with audited("queue.parallelism", queue=queue.value, parallelism=body.parallelism) as out:
+        current = await _qstash_queue(rt, queue)
+        if current is None:
+            raise not_synced(f"queue.parallelism {queue.value}")
+        out["previous"] = current.parallelism
+        try:
+            # QStash's upsert sets both fields, so the queue's paused state is carried over.
+            await rt.gateway.qstash.queue.upsert(
+                queue.value, parallelism=body.parallelism, paused=current.paused
+            )
+        except QStashError as exc:
+            raise sdk_error(exc, f"queue.parallelism {queue.value}") from exc
+    return await one_queue_view(rt, dlq, queue)
+
+
+# -- dead-letter queue ----------------------------------------------------------------------
+
+
+class DlqIdsBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    dlq_ids: list[str] = Field(alias="dlqIds", min_length=1, max_length=DLQ_PAGE_MAX)
+
+
+@router.get("/dlq")
+async def list_dlq(
+    dlq: Dlq,
+    queue_id: Annotated[str | None, Query(alias="queueId")] = None,
+    cursor: str | None = None,
+    count: Annotated[int, Query(ge=1, le=DLQ_PAGE_MAX)] = DLQ_PAGE_MAX,
+    response_status: Annotated[int | None, Query(alias="responseStatus")] = None,
+) -> dict[str, Any]:
+    queue = queue_or_404(queue_id).value if queue_id else None
+    page = await dlq.page(
+        cursor=cursor or None, count=count, queue=queue, response_status=response_status
+    )
+    reply: dict[str, Any] = {"messages": [dlq_entry(m) for m in page.messages]}
+    if page.cursor:
+        reply["cursor"] = page.cursor
+    return reply
+
+
+@router.post("/dlq/retry")
+async def retry_dlq(body: DlqIdsBody, dlq: Dlq) -> dict[str, Any]:
+    """Each entry becomes a new message in its queue; entries already gone are ``missing``."""
+    limit = asyncio.Semaphore(_RETRY_CONCURRENCY)
+
+    async def one(dlq_id: str) -> str | None:
+        async with limit:
+            return await dlq.retry(dlq_id)
+
+    with audited("dlq.retry", dlq_ids=body.dlq_ids) as out:
+        message_ids = await asyncio.gather(*(one(d) for d in body.dlq_ids))
+        retried = [
+            {"dlqId": d, "messageId": m}
+            for d, m in zip(body.dlq_ids, message_ids, strict=True)
+            if m
+        ]
+        missing = [d for d, m in zip(body.dlq_ids, message_ids, strict=True) if m is None]
+        out.update(retried=retried, missing=missing)
+    return {"retried": retried, "missing": missing}
+
+
+@router.delete("/dlq")
+async def delete_many_dlq(body: DlqIdsBody, dlq: Dlq) -> dict[str, Any]:
+    with audited("dlq.delete", dlq_ids=body.dlq_ids) as out:
+        out["deleted"] = deleted = await dlq.delete_many(body.dlq_ids)
+    return {"deleted": deleted}
+
+
+@router.get("/dlq/{dlq_id}")
+async def get_dlq(dlq_id: str, dlq: Dlq) -> dict[str, Any]:
+    raw = await dlq.get(dlq_id)
+    if raw is None:
+        raise NotFound(f"dlq entry {dlq_id} not found", code="dlq_not_found")
+    return dlq_entry(raw)
+
+
+@router.delete("/dlq/{dlq_id}")
+async def delete_dlq(dlq_id: str, dlq: Dlq) -> dict[str, Any]:
+    with audited("dlq.delete", dlq_ids=[dlq_id]) as out:
+        out["deleted"] = int(await dlq.delete(dlq_id))
+        if not out["deleted"]:
+            raise NotFound(f"dlq entry {dlq_id} not found", code="dlq_not_found")
+    return {"deleted": 1}
+
+
+# -- jobs -----------------------------------------------------------------------------------
+
+
+async def _job_state(rt: Runtime, job_id: str) -> dict[str, str]:
+    state = await rt.jobs.state(job_id)
+    if state is None:
+        raise NotFound(f"job {job_id} not found", code="job_not_found")
+    return state
+
+
+@router.get("/jobs/{job_id}")
+async def get_job(job_id: str, request: Request) -> dict[str, Any]:
+    rt = runtime(request)
+    state = await _job_state(rt, job_id)
+    view = job_view(job_id, state)
+    view.update(
+        userId=state.get("userId"),
+        messageId=state.get("messageId"),
+        eventsToken=events_token(rt.settings.events_secret or "", job_id),
+    )
+    return view
+
+
+@router.delete("/jobs/{job_id}")
+async def cancel_admin_job(job_id: str, request: Request) -> dict[str, Any]:
+    rt = runtime(request)
+    with audited("job.cancel", job_id=job_id) as out:
+        state = await _job_state(rt, job_id)
+        reply = await cancel(rt, job_id, state)
+        out["status"] = reply["status"]
+    return reply
+
+
+# -- guards and overview --------------------------------------------------------------------
+
+
+async def model_guards(rt: Runtime) -> list[dict[str, Any]]:
+    rows = [
+        (m, t, conf.limits.for_tier(t)) for m, conf in rt.settings.models.items() for t in TIERS
+    ]
+    holders = await asyncio.gather(
+        *(rt.leases.holders(rt.keys.model_guard(m, t)) for m, t, _ in rows)
+    )
+    return [
+        {"modelId": m, "tier": t, "running": len(jobs), "limit": limit, "jobs": jobs}
+        for (m, t, limit), jobs in zip(rows, holders, strict=True)
+    ]
+
+
+async def _user_guard_keys(rt: Runtime) -> list[str]:
+    try:
+        found = [k async for k in rt.redis.scan_iter(match=rt.keys.user_guard_pattern, count=500)]
+    except RedisError as exc:
+        raise UpstreamError(f"redis: {exc}") from exc
+    return sorted({k.decode() if isinstance(k, bytes) else str(k) for k in found})
+
+
+async def user_guards(rt: Runtime) -> list[dict[str, Any]]:
+    """Users with a live lease; ``limit`` is ``None`` for a user no configured key belongs to."""
+    prefix = rt.keys.user_guard("")
+    keys = await _user_guard_keys(rt)
+    holders = await asyncio.gather(*(rt.leases.holders(k) for k in keys))
+    plans = {u.id: u.plan for u in rt.settings.api_keys.values()}
+    out = []
+    for key, jobs in zip(keys, holders, strict=True):
+        user = key.removeprefix(prefix)
+        if jobs:
+            plan = plans.get(user)
+            limit = rt.settings.user_limits.for_tier(plan) if plan else None
+            out.append({"userId": user, "running": len(jobs), "limit": limit, "jobs": jobs})
+    return out
+
+
+async def guards(rt: Runtime) -> dict[str, Any]:
+    models, users = await asyncio.gather(model_guards(rt), user_guards(rt))
+    return {"models": models, "users": users}
+
+
+@router.get("/guards")
+async def get_guards(request: Request) -> dict[str, Any]:
+    return await guards(runtime(request))
+
+
+@router.get("/overview")
+async def overview(request: Request, dlq: Dlq) -> dict[str, Any]:
+    """What the dashboard polls: queues, guards, DLQ size and the job counters."""
+    rt = runtime(request)
+    messages = await dlq.all()
+    counts = dlq_counts(messages)
+    queues, guard_view = await asyncio.gather(
+        asyncio.gather(*(queue_view(rt, q, counts[q.value]) for q in QueueId)), guards(rt)
+    )
+    return {
+        "queues": list(queues),
+        "guards": guard_view,
+        "dlqSize": len(messages),
+        "counters": rt.metrics.counters([q.value for q in QueueId]),
+    }

@@ -73,12 +73,9 @@ async def get_job(job_id: str, request: Request) -> dict[str, Any]:
     return job_view(job_id, await _owned_state(rt, user, job_id))
 
 
-@router.delete("/api/jobs/{job_id}")
-async def cancel_job(job_id: str, request: Request) -> dict[str, Any]:
-    """A queued job is cancelled at once; a running one stops within the worker's cancel latency."""
-    rt = runtime(request)
-    user = authenticate_user(request, rt.settings)
-    state = await _owned_state(rt, user, job_id)
+async def cancel(rt: Runtime, job_id: str, state: dict[str, str]) -> dict[str, Any]:
+    """Cancel a job (owner or admin): a queued one now, a running one through its worker.
+    ``state`` is the job's record as the caller read it (to find its queue and message)."""
     now_ms = int(time.time() * 1000)
     event = Cancelled(jobId=job_id, ts=now_ms)
     result = await rt.jobs.request_cancel(event, rt.keys.cancel_channel, now_ms)
@@ -91,6 +88,14 @@ async def cancel_job(job_id: str, request: Request) -> dict[str, Any]:
                 await rt.gateway.cancel(state["messageId"])
     status = {"requested": "cancelling", "missing": "gone"}.get(result, result)
     return {"jobId": job_id, "status": status}
+
+
+@router.delete("/api/jobs/{job_id}")
+async def cancel_job(job_id: str, request: Request) -> dict[str, Any]:
+    """A queued job is cancelled at once; a running one stops within the worker's cancel latency."""
+    rt = runtime(request)
+    user = authenticate_user(request, rt.settings)
+    return await cancel(rt, job_id, await _owned_state(rt, user, job_id))
 
 
 async def counted(

@@ -21,7 +21,7 @@ from tierq.worker.cancel import poll_cancel_flag
 from tierq.worker.result import Err, Reply, done, error_reply
 from tierq.worker.steps.cleanup import cleanup
 from tierq.worker.steps.events import record, record_cancelled
-from tierq.worker.steps.execute import execute
+from tierq.worker.steps.execute import Outcome, execute
 from tierq.worker.steps.guard import guard
 from tierq.worker.steps.route import decide
 from tierq.worker.steps.validate import validate
@@ -72,7 +72,15 @@ async def _run(rt: Runtime, body: WorkerBody, message_id: str, retried: int) -> 
         try:
             guarded = await guard(rt, body, cancel)
             if isinstance(guarded, Err):
-                return guarded.error
+                if retried < body.max_retries:
+                    return guarded.error  # 429: QStash delivers it again later
+                # No retry left: end the job now rather than leave it queued for ever.
+                error = guarded.error.body["error"]
+                busy = Outcome(
+                    "failed", code=error["code"], message=error["message"], retryable=True
+                )
+                reply, finished = await record(rt, body, busy, retried, message_id)
+                return reply
             held = guarded.value.leases
             if guarded.value.cancelled:
                 finished = True

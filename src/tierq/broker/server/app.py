@@ -46,6 +46,24 @@ async def _healthz(request: Request) -> Response:
     return ok({"status": "ok"})
 
 
+def delivery_clients(settings: BrokerSettings) -> list[httpx.AsyncClient]:
+    """Several small HTTP clients instead of one big one: httpcore walks a client's whole pool
+    on every request, so per-delivery CPU grows with its size (measured by bench/broker.py)."""
+    shards = max(1, settings.http_shards)
+    per_shard = -(-settings.max_in_flight // shards)
+    limits = httpx.Limits(max_connections=per_shard, max_keepalive_connections=min(per_shard, 64))
+    return [
+        httpx.AsyncClient(
+            # Deliveries of different users share these clients: they must never keep cookies.
+            cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
+            limits=limits,
+            timeout=httpx.Timeout(settings.max_timeout_s, connect=10.0),
+            follow_redirects=False,
+        )
+        for _ in range(shards)
+    ]
+
+
 def create_broker_app(
     settings: BrokerSettings,
     redis_url: str,
@@ -65,17 +83,7 @@ def create_broker_app(
         store = BrokerStore(client, settings)
         keyring = KeyRing(store, accounts)
         await keyring.load()
-        limits = httpx.Limits(
-            max_connections=settings.max_in_flight,
-            max_keepalive_connections=min(settings.max_in_flight, 256),
-        )
-        http = httpx.AsyncClient(
-            # Deliveries of different users share this client: it must never keep cookies.
-            cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
-            limits=limits,
-            timeout=httpx.Timeout(settings.max_timeout_s, connect=10.0),
-            follow_redirects=False,
-        )
+        http = delivery_clients(settings)
         dispatcher = Dispatcher(
             store,
             keyring,
@@ -91,7 +99,8 @@ def create_broker_app(
             await dispatcher.stop()
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-            await http.aclose()
+            for shard in http:
+                await shard.aclose()
             await client.aclose()
 
     from starlette.routing import Route  # noqa: PLC0415 - keeps the route tables together

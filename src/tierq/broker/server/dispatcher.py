@@ -11,9 +11,10 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import itertools
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import httpx
 import structlog
@@ -159,13 +160,13 @@ class Dispatcher:
         store: BrokerStore,
         keyring: KeyRing,
         settings: BrokerSettings,
-        http: httpx.AsyncClient,
+        http: Sequence[httpx.AsyncClient],
         on_attempt: Callable[[StoredMessage, str], None] | None = None,
     ) -> None:
         self.store = store
         self.keyring = keyring
         self.settings = settings
-        self.http = http
+        self._clients = itertools.cycle(http)
         self._on_attempt = on_attempt
         self._wake = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -234,7 +235,7 @@ class Dispatcher:
         cap = self.settings.response_body_max_bytes
         try:
             async with asyncio.timeout(timeout):
-                resp = await self.http.request(
+                resp = await next(self._clients).request(
                     msg.method,
                     msg.url,
                     content=item.body or None,
