@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -128,18 +129,17 @@ def test_timeout_releases_slots(make_system: Callable[..., System]) -> None:
     assert_no_slots_held(system)
 
 
-def test_cancel_running_job_stops_fast_and_releases(system: System) -> None:
+def test_cancel_running_job_stops_within_100ms_and_releases(system: System) -> None:
     reply = submit_ok(system, input={"prompt": "x", "simulate": HANG})
     job_id = reply["jobId"]
     wait_until(lambda: system.job(job_id)["status"] == "running")
+    asked_ms = time.time() * 1000
     res = system.http.delete(f"/api/jobs/{job_id}", headers={"Authorization": f"Bearer {PAID}"})
     assert res.status_code == 200
     assert res.json()["status"] == "cancelling"
     events = system.events(job_id, reply["eventsToken"])
     assert events[-1].event == "cancelled"
-    cancel_requested_at = res.elapsed  # noqa: F841 - kept for readability of the assertion below
-    stopped = events[-1].data["ts"] - next(e for e in events if e.event == "started").data["ts"]
-    assert stopped >= 0
+    assert events[-1].data["ts"] - asked_ms < 100  # same machine, same clock
     assert_no_slots_held(system)
     assert system.job(job_id)["status"] == "cancelled"
 

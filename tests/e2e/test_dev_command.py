@@ -1,0 +1,71 @@
+"""`tierq dev` (what `make dev` runs): one command brings up Redis, the broker and the app."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from helpers import wait_until
+from tierq.embedded_redis import free_port
+
+
+@pytest.mark.timeout(120)
+def test_tierq_dev_runs_a_job_end_to_end(tmp_path: Path) -> None:
+    port, broker_port = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TIERQ_", "QSTASH_"))}
+    env["TIERQ_DATA_DIR"] = str(tmp_path / "data")
+    out = tmp_path / "dev.out"
+    with out.open("wb") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tierq", "dev", "--port", str(port),
+             "--broker-port", str(broker_port)],
+            env=env, stdout=sink, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        banner = wait_until(
+            lambda: "tq_dev_free" in out.read_text() and out.read_text(), timeout=60
+        )
+        assert f"tierq is running at http://127.0.0.1:{port}" in banner
+        assert "tq_dev_admin" in banner
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+            job = {"service": "chat", "experience": "stream", "mode": "auto", "model": "sim",
+                   "input": {"prompt": "hello dev"}}  # fmt: skip
+            res = http.post("/api/jobs", json=job, headers={"Authorization": "Bearer tq_dev_free"})
+            assert res.status_code == 202, res.text
+            reply = res.json()
+            assert reply["queueId"] == "q_free_stream"
+            url = f"{reply['eventsUrl']}?token={reply['eventsToken']}"
+            with http.stream("GET", url) as stream:
+                kinds = [json.loads(line[5:])["type"] for line in stream.iter_lines()
+                         if line.startswith("data:")]  # fmt: skip
+            assert kinds[0] == "queued"
+            assert kinds[-1] == "completed"
+            ready = http.get("/readyz")
+            assert ready.status_code == 200, ready.text
+            metrics = http.get("/metrics").text
+            assert 'tierq_jobs_completed_total{queue="q_free_stream"} 1.0' in metrics
+            assert "tierq_broker_deliveries_total" in metrics
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    redis_pid_file = tmp_path / "data" / "redis" / "redis.pid"
+    assert not redis_pid_file.exists() or not _alive(int(redis_pid_file.read_text()))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
