@@ -58,7 +58,7 @@ from tierq.contracts import (
 )
 from tierq.errors import ClientError, UpstreamError
 from tierq.ops.metrics import Metrics
-from tierq.producer.submit import check_registry, new_job_id, resolve_tier
+from tierq.producer.submit import check_registry, job_records, new_job_id, resolve_tier
 from tierq.queues import (
     EXPERIENCES,
     TIERS,
@@ -407,29 +407,8 @@ class _Driver:
                         await ready.wait()
         now_ms = int(time.time() * 1000)
         message_id = "msg_sim_" + secrets.token_hex(12)
-        body = WorkerBody(
-            jobId=job_id,
-            userId=spec.user.id,
-            plan=spec.user.plan,
-            tier=tier,
-            queueId=queue,
-            modelId=req.model,
-            service=req.service,
-            experience=req.experience,
-            input=req.input,
-            submittedAt=now_ms,
-            maxRetries=settings.qstash_retries,
-        )
-        fields = {
-            "userId": spec.user.id,
-            "tier": tier,
-            "queueId": queue.value,
-            "modelId": req.model,
-            "service": req.service,
-            "experience": req.experience,
-            "createdAt": str(now_ms),
-            "messageId": message_id,
-        }
+        body, fields = job_records(job_id, spec.user, tier, req, now_ms, settings.qstash_retries)
+        fields["messageId"] = message_id
         try:
             await rt.jobs.create(
                 job_id, fields, Queued(jobId=job_id, ts=now_ms, queueId=queue, tier=tier)

@@ -53,6 +53,36 @@ def check_registry(settings: Settings, req: JobRequest) -> None:
         )
 
 
+def job_records(
+    job_id: str, user: UserSettings, tier: Tier, req: JobRequest, now_ms: int, max_retries: int
+) -> tuple[WorkerBody, dict[str, str]]:
+    """What is published for a job (its worker body) and its first state record fields."""
+    queue = queue_for(tier, req.experience)
+    body = WorkerBody(
+        jobId=job_id,
+        userId=user.id,
+        plan=user.plan,
+        tier=tier,
+        queueId=queue,
+        modelId=req.model,
+        service=req.service,
+        experience=req.experience,
+        input=req.input,
+        submittedAt=now_ms,
+        maxRetries=max_retries,
+    )
+    fields = {
+        "userId": user.id,
+        "tier": tier,
+        "queueId": queue.value,
+        "modelId": req.model,
+        "service": req.service,
+        "experience": req.experience,
+        "createdAt": str(now_ms),
+    }
+    return body, fields
+
+
 def new_job_id() -> str:
     return "job_" + secrets.token_urlsafe(16)
 
@@ -74,28 +104,7 @@ async def submit(rt: Runtime, user: UserSettings, req: JobRequest) -> SubmitResp
             code="queue_full",
         )
     now_ms = int(time.time() * 1000)
-    body = WorkerBody(
-        jobId=job_id,
-        userId=user.id,
-        plan=user.plan,
-        tier=tier,
-        queueId=queue,
-        modelId=req.model,
-        service=req.service,
-        experience=req.experience,
-        input=req.input,
-        submittedAt=now_ms,
-        maxRetries=settings.qstash_retries,
-    )
-    fields = {
-        "userId": user.id,
-        "tier": tier,
-        "queueId": queue.value,
-        "modelId": req.model,
-        "service": req.service,
-        "experience": req.experience,
-        "createdAt": str(now_ms),
-    }
+    body, fields = job_records(job_id, user, tier, req, now_ms, settings.qstash_retries)
     try:
         await rt.jobs.create(
             job_id, fields, Queued(jobId=job_id, ts=now_ms, queueId=queue, tier=tier)
