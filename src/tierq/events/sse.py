@@ -17,27 +17,37 @@ from tierq.contracts import TERMINAL_STATUSES, is_terminal, parse_event
 from tierq.events.log import JobStore, is_final
 
 
+async def _after_the_end(store: JobStore, job_id: str, after: str) -> list[tuple[str, str]] | None:
+    """Entries after ``after`` when the job has ended or is gone: ``None`` means nothing more
+    will ever come; a list holds what landed since (the terminal event, at most a few)."""
+    state = await store.state(job_id)
+    if state is None:
+        return None  # the job's records expired (or never existed)
+    if state.get("status") not in TERMINAL_STATUSES:
+        return []
+    return await store.read(job_id, after) or None
+
+
 async def job_event_stream(
     store: JobStore, job_id: str, last_event_id: str | None, block_ms: int
 ) -> AsyncIterator[ServerSentEvent]:
     after = last_event_id or "0-0"
-    while True:
-        rows = await store.read(job_id, after)
+    if last_event_id:  # a resume may already be past the end: do not block waiting for it
+        rows: list[tuple[str, str]] | None = await store.read(job_id, after)
+        rows = rows or await _after_the_end(store, job_id, after)
+    else:
+        rows = []
+    while rows is not None:
         if not rows:
-            state = await store.state(job_id)
-            if state is None:
-                return  # the job's records expired (or never existed)
-            if state.get("status") in TERMINAL_STATUSES:
-                # It ended: read once more (the terminal event may have landed since the read
-                # above); nothing after it means the client is already past the end.
-                rows = await store.read(job_id, after)
-                if not rows:
-                    return
-            else:
-                rows = await store.tail(job_id, after, block_ms)
+            # One XREAD per wake-up; it returns at once when entries are already there.
+            rows = await store.tail(job_id, after, block_ms) or await _after_the_end(
+                store, job_id, after
+            )
+            continue
         for entry_id, raw in rows:
             after = entry_id
             event = parse_event(raw)
             yield ServerSentEvent(data=raw, event=event.type, id=entry_id)
             if is_terminal(event) and is_final(await store.state(job_id), event.seq):
                 return
+        rows = []
