@@ -30,7 +30,6 @@ import json
 import os
 import platform
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,6 +44,7 @@ from typing import Any
 import httpx
 from qstash import QStash
 
+from procs import Proc
 from tierq.broker.server.credentials import DEV_TOKEN
 from tierq.embedded_redis import EmbeddedRedis, free_port
 
@@ -60,8 +60,6 @@ QUICK_LATENCY_COUNT = 50
 LATENCY_INTERVAL_S = 0.010
 PUBLISH_BATCH = 250  # messages per /v2/batch request
 WARMUP_MESSAGES = 50
-START_DEADLINE_S = 30.0
-PROCESS_STOP_S = 10.0
 POLL_S = 0.05
 MIN_DELIVERY_DEADLINE_S = 20.0
 SLOWEST_RATE_PER_S = 50.0  # a delivery deadline allows at least this slow a rate
@@ -187,59 +185,6 @@ def machine_info() -> dict[str, Any]:
         "loadavg_at_start": list(os.getloadavg()),
         "packages": versions,
     }
-
-
-class Proc:
-    """A subprocess with its output in a log file, stopped politely then firmly."""
-
-    def __init__(self, name: str, args: list[str], env: dict[str, str], log: Path) -> None:
-        self.name, self.args, self.env, self.log = name, args, env, log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def pid(self) -> int | None:
-        return self.proc.pid if self.proc is not None else None
-
-    def start(self, cwd: Path) -> None:
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                self.args,
-                env=self.env,
-                cwd=cwd,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-
-    def tail(self, chars: int = 3000) -> str:
-        try:
-            return self.log.read_text(errors="replace")[-chars:]
-        except OSError:
-            return ""
-
-    def wait_ready(self, url: str, deadline_s: float = START_DEADLINE_S) -> None:
-        deadline = time.monotonic() + deadline_s
-        while True:
-            if self.proc is None or self.proc.poll() is not None:
-                code = None if self.proc is None else self.proc.returncode
-                raise RuntimeError(f"{self.name} exited ({code}):\n{self.tail()}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url, timeout=1).status_code == 200:
-                    return
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{self.name} not ready after {deadline_s}s:\n{self.tail()}")
-            time.sleep(0.1)
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout=PROCESS_STOP_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=PROCESS_STOP_S)
 
 
 # -- the system under test -------------------------------------------------------------------

@@ -28,7 +28,6 @@ import platform
 import resource
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,6 +41,7 @@ from typing import Any
 import httpx
 import redis
 
+from procs import Proc
 from tierq.broker.server.credentials import DEV_ACCOUNTS
 from tierq.embedded_redis import EmbeddedRedis, free_port
 from tierq.keys import AppKeys
@@ -66,7 +66,6 @@ HANG_QUEUE = "q_paid_stream"
 TERMINAL = frozenset({"completed", "cancelled"})
 START_DEADLINE_S = 60.0
 CANCEL_ATTEMPTS = 3
-PROCESS_STOP_S = 10.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -155,55 +154,6 @@ def machine_info() -> dict[str, Any]:
 # -- the system under test -------------------------------------------------------------------
 
 
-class Proc:
-    """A subprocess with its output in a log file, stopped politely then firmly."""
-
-    def __init__(self, name: str, args: list[str], env: dict[str, str], log: Path) -> None:
-        self.name, self.args, self.env, self.log = name, args, env, log
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
-    def start(self, cwd: Path) -> None:
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                self.args, env=self.env, cwd=cwd, stdout=out, stderr=subprocess.STDOUT
-            )
-
-    def tail(self, chars: int = 3000) -> str:
-        try:
-            return self.log.read_text(errors="replace")[-chars:]
-        except OSError:
-            return ""
-
-    def wait_healthy(self, url: str, deadline_s: float = START_DEADLINE_S) -> None:
-        deadline = time.monotonic() + deadline_s
-        while True:
-            assert self.proc is not None
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited ({self.proc.returncode}):\n{self.tail()}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(url, timeout=1).status_code == 200:
-                    return
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{self.name} not healthy after {deadline_s}s:\n{self.tail()}")
-            time.sleep(0.1)
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        proc.terminate()
-        try:
-            proc.wait(timeout=PROCESS_STOP_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=PROCESS_STOP_S)
-
-
 @dataclass
 class System:
     app_url: str
@@ -275,7 +225,7 @@ def running_system(workdir: Path, job_timeout_s: float, redis_query: str) -> Ite
             workdir / "broker.log",
         )  # fmt: skip
         broker.start(workdir)
-        broker.wait_healthy(f"{broker_url}/healthz")
+        broker.wait_ready(f"{broker_url}/healthz")
         app = Proc(
             "app",
             [sys.executable, "-m", "tierq", "serve", "--host", "127.0.0.1",
@@ -284,7 +234,7 @@ def running_system(workdir: Path, job_timeout_s: float, redis_query: str) -> Ite
             workdir / "app.log",
         )  # fmt: skip
         app.start(workdir)
-        app.wait_healthy(f"{app_url}/healthz")
+        app.wait_ready(f"{app_url}/healthz")
         client = redis.Redis.from_url(app_redis.url, decode_responses=True)
         yield System(app_url, broker_url, app, broker, broker_redis, app_redis, client)
     except BaseException:
