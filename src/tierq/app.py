@@ -153,6 +153,7 @@ def create_app(
             yield
         finally:
             await rt.cancels.stop()
+            await rt.providers.aclose()
             await rt.gateway.qstash.http._client.aclose()
             await clients.aclose()
 

@@ -89,6 +89,9 @@ class ModelSettings(BaseModel):
     experiences: list[Experience] = Field(default_factory=lambda: list(EXPERIENCES))
     limits: TierLimits = Field(default_factory=lambda: TierLimits(paid=8, free=2))
     timeout_s: float = 120.0
+    # openai provider only
+    max_tokens: int | None = Field(default=None, ge=1, description="None: the upstream decides")
+    extra_headers: dict[str, str] = Field(default_factory=dict)
     # simulated provider only
     token_latency_ms: float = 20.0
     tokens: int = 12

@@ -10,7 +10,7 @@ import pytest
 
 from tierq.config import ModelSettings
 from tierq.contracts import JobInput, Simulate, Usage
-from tierq.errors import NotFound, NotSupported, UpstreamError
+from tierq.errors import NotFound, UpstreamError
 from tierq.providers import (
     Chunk,
     Finish,
@@ -20,6 +20,7 @@ from tierq.providers import (
     SimulatedProvider,
     build_provider,
 )
+from tierq.providers.openai_compat import OpenAIProvider
 from tierq.queues import Experience
 
 FAST = ModelSettings(token_latency_ms=0, tokens=12)
@@ -254,9 +255,8 @@ def test_build_provider_simulated() -> None:
     assert isinstance(build_provider(ModelSettings()), SimulatedProvider)
 
 
-def test_build_provider_openai_is_not_supported() -> None:
-    with pytest.raises(NotSupported, match="issue 5"):
-        build_provider(ModelSettings(provider="openai"))
+def test_build_provider_openai_builds_the_openai_provider() -> None:
+    assert isinstance(build_provider(ModelSettings(provider="openai"), "oa"), OpenAIProvider)
 
 
 def test_registry_caches_one_provider_per_model() -> None:
@@ -269,5 +269,4 @@ def test_registry_errors() -> None:
     registry = ProviderRegistry({"oa": ModelSettings(provider="openai")})
     with pytest.raises(NotFound):
         registry.get("missing")
-    with pytest.raises(NotSupported):
-        registry.get("oa")
+    assert isinstance(registry.get("oa"), OpenAIProvider)

@@ -8,7 +8,7 @@ provider is a bug in provider code, and the worker must survive it.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -53,7 +53,7 @@ class Provider(Protocol):
     cancellable at any ``await`` (job timeout, user cancel).
     """
 
-    def run(self, request: ProviderRequest) -> AsyncIterator[Chunk | Finish]: ...
+    def run(self, request: ProviderRequest) -> AsyncGenerator[Chunk | Finish, None]: ...
 
 
 class ProviderError(UpstreamError):

@@ -2,23 +2,30 @@
 
 from __future__ import annotations
 
+from typing import Protocol, runtime_checkable
+
 from tierq.config import ModelSettings
 from tierq.errors import NotFound, NotSupported
 from tierq.providers.base import Provider
+from tierq.providers.openai_compat import OpenAIProvider
 from tierq.providers.simulated import SimulatedProvider
 
 
-def build_provider(model: ModelSettings) -> Provider:
-    """A new provider for ``model``.
+@runtime_checkable
+class _Closable(Protocol):
+    async def aclose(self) -> None: ...
 
-    Raises :class:`~tierq.errors.NotSupported` for providers not implemented yet (``openai``).
+
+def build_provider(model: ModelSettings, model_id: str = "") -> Provider:
+    """A new provider for ``model``; ``model_id`` (its registry id) names it in error messages.
+
+    Raises :class:`~tierq.errors.NotSupported` for a provider kind tierq does not know.
     """
     if model.provider == "simulated":
         return SimulatedProvider(model)
-    raise NotSupported(
-        f"provider {model.provider!r} is not supported yet "
-        "(the OpenAI-compatible provider arrives with issue 5)"
-    )
+    if model.provider == "openai":
+        return OpenAIProvider(model_id or model.upstream, model)
+    raise NotSupported(f"provider {model.provider!r} is not supported")
 
 
 class ProviderRegistry:
@@ -39,5 +46,12 @@ class ProviderRegistry:
             settings = self._models.get(model_id)
             if settings is None:
                 raise NotFound(f"unknown model {model_id!r}", code="unknown_model")
-            provider = self._providers[model_id] = build_provider(settings)
+            provider = self._providers[model_id] = build_provider(settings, model_id)
         return provider
+
+    async def aclose(self) -> None:
+        """Release what the providers built so far (HTTP clients); call once at shut-down."""
+        providers, self._providers = list(self._providers.values()), {}
+        for provider in providers:
+            if isinstance(provider, _Closable):
+                await provider.aclose()

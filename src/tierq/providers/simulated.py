@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 from tierq.config import ModelSettings
@@ -84,7 +84,7 @@ class SimulatedProvider:
             fail = sim.fail if limit is None or request.attempt < limit else None
         return _Plan(tokens=max(tokens, 0), latency_s=latency_ms / 1000, fail=fail)
 
-    async def run(self, request: ProviderRequest) -> AsyncIterator[Chunk | Finish]:
+    async def run(self, request: ProviderRequest) -> AsyncGenerator[Chunk | Finish, None]:
         """Yield a Chunk per token (stream only), then the Finish; or fail as asked."""
         plan = self._plan(request)
         await _fail_early(plan.fail)

@@ -7,12 +7,13 @@ events step to record. Any exception from provider code becomes a retryable fail
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from dataclasses import dataclass
 from typing import Literal
 
 from tierq.contracts import Delta, Usage, WorkerBody
-from tierq.providers.base import Chunk, Finish, ProviderError, ProviderRequest
+from tierq.providers.base import Finish, ProviderError, ProviderRequest
 from tierq.runtime import Runtime
 
 OutcomeKind = Literal["completed", "failed", "cancelled"]
@@ -44,16 +45,18 @@ async def _consume(rt: Runtime, body: WorkerBody, attempt: int) -> Outcome:
     )
     started = time.monotonic()
     first = True
-    async for item in rt.providers.get(body.model_id).run(request):
-        if isinstance(item, Chunk):
+    # aclosing: a cancel or an early return closes the provider's stream (and its upstream
+    # HTTP response) at once, not whenever the abandoned generator is collected.
+    async with contextlib.aclosing(rt.providers.get(body.model_id).run(request)) as items:
+        async for item in items:
+            if isinstance(item, Finish):
+                return Outcome("completed", result=item.text, usage=item.usage)
             if first:
                 rt.metrics.ttft.labels(body.queue_id.value).observe(time.monotonic() - started)
                 first = False
             delta = Delta(jobId=body.job_id, ts=_now_ms(), text=item.text)
             if await rt.jobs.append(delta) is None:
                 return Outcome("cancelled")  # the job ended behind our back
-        elif isinstance(item, Finish):
-            return Outcome("completed", result=item.text, usage=item.usage)
     return Outcome("failed", code="no_result", message="the model ended without a result",
                    retryable=True)  # fmt: skip
 

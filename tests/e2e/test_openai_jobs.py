@@ -1,0 +1,196 @@
+"""Jobs on a real OpenAI-compatible model: the whole system (broker, app, Redis) in front of
+FakeOpenAI, driven over HTTP: streamed, batch and vision jobs, upstream 429 retried by QStash,
+upstream 400 dead-lettered, and a cancel that closes the upstream stream."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from fastapi import FastAPI
+
+from helpers import wait_until
+from openai_upstream import FakeOpenAI, UpstreamRequest, fake_prompt_tokens, fake_tokens
+from system import PAID, SseEvent, System
+from tierq.config import ModelSettings, ServiceSettings
+
+KEY_ENV = "TIERQ_TEST_UPSTREAM_KEY"
+KEY = "sk-e2e-upstream-key-0123456789"
+DISCONNECT_WITHIN_S = 1.0
+IMAGES = ["https://example.com/cat.png", "data:image/png;base64,iVBORw0KGgo="]
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeOpenAI]:
+    with FakeOpenAI() as upstream:
+        yield upstream
+
+
+@pytest.fixture
+def openai_system(
+    fake: FakeOpenAI, make_system: Callable[..., System], monkeypatch: pytest.MonkeyPatch
+) -> Iterator[Callable[..., System]]:
+    """A whole system whose one model, ``gpt``, is the fake upstream."""
+    monkeypatch.setenv(KEY_ENV, KEY)
+    started: list[System] = []
+
+    def make(**overrides: Any) -> System:
+        gpt = ModelSettings(provider="openai", base_url=fake.url, upstream="fake-model",
+                            api_key_env=KEY_ENV, timeout_s=5)  # fmt: skip
+        services = {
+            "chat": ServiceSettings(experiences=["stream", "batch"], models=["gpt"]),
+            "describe": ServiceSettings(experiences=["vision"], models=["gpt"]),
+        }
+        started.append(make_system(models={"gpt": gpt}, services=services, **overrides))
+        return started[-1]
+
+    yield make
+    for system in started:
+        close_providers(system)
+
+
+def close_providers(system: System) -> None:
+    """Close the app's model clients on the app's loop, before ``make_system`` stops it.
+
+    Idempotent; needed as long as the app's lifespan does not close ``rt.providers`` itself
+    (their pooled keep-alive connections would otherwise outlive the loop).
+    """
+    app = system.app.server.config.app
+    assert isinstance(app, FastAPI)
+    runtime = app.state.runtime
+    assert system.app.loop is not None
+    closing = asyncio.run_coroutine_threadsafe(runtime.providers.aclose(), system.app.loop)
+    closing.result(timeout=5)
+
+
+def submit(system: System, prompt: str, **job: Any) -> dict[str, Any]:
+    job_input = {"prompt": prompt, **job.pop("input", {})}
+    res = system.submit(PAID, model="gpt", input=job_input, **job)
+    assert res.status_code == 202, res.text
+    reply: dict[str, Any] = res.json()
+    return reply
+
+
+def events(system: System, reply: dict[str, Any]) -> list[SseEvent]:
+    return system.events(reply["jobId"], reply["eventsToken"])
+
+
+def kinds(seen: list[SseEvent]) -> list[str]:
+    return [e.event for e in seen]
+
+
+def usage_of(prompt: str, tokens: int) -> dict[str, int]:
+    prompt_tokens = fake_prompt_tokens([{"role": "user", "content": prompt}])
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": tokens}
+
+
+def test_stream_job_deltas_are_the_upstream_chunks(
+    fake: FakeOpenAI, openai_system: Callable[..., System]
+) -> None:
+    system = openai_system()
+    prompt = "hello upstream [[tokens:4]]"
+    seen = events(system, submit(system, prompt))
+    assert kinds(seen) == ["queued", "started", "delta", "delta", "delta", "delta", "completed"]
+    assert [e.data["text"] for e in seen if e.event == "delta"] == fake_tokens(4)
+    completed = seen[-1].data
+    assert completed["result"] == "".join(fake_tokens(4))
+    assert completed["usage"] == usage_of(prompt, 4)
+    [sent] = fake.chat_requests(prompt)
+    assert sent.model == "fake-model"
+    assert sent.stream
+    assert sent.authorization == f"Bearer {KEY}"
+    assert fake.open_streams == 0
+
+
+def test_batch_and_vision_jobs_complete_with_one_result(
+    fake: FakeOpenAI, openai_system: Callable[..., System]
+) -> None:
+    system = openai_system()
+    batch = events(system, submit(system, "batch me [[tokens:2]]", experience="batch"))
+    assert kinds(batch) == ["queued", "started", "completed"]
+    assert batch[-1].data["result"] == "w0 w1"
+    assert batch[-1].data["usage"] == usage_of("batch me [[tokens:2]]", 2)
+    reply = submit(system, "what is this?", experience="vision", service="describe",
+                   input={"images": IMAGES})  # fmt: skip
+    vision = events(system, reply)
+    assert kinds(vision) == ["queued", "started", "completed"]
+    assert vision[-1].data["result"].startswith("[2 images] w0")
+    [sent] = fake.chat_requests("what is this?")
+    assert not sent.stream
+    assert sent.image_urls == IMAGES
+
+
+def test_upstream_429_once_is_retried_by_qstash_and_completes(
+    fake: FakeOpenAI, openai_system: Callable[..., System]
+) -> None:
+    system = openai_system(qstash_retries=2)
+    prompt = "busy upstream [[status:429:once]] [[tokens:3]]"
+    seen = events(system, submit(system, prompt))
+    assert kinds(seen) == [
+        "queued", "started", "failed", "started", "delta", "delta", "delta", "completed",
+    ]  # fmt: skip
+    failed = seen[2].data
+    assert (failed["code"], failed["retryable"]) == ("upstream_429", True)
+    assert "answered 429" in failed["message"]
+    assert seen[3].data["attempt"] == 1
+    assert seen[-1].data["result"] == "w0 w1 w2"
+    assert [r.status for r in fake.chat_requests(prompt)] == [429, 200]
+
+
+def test_upstream_400_fails_the_job_for_good_into_the_dlq(
+    fake: FakeOpenAI, openai_system: Callable[..., System]
+) -> None:
+    system = openai_system(qstash_retries=2)
+    reply = submit(system, "bad request [[status:400]]")
+    seen = events(system, reply)
+    assert kinds(seen) == ["queued", "started", "failed"]
+    failed = seen[-1].data
+    assert (failed["code"], failed["retryable"]) == ("upstream_4xx", False)
+    assert "answered 400" in failed["message"]
+    assert KEY not in failed["message"]
+    assert system.job(reply["jobId"])["status"] == "failed"
+    entry = wait_until(lambda: dlq_entry(system, reply["jobId"]))
+    assert "upstream_4xx" in entry["responseBody"]
+    assert len(fake.chat_requests("bad request")) == 1  # not retried
+
+
+def dlq_entry(system: System, job_id: str) -> dict[str, Any] | None:
+    headers = {"Authorization": f"Bearer {system.settings.admin_token}"}
+    res = system.http.get("/api/admin/dlq", headers=headers)
+    assert res.status_code == 200, res.text
+    found = [m for m in res.json()["messages"] if m["jobId"] == job_id]
+    return found[0] if found else None
+
+
+def test_cancel_of_a_hanging_stream_job_closes_the_upstream_stream(
+    fake: FakeOpenAI, openai_system: Callable[..., System]
+) -> None:
+    system = openai_system()
+    prompt = "never ends [[tokens:1]] [[hang]]"
+    reply = submit(system, prompt)
+    seen: list[str] = []
+    deadline = time.monotonic() + 20
+    for event in system.iter_events(reply["jobId"], reply["eventsToken"]):
+        assert time.monotonic() < deadline, "the job did not end within the deadline"
+        seen.append(event.event)
+        if event.event == "delta":  # the upstream is streaming and now hangs
+            sent = upstream_request(fake, prompt)
+            assert not sent.disconnected.is_set()
+            assert fake.open_streams == 1
+            cancel(system, reply["jobId"])
+            assert sent.disconnected.wait(DISCONNECT_WITHIN_S), "upstream stream left open"
+    assert seen == ["queued", "started", "delta", "cancelled"]
+    assert system.job(reply["jobId"])["status"] == "cancelled"
+    wait_until(lambda: fake.open_streams == 0, timeout=DISCONNECT_WITHIN_S)
+
+
+def upstream_request(fake: FakeOpenAI, prompt: str) -> UpstreamRequest:
+    return fake.wait_for_request(lambda r: r.prompt == prompt, timeout=5)
+
+
+def cancel(system: System, job_id: str) -> None:
+    res = system.http.delete(f"/api/jobs/{job_id}", headers={"Authorization": f"Bearer {PAID}"})
+    assert res.status_code == 200, res.text
