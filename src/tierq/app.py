@@ -22,6 +22,7 @@ from tierq.config import Settings
 from tierq.contracts import error_body
 from tierq.errors import Busy, ClientError, UpstreamError
 from tierq.events.log import JobStore
+from tierq.frontdoor import router as frontdoor_router
 from tierq.guards.leases import Leases
 from tierq.keys import AppKeys
 from tierq.ops.admin import router as admin_router
@@ -164,6 +165,7 @@ def create_app(
     app.add_exception_handler(UpstreamError, _upstream_error)
     app.add_exception_handler(RedisError, _upstream_error)
     app.include_router(producer_router)
+    app.include_router(frontdoor_router)
     app.include_router(admin_router)
     app.include_router(pages_router)
     app.include_router(worker_router)
