@@ -482,3 +482,8 @@ async def _end(request: UpstreamRequest, send: Any, body: bytes) -> None:
     """The last piece of a response (marking it finished first: the client may leave now)."""
     request.finished.set()
     await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+# The key the e2e systems send to the fake upstream (a fake; it must never show up anywhere).
+UPSTREAM_KEY_ENV = "TIERQ_TEST_UPSTREAM_KEY"
+UPSTREAM_KEY = "sk-e2e-upstream-key-0123456789"

@@ -5,7 +5,9 @@ from typing import Any
 
 import pytest
 
+from openai_upstream import UPSTREAM_KEY, UPSTREAM_KEY_ENV, FakeOpenAI
 from system import System, start_system
+from tierq.config import ModelSettings, ServiceSettings
 
 
 @pytest.fixture
@@ -26,3 +28,31 @@ def make_system(redis_url: str) -> Iterator[Callable[..., System]]:
 @pytest.fixture
 def system(make_system: Callable[..., System]) -> System:
     return make_system()
+
+
+@pytest.fixture
+def fake() -> Iterator[FakeOpenAI]:
+    """An OpenAI-compatible upstream served by the suite."""
+    with FakeOpenAI() as upstream:
+        yield upstream
+
+
+@pytest.fixture
+def openai_system(
+    fake: FakeOpenAI, make_system: Callable[..., System], monkeypatch: pytest.MonkeyPatch
+) -> Callable[..., System]:
+    """Whole systems whose one model, ``gpt``, is the fake upstream (the openai provider)."""
+    monkeypatch.setenv(UPSTREAM_KEY_ENV, UPSTREAM_KEY)
+
+    def make(**overrides: Any) -> System:
+        gpt = ModelSettings(
+            provider="openai", base_url=fake.url, upstream="fake-model",
+            api_key_env=UPSTREAM_KEY_ENV, timeout_s=5,
+        )  # fmt: skip
+        services = {
+            "chat": ServiceSettings(experiences=["stream", "batch"], models=["gpt"]),
+            "describe": ServiceSettings(experiences=["vision"], models=["gpt"]),
+        }
+        return make_system(models={"gpt": gpt}, services=services, **overrides)
+
+    return make

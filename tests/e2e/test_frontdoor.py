@@ -8,7 +8,6 @@ cancel on disconnect (queued, mid-stream, non-streamed), upstream 429 retried, 4
 
 from __future__ import annotations
 
-import asyncio
 import json
 import socket
 import time
@@ -18,19 +17,22 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from fastapi import FastAPI
 from openai.types.chat import ChatCompletionChunk
 from qstash import QStash
 
 from helpers import wait_until
-from openai_upstream import FakeOpenAI, UpstreamRequest, fake_prompt_tokens, fake_tokens
+from openai_upstream import (
+    UPSTREAM_KEY,
+    FakeOpenAI,
+    UpstreamRequest,
+    fake_prompt_tokens,
+    fake_tokens,
+)
 from system import DEV, FREE, PAID, System
 from tierq.config import ModelSettings, QueueSettings, ServiceSettings
 from tierq.providers.simulated import simulated_word
 from tierq.queues import QueueId
 
-KEY_ENV = "TIERQ_TEST_FRONTDOOR_UPSTREAM_KEY"
-KEY = "sk-frontdoor-upstream-key-0123456789"
 DISCONNECT_WITHIN_S = 2.0
 IMAGES = ["https://example.com/cat.png", "data:image/png;base64,iVBORw0KGgo="]
 SIM_TOKENS = 12  # ModelSettings.tokens, the simulated model's default
@@ -324,54 +326,14 @@ def test_client_leaving_while_its_job_is_queued_cancels_the_job(system: System) 
 # -- on a real OpenAI-compatible upstream -------------------------------------------------------
 
 
-@pytest.fixture
-def fake() -> Iterator[FakeOpenAI]:
-    with FakeOpenAI() as upstream:
-        yield upstream
-
-
-@pytest.fixture
-def upstream_system(
-    fake: FakeOpenAI, make_system: Callable[..., System], monkeypatch: pytest.MonkeyPatch
-) -> Iterator[Callable[..., System]]:
-    """A whole system whose one model, ``gpt``, is the fake upstream."""
-    monkeypatch.setenv(KEY_ENV, KEY)
-    started: list[System] = []
-
-    def make(**overrides: Any) -> System:
-        gpt = ModelSettings(provider="openai", base_url=fake.url, upstream="fake-model",
-                            api_key_env=KEY_ENV, timeout_s=5)  # fmt: skip
-        services = {
-            "chat": ServiceSettings(experiences=["stream", "batch"], models=["gpt"]),
-            "describe": ServiceSettings(experiences=["vision"], models=["gpt"]),
-        }
-        started.append(make_system(models={"gpt": gpt}, services=services, **overrides))
-        return started[-1]
-
-    yield make
-    for system in started:
-        close_providers(system)
-
-
-def close_providers(system: System) -> None:
-    """Close the app's model clients on the app's loop before the system stops (idempotent)."""
-    app = system.app.server.config.app
-    assert isinstance(app, FastAPI)
-    assert system.app.loop is not None
-    closing = asyncio.run_coroutine_threadsafe(
-        app.state.runtime.providers.aclose(), system.app.loop
-    )
-    closing.result(timeout=5)
-
-
 def upstream_request(fake: FakeOpenAI, prompt_contains: str) -> UpstreamRequest:
     return fake.wait_for_request(lambda r: prompt_contains in r.prompt, timeout=10)
 
 
 def test_streamed_chat_relays_the_upstream_chunks(
-    fake: FakeOpenAI, upstream_system: Callable[..., System]
+    fake: FakeOpenAI, openai_system: Callable[..., System]
 ) -> None:
-    system = upstream_system()
+    system = openai_system()
     prompt = "relay me [[tokens:4]]"
     with client_for(system) as client:
         stream = client.chat.completions.create(
@@ -389,15 +351,15 @@ def test_streamed_chat_relays_the_upstream_chunks(
     assert {c.model for c in chunks} == {"gpt"}  # the model the client asked for
     [sent] = fake.chat_requests("relay me")
     assert (sent.model, sent.stream, sent.prompt) == ("fake-model", True, prompt)
-    assert sent.authorization == f"Bearer {KEY}"
+    assert sent.authorization == f"Bearer {UPSTREAM_KEY}"
     assert queue_of(system, job_of(first.id)) == "q_paid_stream"
     assert fake.open_streams == 0
 
 
 def test_a_conversation_is_flattened_into_one_labelled_prompt(
-    fake: FakeOpenAI, upstream_system: Callable[..., System]
+    fake: FakeOpenAI, openai_system: Callable[..., System]
 ) -> None:
-    system = upstream_system()
+    system = openai_system()
     messages: list[Any] = [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "Name a colour."},
@@ -418,9 +380,9 @@ def test_a_conversation_is_flattened_into_one_labelled_prompt(
 
 
 def test_image_parts_make_a_vision_job_that_reaches_upstream_as_images(
-    fake: FakeOpenAI, upstream_system: Callable[..., System]
+    fake: FakeOpenAI, openai_system: Callable[..., System]
 ) -> None:
-    system = upstream_system()
+    system = openai_system()
     content: list[Any] = [
         {"type": "text", "text": "what is this? [[tokens:2]]"},
         *({"type": "image_url", "image_url": {"url": url}} for url in IMAGES),
@@ -444,9 +406,9 @@ def test_image_parts_make_a_vision_job_that_reaches_upstream_as_images(
 
 
 def test_closing_the_stream_mid_answer_cancels_the_job_and_the_upstream_stream(
-    fake: FakeOpenAI, upstream_system: Callable[..., System]
+    fake: FakeOpenAI, openai_system: Callable[..., System]
 ) -> None:
-    system = upstream_system()
+    system = openai_system()
     prompt = "never ends [[tokens:2]] [[hang]]"
     with client_for(system) as client:
         stream = client.chat.completions.create(model="gpt", messages=user(prompt), stream=True)
@@ -466,9 +428,9 @@ def test_closing_the_stream_mid_answer_cancels_the_job_and_the_upstream_stream(
 
 
 def test_leaving_a_non_streamed_request_cancels_the_upstream_call(
-    fake: FakeOpenAI, upstream_system: Callable[..., System]
+    fake: FakeOpenAI, openai_system: Callable[..., System]
 ) -> None:
-    system = upstream_system()
+    system = openai_system()
     sock = raw_request(system, {"model": "gpt", "messages": user("slow answer [[hang]]")})
     sent = upstream_request(fake, "slow answer")
     job_id = only_admitted(system, "q_paid_batch")
@@ -479,9 +441,9 @@ def test_leaving_a_non_streamed_request_cancels_the_upstream_call(
 
 
 def test_upstream_429_once_is_retried_and_the_client_sees_only_the_answer(
-    fake: FakeOpenAI, upstream_system: Callable[..., System]
+    fake: FakeOpenAI, openai_system: Callable[..., System]
 ) -> None:
-    system = upstream_system(qstash_retries=2)
+    system = openai_system(qstash_retries=2)
     prompt = "busy upstream [[status:429:once]] [[tokens:3]]"
     with client_for(system) as client:
         chunks = read_stream(
@@ -499,9 +461,9 @@ def test_upstream_429_once_is_retried_and_the_client_sees_only_the_answer(
 
 
 def test_upstream_400_is_a_bad_request_error(
-    fake: FakeOpenAI, upstream_system: Callable[..., System]
+    fake: FakeOpenAI, openai_system: Callable[..., System]
 ) -> None:
-    system = upstream_system(qstash_retries=2)
+    system = openai_system(qstash_retries=2)
     with client_for(system, max_retries=2) as client:
         for stream in (False, True):
             with pytest.raises(openai.BadRequestError) as bad:
@@ -511,16 +473,16 @@ def test_upstream_400_is_a_bad_request_error(
             error = error_of(bad.value)
             assert (error["type"], error["code"]) == ("invalid_request_error", "upstream_4xx")
             assert "answered 400" in error["message"]
-            assert KEY not in error["message"]
+            assert UPSTREAM_KEY not in error["message"]
             job_id = bad.value.response.headers["x-tierq-job-id"]
             assert system.job(job_id)["status"] == "failed"
             assert len(fake.chat_requests(f"bad {stream}")) == 1  # permanent: not retried
 
 
 def test_upstream_5xx_after_tierqs_retries_is_a_502_the_sdk_does_not_retry(
-    fake: FakeOpenAI, upstream_system: Callable[..., System]
+    fake: FakeOpenAI, openai_system: Callable[..., System]
 ) -> None:
-    system = upstream_system(qstash_retries=1)
+    system = openai_system(qstash_retries=1)
     messages = user("down [[status:500]]")
     with (
         client_for(system, max_retries=2) as client,
@@ -535,9 +497,9 @@ def test_upstream_5xx_after_tierqs_retries_is_a_502_the_sdk_does_not_retry(
 
 
 def test_a_job_cancelled_elsewhere_ends_the_request_with_a_conflict(
-    fake: FakeOpenAI, upstream_system: Callable[..., System]
+    fake: FakeOpenAI, openai_system: Callable[..., System]
 ) -> None:
-    system = upstream_system()
+    system = openai_system()
     with client_for(system) as client:
         stream = client.chat.completions.create(
             model="gpt", messages=user("cut short [[tokens:1]] [[hang]]"), stream=True
@@ -556,9 +518,9 @@ def test_a_job_cancelled_elsewhere_ends_the_request_with_a_conflict(
 
 
 def test_a_failure_after_output_ends_the_stream_and_cancels_the_retry(
-    fake: FakeOpenAI, upstream_system: Callable[..., System]
+    fake: FakeOpenAI, openai_system: Callable[..., System]
 ) -> None:
-    system = upstream_system(qstash_retries=2)
+    system = openai_system(qstash_retries=2)
     prompt = "breaks midway [[tokens:4]] [[error_after:2]]"
     with client_for(system) as client:
         stream = client.chat.completions.create(model="gpt", messages=user(prompt), stream=True)
@@ -574,9 +536,9 @@ def test_a_failure_after_output_ends_the_stream_and_cancels_the_retry(
 
 
 def test_front_door_requests_never_leak_the_upstream_key(
-    fake: FakeOpenAI, upstream_system: Callable[..., System]
+    fake: FakeOpenAI, openai_system: Callable[..., System]
 ) -> None:
-    system = upstream_system()
+    system = openai_system()
     with httpx.Client(base_url=system.app.url, timeout=30) as http:
         res = http.post(
             "/v1/chat/completions",
@@ -584,4 +546,4 @@ def test_front_door_requests_never_leak_the_upstream_key(
             headers={"Authorization": f"Bearer {PAID}"},
         )
     assert res.status_code == 400
-    assert KEY not in res.text
+    assert UPSTREAM_KEY not in res.text

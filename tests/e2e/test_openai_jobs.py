@@ -4,66 +4,22 @@ upstream 400 dead-lettered, and a cancel that closes the upstream stream."""
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
-import pytest
-from fastapi import FastAPI
-
 from helpers import wait_until
-from openai_upstream import FakeOpenAI, UpstreamRequest, fake_prompt_tokens, fake_tokens
+from openai_upstream import (
+    UPSTREAM_KEY,
+    FakeOpenAI,
+    UpstreamRequest,
+    fake_prompt_tokens,
+    fake_tokens,
+)
 from system import PAID, SseEvent, System
-from tierq.config import ModelSettings, ServiceSettings
 
-KEY_ENV = "TIERQ_TEST_UPSTREAM_KEY"
-KEY = "sk-e2e-upstream-key-0123456789"
 DISCONNECT_WITHIN_S = 1.0
 IMAGES = ["https://example.com/cat.png", "data:image/png;base64,iVBORw0KGgo="]
-
-
-@pytest.fixture
-def fake() -> Iterator[FakeOpenAI]:
-    with FakeOpenAI() as upstream:
-        yield upstream
-
-
-@pytest.fixture
-def openai_system(
-    fake: FakeOpenAI, make_system: Callable[..., System], monkeypatch: pytest.MonkeyPatch
-) -> Iterator[Callable[..., System]]:
-    """A whole system whose one model, ``gpt``, is the fake upstream."""
-    monkeypatch.setenv(KEY_ENV, KEY)
-    started: list[System] = []
-
-    def make(**overrides: Any) -> System:
-        gpt = ModelSettings(provider="openai", base_url=fake.url, upstream="fake-model",
-                            api_key_env=KEY_ENV, timeout_s=5)  # fmt: skip
-        services = {
-            "chat": ServiceSettings(experiences=["stream", "batch"], models=["gpt"]),
-            "describe": ServiceSettings(experiences=["vision"], models=["gpt"]),
-        }
-        started.append(make_system(models={"gpt": gpt}, services=services, **overrides))
-        return started[-1]
-
-    yield make
-    for system in started:
-        close_providers(system)
-
-
-def close_providers(system: System) -> None:
-    """Close the app's model clients on the app's loop, before ``make_system`` stops it.
-
-    Idempotent; needed as long as the app's lifespan does not close ``rt.providers`` itself
-    (their pooled keep-alive connections would otherwise outlive the loop).
-    """
-    app = system.app.server.config.app
-    assert isinstance(app, FastAPI)
-    runtime = app.state.runtime
-    assert system.app.loop is not None
-    closing = asyncio.run_coroutine_threadsafe(runtime.providers.aclose(), system.app.loop)
-    closing.result(timeout=5)
 
 
 def submit(system: System, prompt: str, **job: Any) -> dict[str, Any]:
@@ -101,7 +57,7 @@ def test_stream_job_deltas_are_the_upstream_chunks(
     [sent] = fake.chat_requests(prompt)
     assert sent.model == "fake-model"
     assert sent.stream
-    assert sent.authorization == f"Bearer {KEY}"
+    assert sent.authorization == f"Bearer {UPSTREAM_KEY}"
     assert fake.open_streams == 0
 
 
@@ -150,7 +106,7 @@ def test_upstream_400_fails_the_job_for_good_into_the_dlq(
     failed = seen[-1].data
     assert (failed["code"], failed["retryable"]) == ("upstream_4xx", False)
     assert "answered 400" in failed["message"]
-    assert KEY not in failed["message"]
+    assert UPSTREAM_KEY not in failed["message"]
     assert system.job(reply["jobId"])["status"] == "failed"
     entry = wait_until(lambda: dlq_entry(system, reply["jobId"]))
     assert "upstream_4xx" in entry["responseBody"]
