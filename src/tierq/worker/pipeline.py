@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 
 import structlog
 
@@ -72,52 +73,82 @@ async def _run(rt: Runtime, body: WorkerBody, message_id: str, retried: int) -> 
         try:
             guarded = await guard(rt, body, cancel)
             if isinstance(guarded, Err):
-                if retried < body.max_retries:
-                    return guarded.error  # 429: QStash delivers it again later
-                # No retry left: end the job now rather than leave it queued for ever.
-                error = guarded.error.body["error"]
-                busy = Outcome(
-                    "failed", code=error["code"], message=error["message"], retryable=True
-                )
-                reply, finished = await record(rt, body, busy, retried, message_id)
+                reply, finished = await _refused(rt, body, guarded.error, retried, message_id)
                 return reply
             held = guarded.value.leases
             if guarded.value.cancelled:
                 finished = True
                 return await record_cancelled(rt, body)
-            now = int(time.time() * 1000)
-            run_number = int((state or {}).get("attempts", "0"))
-            started = await rt.jobs.append(
-                Started(jobId=body.job_id, ts=now, attempt=run_number),
-                status="running",
-                fields={"startedAt": str(now), "attempts": str(run_number + 1)},
-                revive=decision.value.revive,
-            )
-            if started is None:  # cancelled (or expired) while we took the guards
+            run = await _start(rt, body, state, decision.value.revive, held)
+            if run is None:  # cancelled (or expired) while we took the guards
                 finished = True
                 return done("skipped")
-            queue = body.queue_id.value
-            log_job_event("started", rt.settings.log_sample_rates, attempt=run_number)
-            rt.metrics.queue_wait.labels(queue).observe(max(0, now - body.submitted_at_ms) / 1000)
-            running = rt.keys.running(queue)
-            await rt.leases.acquire(running, body.job_id, _UNBOUNDED, rt.settings.lease_ttl_s)
-            held.append((running, body.job_id))
-            siblings = [
-                asyncio.create_task(
-                    heartbeat(rt.leases, held, rt.settings.lease_ttl_s, rt.settings.heartbeat_s)
-                ),
-                asyncio.create_task(
-                    poll_cancel_flag(rt.jobs, body.job_id, cancel, rt.settings.heartbeat_s)
-                ),
-            ]
-            try:
-                outcome = await execute(rt, body, run_number, cancel)
-            finally:
-                for task in siblings:
-                    task.cancel()
-                await asyncio.gather(*siblings, return_exceptions=True)
-            rt.metrics.run_time.labels(queue).observe(time.time() - now / 1000)
+            outcome = await _execute(rt, body, run, held, cancel)
             reply, finished = await record(rt, body, outcome, retried, message_id)
             return reply
         finally:
             await cleanup(rt, body, held, finished)
+
+
+async def _refused(
+    rt: Runtime, body: WorkerBody, refusal: Reply, retried: int, message_id: str
+) -> tuple[Reply, bool]:
+    """A full guard's 429 — or, on the last attempt, the end of the job (never queued for ever)."""
+    if retried < body.max_retries:
+        return refusal, False  # QStash delivers it again later
+    error = refusal.body["error"]
+    busy = Outcome("failed", code=error["code"], message=error["message"], retryable=True)
+    return await record(rt, body, busy, retried, message_id)
+
+
+@dataclass(frozen=True)
+class _Run:
+    number: int  # how many runs this job had before (0 for the first)
+    started_ms: int
+
+
+async def _start(
+    rt: Runtime,
+    body: WorkerBody,
+    state: dict[str, str] | None,
+    revive: bool,
+    held: list[tuple[str, str]],
+) -> _Run | None:
+    """Log ``started`` and count the job as running (adds that lease to ``held``); ``None`` when
+    the job ended while the guards were taken."""
+    now = int(time.time() * 1000)
+    number = int((state or {}).get("attempts", "0"))
+    started = await rt.jobs.append(
+        Started(jobId=body.job_id, ts=now, attempt=number),
+        status="running",
+        fields={"startedAt": str(now), "attempts": str(number + 1)},
+        revive=revive,
+    )
+    if started is None:
+        return None
+    queue = body.queue_id.value
+    log_job_event("started", rt.settings.log_sample_rates, attempt=number)
+    rt.metrics.queue_wait.labels(queue).observe(max(0, now - body.submitted_at_ms) / 1000)
+    running = rt.keys.running(queue)
+    await rt.leases.acquire(running, body.job_id, _UNBOUNDED, rt.settings.lease_ttl_s)
+    held.append((running, body.job_id))
+    return _Run(number, now)
+
+
+async def _execute(
+    rt: Runtime, body: WorkerBody, run: _Run, held: list[tuple[str, str]], cancel: asyncio.Event
+) -> Outcome:
+    """The model run, with its siblings: the lease heartbeat and the cancel-flag poll."""
+    every = rt.settings.heartbeat_s
+    siblings = [
+        asyncio.create_task(heartbeat(rt.leases, held, rt.settings.lease_ttl_s, every)),
+        asyncio.create_task(poll_cancel_flag(rt.jobs, body.job_id, cancel, every)),
+    ]
+    try:
+        outcome = await execute(rt, body, run.number, cancel)
+    finally:
+        for task in siblings:
+            task.cancel()
+        await asyncio.gather(*siblings, return_exceptions=True)
+    rt.metrics.run_time.labels(body.queue_id.value).observe(time.time() - run.started_ms / 1000)
+    return outcome
