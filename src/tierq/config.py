@@ -45,6 +45,8 @@ class BrokerSettings(BaseModel):
     dedup_window_s: float = 600.0
     max_in_flight: int = 1000
     http_shards: int = 8
+    redis_max_connections: int = 128
+    redis_pool_timeout_s: float = 30.0
     claim_batch: int = 200
     poll_interval_s: float = 0.5
     lease_grace_s: float = 60.0

@@ -78,7 +78,11 @@ def create_broker_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         # Bounded pool; callers wait for a free connection instead of failing under load.
-        pool = aioredis.BlockingConnectionPool.from_url(redis_url, max_connections=128, timeout=30)
+        pool = aioredis.BlockingConnectionPool.from_url(
+            redis_url,
+            max_connections=settings.redis_max_connections,
+            timeout=settings.redis_pool_timeout_s,
+        )
         client = aioredis.Redis.from_pool(pool)  # owns (and closes) the pool
         store = BrokerStore(client, settings)
         keyring = KeyRing(store, accounts)
