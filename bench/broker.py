@@ -28,7 +28,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import signal
 import sys
 import tempfile
@@ -36,7 +35,6 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -44,7 +42,7 @@ from typing import Any
 import httpx
 from qstash import QStash
 
-from procs import Proc
+from common import Proc, clean_env, cpu_seconds, machine_info, pct, write_results
 from tierq.broker.server.credentials import DEV_TOKEN
 from tierq.embedded_redis import EmbeddedRedis, free_port
 
@@ -63,7 +61,6 @@ WARMUP_MESSAGES = 50
 POLL_S = 0.05
 MIN_DELIVERY_DEADLINE_S = 20.0
 SLOWEST_RATE_PER_S = 50.0  # a delivery deadline allows at least this slow a rate
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 Send = Callable[[dict[str, Any]], Awaitable[None]]
 Receive = Callable[[], Awaitable[dict[str, Any]]]
 
@@ -144,49 +141,6 @@ def run_sink(port: int) -> int:
 # -- small helpers ---------------------------------------------------------------------------
 
 
-def pct(values: list[float], p: float) -> float | None:
-    """Nearest-rank percentile; ``None`` for no values."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = max(1, round(p / 100 * len(ordered) + 0.4999))
-    return round(ordered[min(rank, len(ordered)) - 1], 2)
-
-
-def cpu_seconds(pid: int | None) -> float | None:
-    """utime + stime of ``pid`` in seconds (Linux /proc), ``None`` if unreadable."""
-    if pid is None:
-        return None
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = raw[raw.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def machine_info() -> dict[str, Any]:
-    cpu_model = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    versions = {}
-    for dist in ("tierq", "qstash", "httpx", "uvicorn", "starlette", "redis"):
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            versions[dist] = metadata.version(dist)
-    return {
-        "platform": platform.platform(),
-        "python": sys.version.split()[0],
-        "cpu_count": os.cpu_count(),
-        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "cpu_model": cpu_model,
-        "loadavg_at_start": list(os.getloadavg()),
-        "packages": versions,
-    }
-
-
 # -- the system under test -------------------------------------------------------------------
 
 
@@ -240,10 +194,6 @@ class System:
             if self.broker.proc is None or self.broker.proc.poll() is not None:
                 raise RuntimeError(f"broker exited:\n{self.broker.tail()}")
             time.sleep(POLL_S)
-
-
-def clean_env() -> dict[str, str]:
-    return {k: v for k, v in os.environ.items() if not k.startswith(("TIERQ_", "QSTASH_"))}
 
 
 @contextlib.contextmanager
@@ -445,7 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     sizes = QUICK_MESSAGES if args.quick else FULL_MESSAGES
     latency_count = QUICK_LATENCY_COUNT if args.quick else FULL_LATENCY_COUNT
     started = time.time()
-    machine = machine_info()
+    machine = machine_info(("tierq", "qstash", "httpx", "uvicorn", "starlette", "redis"))
     with (
         tempfile.TemporaryDirectory(prefix="tierq-bench-broker-") as tmp,
         running_system(Path(tmp)) as system,
@@ -474,10 +424,8 @@ def main(argv: list[str] | None = None) -> int:
         "throughput": rows,
         "latency": lat,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(doc, indent=2) + "\n")
     print_summary(doc)
-    print(f"wrote {args.out}")
+    write_results(args.out, doc)
     return 0
 
 

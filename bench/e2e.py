@@ -24,41 +24,36 @@ import asyncio
 import contextlib
 import json
 import os
-import platform
 import resource
 import shutil
-import statistics
 import sys
 import tempfile
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import httpx
 import redis
 
-from procs import Proc
+from common import (
+    Proc,
+    clean_env,
+    cpu_seconds,
+    machine_info,
+    serve_env,
+    summary,
+    write_results,
+)
 from tierq.broker.server.credentials import DEV_ACCOUNTS
 from tierq.embedded_redis import EmbeddedRedis, free_port
 from tierq.keys import AppKeys
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "bench" / "results" / "e2e.json"
-QUEUE_IDS = (
-    "q_paid_stream",
-    "q_free_stream",
-    "q_paid_batch",
-    "q_free_batch",
-    "q_paid_vision",
-    "q_free_vision",
-)
 PAID_KEY = "tq_bench_paid"
-ADMIN_TOKEN = "tq-bench-admin"
-EVENTS_SECRET = "tq-bench-events-secret"
 APP_KEY_PREFIX = "tqbench"
 BROKER_KEY_PREFIX = "bench"
 QUEUE_PARALLELISM = 64
@@ -66,7 +61,6 @@ HANG_QUEUE = "q_paid_stream"
 TERMINAL = frozenset({"completed", "cancelled"})
 START_DEADLINE_S = 60.0
 CANCEL_ATTEMPTS = 3
-CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 # -- small helpers ---------------------------------------------------------------------------
@@ -74,26 +68,6 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 def now_ms() -> float:
     return time.time() * 1000
-
-
-def pct(values: list[float], p: float) -> float | None:
-    """Nearest-rank percentile; ``None`` for no values."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = max(1, round(p / 100 * len(ordered) + 0.4999))
-    return round(ordered[min(rank, len(ordered)) - 1], 2)
-
-
-def summary(values: list[float]) -> dict[str, Any]:
-    return {
-        "n": len(values),
-        "p50": pct(values, 50),
-        "p90": pct(values, 90),
-        "p99": pct(values, 99),
-        "mean": round(statistics.fmean(values), 2) if values else None,
-        "max": round(max(values), 2) if values else None,
-    }
 
 
 def rss_mib(pid: int) -> float | None:
@@ -112,43 +86,6 @@ def open_fds(pid: int) -> int | None:
         return len(os.listdir(f"/proc/{pid}/fd"))
     except OSError:
         return None
-
-
-def cpu_seconds(pid: int) -> float | None:
-    """utime + stime of ``pid`` in seconds."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = raw[raw.rindex(")") + 2 :].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK
-
-
-def machine_info() -> dict[str, Any]:
-    cpu_model = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    mem_total_mib = None
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        first = Path("/proc/meminfo").read_text().splitlines()[0]
-        mem_total_mib = round(int(first.split()[1]) / 1024)
-    versions = {}
-    for dist in ("tierq", "httpx", "uvicorn", "fastapi", "starlette", "redis", "sse-starlette"):
-        with contextlib.suppress(metadata.PackageNotFoundError):
-            versions[dist] = metadata.version(dist)
-    return {
-        "platform": platform.platform(),
-        "python": sys.version.split()[0],
-        "cpu_count": os.cpu_count(),
-        "cpu_affinity": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-        "cpu_model": cpu_model,
-        "mem_total_mib": mem_total_mib,
-        "loadavg_at_start": list(os.getloadavg()),
-        "packages": versions,
-    }
 
 
 # -- the system under test -------------------------------------------------------------------
@@ -173,35 +110,21 @@ class System:
 
 
 def app_env(redis_url: str, app_port: int, broker_url: str, job_timeout_s: float) -> dict[str, str]:
-    dev = DEV_ACCOUNTS[0]
     limits = {"paid": 10_000, "free": 10_000}
-    model = {
-        "token_latency_ms": 0,
-        "tokens": 8,
-        "timeout_s": job_timeout_s,
-        "limits": limits,
-    }
-    queues = {q: {"parallelism": QUEUE_PARALLELISM, "admission_depth": 100_000} for q in QUEUE_IDS}
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TIERQ_", "QSTASH_"))}
-    env.update(
-        {
-            "TIERQ_REDIS_URL": redis_url,
-            "TIERQ_KEY_PREFIX": APP_KEY_PREFIX,
-            "TIERQ_PUBLIC_URL": f"http://127.0.0.1:{app_port}",
-            "TIERQ_API_KEYS": json.dumps({PAID_KEY: {"id": "bench-paid", "plan": "paid"}}),
-            "TIERQ_ADMIN_TOKEN": ADMIN_TOKEN,
-            "TIERQ_EVENTS_SECRET": EVENTS_SECRET,
+    model = {"token_latency_ms": 0, "tokens": 8, "timeout_s": job_timeout_s, "limits": limits}
+    return serve_env(
+        redis_url=redis_url,
+        key_prefix=APP_KEY_PREFIX,
+        app_port=app_port,
+        broker_url=broker_url,
+        api_keys={PAID_KEY: {"id": "bench-paid", "plan": "paid"}},
+        queue_parallelism=QUEUE_PARALLELISM,
+        extra={
             "TIERQ_USER_LIMITS": json.dumps(limits),
             "TIERQ_MODELS": json.dumps({"sim": model}),
-            "TIERQ_QUEUES": json.dumps(queues),
             "TIERQ_JOB_TIMEOUT_S": str(job_timeout_s),
-            "QSTASH_URL": broker_url,
-            "QSTASH_TOKEN": dev.token,
-            "QSTASH_CURRENT_SIGNING_KEY": dev.current_key,
-            "QSTASH_NEXT_SIGNING_KEY": dev.next_key,
-        }
+        },
     )
-    return env
 
 
 @contextlib.contextmanager
@@ -211,7 +134,7 @@ def running_system(workdir: Path, job_timeout_s: float, redis_query: str) -> Ite
     broker_port, app_port = free_port(), free_port()
     broker_url = f"http://127.0.0.1:{broker_port}"
     app_url = f"http://127.0.0.1:{app_port}"
-    base_env = {k: v for k, v in os.environ.items() if not k.startswith(("TIERQ_", "QSTASH_"))}
+    base_env = clean_env()
     broker = app = None
     client: redis.Redis | None = None
     try:
@@ -824,7 +747,9 @@ def main(argv: list[str] | None = None) -> int:
         want = min(hard, max(soft, 8192)) if hard != resource.RLIM_INFINITY else max(soft, 8192)
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
     started = time.time()
-    machine = machine_info()
+    machine = machine_info(
+        ("tierq", "httpx", "uvicorn", "fastapi", "starlette", "redis", "sse-starlette")
+    )
     with tempfile.TemporaryDirectory(prefix="tierq-bench-") as tmp:
         job_timeout_s = 120.0
         query = f"?{args.app_redis_query}" if args.app_redis_query else ""
@@ -872,10 +797,8 @@ def main(argv: list[str] | None = None) -> int:
         },
         "results": results,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(doc, indent=2) + "\n")
     print_summary(doc)
-    print(f"wrote {args.out}")
+    write_results(args.out, doc)
     return 0
 
 

@@ -40,9 +40,7 @@ from typing import Any
 import openai
 import uvicorn
 
-from e2e import machine_info, summary
-from procs import Proc
-from tierq.broker.server.credentials import DEV_ACCOUNTS
+from common import Proc, clean_env, machine_info, serve_env, summary, write_results
 from tierq.embedded_redis import EmbeddedRedis, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -52,8 +50,6 @@ UPSTREAM_KEY_ENV = "BENCH_UPSTREAM_KEY"
 UPSTREAM_KEY = "sk-bench-upstream"
 UPSTREAM_MODEL = "bench-model"
 MODEL = "gpt"
-QUEUE_IDS = ("q_paid_stream", "q_free_stream", "q_paid_batch", "q_free_batch",
-             "q_paid_vision", "q_free_vision")  # fmt: skip
 
 
 # -- the upstream: a minimal OpenAI-compatible server (its own process) -------------------------
@@ -152,33 +148,24 @@ class Running:
 
 
 def app_env(redis_url: str, app_port: int, broker_url: str, upstream_url: str) -> dict[str, str]:
-    dev = DEV_ACCOUNTS[0]
     limits = {"paid": 10_000, "free": 10_000}
     model = {"provider": "openai", "base_url": f"{upstream_url}/v1", "upstream": UPSTREAM_MODEL,
              "api_key_env": UPSTREAM_KEY_ENV, "timeout_s": 30, "limits": limits}  # fmt: skip
     services = {"chat": {"experiences": ["stream", "batch"], "models": [MODEL]}}
-    queues = {q: {"parallelism": 64, "admission_depth": 100_000} for q in QUEUE_IDS}
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TIERQ_", "QSTASH_"))}
-    env.update(
-        {
-            "TIERQ_REDIS_URL": redis_url,
-            "TIERQ_KEY_PREFIX": "tqov",
-            "TIERQ_PUBLIC_URL": f"http://127.0.0.1:{app_port}",
-            "TIERQ_API_KEYS": json.dumps({KEY: {"id": "bench", "plan": "paid"}}),
-            "TIERQ_ADMIN_TOKEN": "tq-bench-admin",
-            "TIERQ_EVENTS_SECRET": "tq-bench-events-secret",
+    return serve_env(
+        redis_url=redis_url,
+        key_prefix="tqov",
+        app_port=app_port,
+        broker_url=broker_url,
+        api_keys={KEY: {"id": "bench", "plan": "paid"}},
+        queue_parallelism=64,
+        extra={
             "TIERQ_USER_LIMITS": json.dumps(limits),
             "TIERQ_MODELS": json.dumps({MODEL: model}),
             "TIERQ_SERVICES": json.dumps(services),
-            "TIERQ_QUEUES": json.dumps(queues),
             UPSTREAM_KEY_ENV: UPSTREAM_KEY,
-            "QSTASH_URL": broker_url,
-            "QSTASH_TOKEN": dev.token,
-            "QSTASH_CURRENT_SIGNING_KEY": dev.current_key,
-            "QSTASH_NEXT_SIGNING_KEY": dev.next_key,
-        }
+        },
     )
-    return env
 
 
 @contextlib.contextmanager
@@ -186,7 +173,7 @@ def running(workdir: Path, tokens: int, token_ms: float) -> Iterator[Running]:
     redis_server = EmbeddedRedis(workdir / "redis")
     ports = {name: free_port() for name in ("upstream", "broker", "app")}
     urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
-    base_env = {k: v for k, v in os.environ.items() if not k.startswith(("TIERQ_", "QSTASH_"))}
+    base_env = clean_env()
     procs: list[Proc] = []
     try:
         redis_server.start()
@@ -361,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
         serve_upstream(args.port, args.tokens, args.token_ms)
         return 0
     started = time.time()
-    machine = machine_info()
+    machine = machine_info(("tierq", "openai", "httpx", "uvicorn", "fastapi", "starlette", "redis"))
     with (
         tempfile.TemporaryDirectory(prefix="tierq-overhead-") as tmp,
         running(Path(tmp), args.tokens, args.token_ms) as system,
@@ -396,10 +383,8 @@ def main(argv: list[str] | None = None) -> int:
         },
         "results": report(series),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(doc, indent=2) + "\n")
     print_summary(doc)
-    print(f"wrote {args.out}")
+    write_results(args.out, doc)
     return 0
 
 
