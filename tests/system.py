@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -94,6 +95,17 @@ class System:
                 name, _, value = line.partition(":")
                 if name:  # comment lines (pings) have no name
                     current[name] = value[1:] if value.startswith(" ") else value
+
+    def log_events(self, job_id: str) -> list[dict[str, Any]]:
+        """The job's event log as Redis holds it."""
+        rows = self.redis.xrange(self.keys.job_events(job_id))
+        return [json.loads(fields[b"e"]) for _, fields in rows]
+
+    def metric(self, name: str, labels: str = "") -> float:
+        """One sample of the app's /metrics (0 when absent)."""
+        text = self.http.get("/metrics").text
+        match = re.search(rf"^{re.escape(name)}{re.escape(labels)} (\S+)$", text, re.MULTILINE)
+        return float(match.group(1)) if match else 0.0
 
     def slot_count(self, key: str) -> int:
         return int(self.redis.zcard(key))

@@ -21,6 +21,8 @@ from tierq.broker.client import QStashGateway
 from tierq.config import Settings
 from tierq.contracts import error_body
 from tierq.errors import Busy, ClientError, UpstreamError
+from tierq.events.deltas import DeltaWriter
+from tierq.events.hub import BLOCK_MS, TailHub
 from tierq.events.log import JobStore
 from tierq.frontdoor import router as frontdoor_router
 from tierq.guards.leases import Leases
@@ -73,9 +75,9 @@ async def _upstream_error(request: Request, exc: Exception) -> Response:
 @dataclass
 class RedisClients:
     """Three pools, because blocking reads must not starve commands (nor time out):
-    ``commands`` (bounded; callers wait for a free connection), ``tails`` (one connection per
-    open SSE stream blocked in ``XREAD``), ``pubsub`` (the cancel subscription, no read timeout).
-    """
+    ``commands`` (bounded; callers wait for a free connection), ``tails`` (the tail hub's one
+    blocking ``XREAD`` for every SSE stream), ``pubsub`` (the cancel subscription, no read
+    timeout)."""
 
     commands: aioredis.Redis
     tails: aioredis.Redis
@@ -98,8 +100,8 @@ def redis_clients(settings: Settings) -> RedisClients:
         commands=aioredis.Redis.from_pool(pool),  # the client owns (and closes) the pool
         tails=aioredis.Redis.from_url(
             url,
-            max_connections=settings.sse_max_streams,
-            socket_timeout=settings.sse_ping_s + settings.redis_socket_timeout_s,
+            max_connections=2,
+            socket_timeout=BLOCK_MS / 1000 + settings.redis_socket_timeout_s,
         ),
         pubsub=aioredis.Redis.from_url(url, socket_timeout=None, health_check_interval=30),
     )
@@ -113,6 +115,7 @@ def build_runtime(
     pubsub_client: aioredis.Redis | None = None,
 ) -> Runtime:
     keys = AppKeys(settings.key_prefix)
+    jobs = JobStore(client, keys, settings.event_retention_s)
     qstash = AsyncQStash(settings.qstash_token or "", base_url=settings.qstash_url)
     receiver = Receiver(
         current_signing_key=settings.qstash_current_signing_key or "",
@@ -122,13 +125,17 @@ def build_runtime(
         settings=settings,
         redis=client,
         keys=keys,
-        jobs=JobStore(client, keys, settings.event_retention_s, tail_client),
+        jobs=jobs,
         leases=Leases(client),
         gateway=QStashGateway(qstash, settings),
         receiver=receiver,
         providers=ProviderRegistry(settings.models),
         cancels=CancelHub(pubsub_client or client, keys.cancel_channel),
         metrics=metrics or Metrics(),
+        deltas=DeltaWriter(jobs, settings.delta_flush_ms, settings.delta_flush_max_chars),
+        hub=TailHub(
+            tail_client or client, client, keys.tail_wake, settings.sse_client_buffer_bytes
+        ),
     )
 
 
@@ -144,6 +151,7 @@ def create_app(
             settings, clients.commands, shared_metrics, clients.tails, clients.pubsub
         )
         app.state.runtime = rt
+        shared_metrics.sse_tail_streams.set_function(lambda: rt.hub.followed)
         await rt.cancels.start()
         if sync_queues:
             try:
@@ -153,6 +161,7 @@ def create_app(
         try:
             yield
         finally:
+            await rt.aclose_streams()
             await rt.cancels.stop()
             await rt.providers.aclose()
             await rt.gateway.qstash.http._client.aclose()

@@ -133,11 +133,10 @@ class Settings(BaseSettings):
     redis_url: str | None = None
     key_prefix: str = "tq"
     # Commands share a bounded pool (callers wait up to redis_pool_timeout_s for a connection);
-    # each open SSE stream blocks one connection of a second pool while it tails.
+    # SSE streams hold none: one tail hub per process reads for all of them.
     redis_max_connections: int = 256
     redis_pool_timeout_s: float = 10.0
     redis_socket_timeout_s: float = 10.0
-    sse_max_streams: int = 10_000
     data_dir: Path = Path(".tierq")
     public_url: str = Field(
         default="http://127.0.0.1:8000",
@@ -189,6 +188,14 @@ class Settings(BaseSettings):
     qstash_retry_delay: str | None = None
     event_retention_s: float = 3600.0
     sse_ping_s: float = 15.0
+    # an SSE client whose unsent backlog grows past this is dropped (it resumes with
+    # Last-Event-ID); a write that cannot complete within sse_send_timeout_s ends the stream
+    sse_client_buffer_bytes: int = Field(default=256 * 1024, ge=1024)
+    sse_send_timeout_s: float = Field(default=30.0, gt=0)
+    # streamed text: a job's chunks are coalesced into one delta event per flush tick
+    # (its first chunk is written at once); a buffer this large is flushed early
+    delta_flush_ms: float = Field(default=25.0, ge=0, le=1000)
+    delta_flush_max_chars: int = Field(default=4096, ge=1)
     legacy_routes: Literal["forward", "hint", "off"] = "forward"
     max_prompt_chars: int = 100_000
     max_images: int = 8

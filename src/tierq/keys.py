@@ -105,6 +105,7 @@ class AppKeys:
     - ``running(queue)``: zset job id → lease expiry ms of jobs running now (no limit; for
       operators: "in flight" per queue)
     - ``cancel_channel``: pub/sub channel; a message is a job id whose run must stop now
+    - ``tail_wake``: stream per app process, written to wake its blocked tail-hub ``XREAD``
     Guard keys get a TTL on every write, so an idle guard disappears instead of lingering.
     """
 
@@ -135,3 +136,9 @@ class AppKeys:
     @property
     def cancel_channel(self) -> str:
         return f"{self.prefix}:cancel"
+
+    @property
+    def tail_wake(self) -> str:
+        """Prefix of each process's tail-hub wake-up stream (a random suffix per process;
+        capped at a few entries, expires an hour after its last use)."""
+        return f"{self.prefix}:tailwake"

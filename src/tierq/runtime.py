@@ -9,6 +9,8 @@ from qstash import Receiver
 
 from tierq.broker.client import QStashGateway
 from tierq.config import Settings
+from tierq.events.deltas import DeltaWriter
+from tierq.events.hub import TailHub
 from tierq.events.log import JobStore
 from tierq.guards.leases import Leases
 from tierq.keys import AppKeys
@@ -29,3 +31,10 @@ class Runtime:
     providers: ProviderRegistry
     cancels: CancelHub
     metrics: Metrics
+    deltas: DeltaWriter
+    hub: TailHub
+
+    async def aclose_streams(self) -> None:
+        """Write pending deltas and stop following logs (at shutdown)."""
+        await self.deltas.stop()
+        await self.hub.stop()

@@ -119,6 +119,7 @@ async def rt(redis_url: str) -> AsyncIterator[Runtime]:
     client = aioredis.Redis.from_url(redis_url)
     runtime = build_runtime(sim_settings(Settings(), redis_url), client)
     yield runtime
+    await runtime.aclose_streams()
     await runtime.gateway.qstash.http._client.aclose()
     await client.aclose()
 

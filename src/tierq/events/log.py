@@ -7,13 +7,14 @@ and ordered even with several writers; the log entry id is what SSE sends as ``i
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from tierq.contracts import TERMINAL_STATUSES, WorkerEvent, is_terminal
 from tierq.errors import UpstreamError
@@ -48,16 +49,14 @@ class JobStore:
         client: aioredis.Redis,
         keys: AppKeys,
         retention_s: float,
-        tail_client: aioredis.Redis | None = None,
     ) -> None:
         self.r = client
-        self.tail_r = tail_client or client
         self.keys = keys
         self.retention_ms = int(retention_s * 1000)
         lua = resources.files("tierq.events") / "lua"
         self._scripts: dict[str, AsyncScript] = {
             name: client.register_script((lua / f"{name}.lua").read_text())
-            for name in ("create", "append", "cancel")
+            for name in ("create", "append", "cancel", "append_delta")
         }
 
     def _job_keys(self, job_id: str) -> list[str]:
@@ -100,6 +99,30 @@ class JobStore:
             raise UpstreamError(f"redis: {exc}") from exc
         return Appended(_s(entry), int(seq)) if _s(entry) else None
 
+    async def append_deltas(self, items: Sequence[tuple[str, bytes]]) -> list[int | Exception]:
+        """Append one ``delta`` event per job (``(job id, delta_prefix(...))``) in one round trip:
+        the script calls are pipelined. Each result is the seq the event got, ``0`` when the job
+        was gone or terminal, or the error of that one call."""
+        script = self._scripts["append_delta"]
+        try:
+            results = await self._evalsha_each(script.sha, items)
+            again = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+            if again:  # the script cache was flushed (a Redis restart): load it, redo those
+                await self.r.script_load(script.script)
+                redone = await self._evalsha_each(script.sha, [items[i] for i in again])
+                for i, result in zip(again, redone, strict=True):
+                    results[i] = result
+        except RedisError as exc:
+            raise UpstreamError(f"redis: {exc}") from exc
+        return [r if isinstance(r, Exception) else int(r) for r in results]
+
+    async def _evalsha_each(self, sha: str, items: Sequence[tuple[str, bytes]]) -> list[Any]:
+        pipe = self.r.pipeline(transaction=False)
+        for job_id, prefix in items:
+            pipe.evalsha(sha, 2, *self._job_keys(job_id), prefix)
+        results: list[Any] = await pipe.execute(raise_on_error=False)
+        return results
+
     async def request_cancel(self, event: WorkerEvent, channel: str, now_ms: int) -> str:
         """``cancelled`` (it was queued), ``requested`` (its worker will stop it), ``missing``,
         or the terminal status it already had."""
@@ -122,23 +145,16 @@ class JobStore:
     async def delete(self, job_id: str) -> None:
         await self.r.delete(*self._job_keys(job_id))
 
-    async def read(self, job_id: str, after: str | None, count: int = 500) -> list[tuple[str, str]]:
-        """Log entries after ``after`` (exclusive; ``None`` = from the start)."""
-        start = f"({after}" if after else "-"
-        rows: Any = await self.r.xrange(self.keys.job_events(job_id), min=start, count=count)
-        return [(_s(i), _s(f[b"e"] if b"e" in f else f["e"])) for i, f in rows]
-
-    async def tail(self, job_id: str, after: str, block_ms: int) -> list[tuple[str, str]]:
-        """Wait up to ``block_ms`` for entries after ``after``, on the tail pool (a blocked
-        ``XREAD`` holds its connection)."""
-        rows: Any = await self.tail_r.xread(
-            {self.keys.job_events(job_id): after}, block=block_ms, count=500
+    async def read(
+        self, job_id: str, after: str | None, count: int = 500, *, until: str | None = None
+    ) -> list[tuple[str, str]]:
+        """Log entries after ``after`` (exclusive; ``None`` = from the start), up to ``until``
+        (inclusive; ``None`` = the end)."""
+        start = f"({after}" if after and after != "0-0" else "-"
+        rows: Any = await self.r.xrange(
+            self.keys.job_events(job_id), min=start, max=until or "+", count=count
         )
-        out = []
-        for _stream, entries in rows or []:
-            for i, f in entries:
-                out.append((_s(i), _s(f[b"e"] if b"e" in f else f["e"])))
-        return out
+        return [(_s(i), _s(f[b"e"] if b"e" in f else f["e"])) for i, f in rows]
 
 
 def is_final(state: dict[str, str] | None, seq: int) -> bool:

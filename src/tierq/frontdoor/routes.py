@@ -29,7 +29,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -38,7 +38,7 @@ import structlog
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from redis.exceptions import RedisError
-from sse_starlette import EventSourceResponse, ServerSentEvent
+from sse_starlette import EventSourceResponse
 from starlette.background import BackgroundTask
 
 from tierq.config import UserSettings
@@ -53,7 +53,8 @@ from tierq.contracts import (
     parse_event,
 )
 from tierq.errors import ClientError, UpstreamError
-from tierq.events.sse import job_event_stream
+from tierq.events.codec import Entry
+from tierq.events.sse import JobFollower
 from tierq.frontdoor import errors
 from tierq.frontdoor.errors import OpenAIError
 from tierq.frontdoor.shapes import DONE, Chunks, completion, sse
@@ -78,7 +79,7 @@ class _Gone:
 
 
 GONE = _Gone()
-Events = AsyncIterator[ServerSentEvent]
+Events = AsyncIterator[Entry]
 
 
 @dataclass(frozen=True)
@@ -184,10 +185,12 @@ async def _chat(request: Request) -> Response:
         log.warning("frontdoor.submit_failed", error=str(exc))
         raise errors.unavailable() from None
     answer = Answer(rt, reply.job_id, reply.queue_id.value, req.model, created, req.include_usage)
-    events = job_event_stream(rt.jobs, reply.job_id, None, int(rt.settings.sse_ping_s * 1000))
+    follower = JobFollower(rt.jobs, rt.hub, reply.job_id, None, rt.settings.sse_ping_s)
+    events = follower.entries()
     handed_over = False
     try:
-        first = await _unless_disconnected(request, _decisive(events, until_delta=bool(req.stream)))
+        decisive = _decisive(events, until_delta=bool(req.stream))
+        first = await _unless_disconnected(request, decisive, on_gone=follower.close)
         if isinstance(first, _Gone):
             await _cancel_job(rt, answer.job_id, "client went away before the answer")
             return Response(status_code=CLIENT_CLOSED)
@@ -222,7 +225,7 @@ async def _next_event(events: Events) -> WorkerEvent | None:
     """The next event that matters to an OpenAI answer (``delta`` or terminal, or a retryable
     ``failed``); ``None`` when the log ended (the job's records expired)."""
     async for item in events:
-        event = parse_event(str(item.data))
+        event = parse_event(item.raw)
         if isinstance(event, Delta | Failed) or is_terminal(event):
             return event
     return None
@@ -243,17 +246,25 @@ async def _client_gone(request: Request) -> None:
         pass
 
 
-async def _unless_disconnected(request: Request, work: Coroutine[Any, Any, T]) -> T | _Gone:
-    """``work``'s result, or ``GONE`` if the client disconnects first (``work`` is cancelled)."""
+async def _unless_disconnected(
+    request: Request, work: Coroutine[Any, Any, T], on_gone: Callable[[], None]
+) -> T | _Gone:
+    """``work``'s result, or ``GONE`` if the client disconnects first: ``work`` is cancelled,
+    and ``on_gone`` ends it too — on Python 3.11 a cancel that lands as a Redis command
+    completes can be lost inside redis-py (its ``asyncio.wait_for``), so it must not be the
+    only way out."""
     task = asyncio.ensure_future(work)
     watcher = asyncio.ensure_future(_client_gone(request))
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
     finally:
+        gone = watcher.done() and not watcher.cancelled()
+        if gone:
+            on_gone()
         for pending in (task, watcher):
             pending.cancel()
         await asyncio.gather(task, watcher, return_exceptions=True)
-    if task.cancelled():
+    if gone or task.cancelled():
         return GONE
     return task.result()
 

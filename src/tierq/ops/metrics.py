@@ -47,6 +47,12 @@ class Metrics:
         )  # fmt: skip
         self.sse_open = Gauge("tierq_sse_connections", "SSE streams open now", registry=r)
         self.sse_total = Counter("tierq_sse_streams", "SSE streams opened", registry=r)
+        self.sse_tail_streams = Gauge(
+            "tierq_sse_tail_streams", "Job logs the tail hub follows now", registry=r
+        )
+        self.sse_dropped = Counter(
+            "tierq_sse_dropped_slow_clients", "SSE streams ended: client too slow", registry=r
+        )
         self.broker_deliveries = Counter(
             "tierq_broker_deliveries", "Broker delivery attempts by outcome", ["outcome"],
             registry=r,

@@ -672,6 +672,7 @@ async def simulate(
                 concurrency=concurrency, seed=seed,
             )  # fmt: skip
         finally:
+            await rt.aclose_streams()
             await rt.cancels.stop()
             if not keep_keys:
                 await _drop_keys(client, cfg.key_prefix)

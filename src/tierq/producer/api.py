@@ -6,17 +6,16 @@ import contextlib
 import json
 import re
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
-from sse_starlette import EventSourceResponse, ServerSentEvent
 
 from tierq.config import UserSettings
 from tierq.contracts import Cancelled, JobRequest
 from tierq.errors import ClientError, NotFound, Unauthorized, UpstreamError
-from tierq.events.sse import job_event_stream
+from tierq.events.response import JobEventsResponse
+from tierq.events.sse import JobFollower
 from tierq.producer.auth import authenticate_user, bearer, events_token_valid
 from tierq.producer.submit import submit
 from tierq.runtime import Runtime
@@ -98,21 +97,8 @@ async def cancel_job(job_id: str, request: Request) -> dict[str, Any]:
     return await cancel(rt, job_id, await _owned_state(rt, user, job_id))
 
 
-async def counted(
-    rt: Runtime, stream: AsyncIterator[ServerSentEvent]
-) -> AsyncIterator[ServerSentEvent]:
-    """The stream, counted in the SSE metrics while it is open."""
-    rt.metrics.sse_total.inc()
-    rt.metrics.sse_open.inc()
-    try:
-        async for item in stream:
-            yield item
-    finally:
-        rt.metrics.sse_open.dec()
-
-
 @router.get("/api/jobs/{job_id}/events")
-async def job_events(job_id: str, request: Request) -> EventSourceResponse:
+async def job_events(job_id: str, request: Request) -> JobEventsResponse:
     """SSE. Readable with the job's ``eventsToken`` (``?token=``) or its owner's API key."""
     rt = runtime(request)
     token = request.query_params.get("token")
@@ -131,9 +117,21 @@ async def job_events(job_id: str, request: Request) -> EventSourceResponse:
         raise ClientError(
             "Last-Event-ID must be an event id this stream sent", code="invalid_last_event_id"
         )
-    block_ms = int(rt.settings.sse_ping_s * 1000)
-    return EventSourceResponse(
-        counted(rt, job_event_stream(rt.jobs, job_id, last_id, block_ms)),
-        ping=int(rt.settings.sse_ping_s),
-        send_timeout=30,
+    follower = JobFollower(rt.jobs, rt.hub, job_id, last_id, rt.settings.sse_ping_s)
+    return JobEventsResponse(
+        follower,
+        send_timeout_s=rt.settings.sse_send_timeout_s,
+        on_open=lambda: _sse_opened(rt),
+        on_close=lambda f: _sse_closed(rt, f),
     )
+
+
+def _sse_opened(rt: Runtime) -> None:
+    rt.metrics.sse_total.inc()
+    rt.metrics.sse_open.inc()
+
+
+def _sse_closed(rt: Runtime, follower: JobFollower) -> None:
+    rt.metrics.sse_open.dec()
+    if follower.dropped:
+        rt.metrics.sse_dropped.inc()

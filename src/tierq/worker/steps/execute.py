@@ -1,7 +1,10 @@
 """Step 4: run the model, racing it against cancel and the job's timeout.
 
-Deltas are written as they come; the outcome (completed, failed, cancelled) is returned for the
-events step to record. Any exception from provider code becomes a retryable failure.
+Chunks go into the job's delta buffer as they come (the process's delta writer coalesces and
+writes them: the model is never kept waiting on Redis); before the outcome (completed, failed,
+cancelled) is returned for the events step to record, everything buffered is written, so the
+terminal event always follows the last delta. Any exception from provider code becomes a
+retryable failure.
 """
 
 from __future__ import annotations
@@ -12,7 +15,8 @@ import time
 from dataclasses import dataclass
 from typing import Literal
 
-from tierq.contracts import Delta, Usage, WorkerBody
+from tierq.contracts import Usage, WorkerBody
+from tierq.events.deltas import DeltaBuffer
 from tierq.providers.base import Finish, ProviderError, ProviderRequest
 from tierq.runtime import Runtime
 
@@ -29,11 +33,7 @@ class Outcome:
     retryable: bool = False
 
 
-def _now_ms() -> int:
-    return int(time.time() * 1000)
-
-
-async def _consume(rt: Runtime, body: WorkerBody, attempt: int) -> Outcome:
+async def _consume(rt: Runtime, body: WorkerBody, attempt: int, buffer: DeltaBuffer) -> Outcome:
     model = rt.settings.models[body.model_id]
     request = ProviderRequest(
         job_id=body.job_id,
@@ -54,20 +54,40 @@ async def _consume(rt: Runtime, body: WorkerBody, attempt: int) -> Outcome:
             if first:
                 rt.metrics.ttft.labels(body.queue_id.value).observe(time.monotonic() - started)
                 first = False
-            delta = Delta(jobId=body.job_id, ts=_now_ms(), text=item.text)
-            if await rt.jobs.append(delta) is None:
+            if buffer.rejected:
                 return Outcome("cancelled")  # the job ended behind our back
+            if buffer.error is not None:
+                raise buffer.error
+            buffer.add(item.text)
     return Outcome("failed", code="no_result", message="the model ended without a result",
                    retryable=True)  # fmt: skip
 
 
 async def execute(rt: Runtime, body: WorkerBody, attempt: int, cancel: asyncio.Event) -> Outcome:
     timeout = min(rt.settings.job_timeout_s, rt.settings.models[body.model_id].timeout_s)
-    run = asyncio.create_task(_consume(rt, body, attempt))
+    buffer = rt.deltas.buffer(body.job_id)
+    try:
+        outcome = await _race(rt, body, attempt, cancel, buffer, timeout)
+    finally:
+        await buffer.close()  # the buffered text is written before any terminal event
+    if outcome.kind == "completed" and buffer.rejected:
+        return Outcome("cancelled")
+    return outcome
+
+
+async def _race(
+    rt: Runtime,
+    body: WorkerBody,
+    attempt: int,
+    cancel: asyncio.Event,
+    buffer: DeltaBuffer,
+    limit_s: float,
+) -> Outcome:
+    run = asyncio.create_task(_consume(rt, body, attempt, buffer))
     stop = asyncio.create_task(cancel.wait())
     try:
         finished, _ = await asyncio.wait(
-            {run, stop}, timeout=timeout, return_when="FIRST_COMPLETED"
+            {run, stop}, timeout=limit_s, return_when="FIRST_COMPLETED"
         )
     finally:
         for task in (run, stop):
@@ -83,5 +103,5 @@ async def execute(rt: Runtime, body: WorkerBody, attempt: int, cancel: asyncio.E
                        retryable=True)  # fmt: skip
     if stop in finished:
         return Outcome("cancelled")
-    return Outcome("failed", code="timeout", message=f"no result within {timeout:g}s",
+    return Outcome("failed", code="timeout", message=f"no result within {limit_s:g}s",
                    retryable=True)  # fmt: skip

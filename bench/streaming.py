@@ -1,0 +1,999 @@
+"""Streaming benchmark of tierq on loopback: many live token streams, many idle SSE connections.
+
+Black-box like ``bench/e2e.py``: two embedded Redis servers (the app's and the broker's),
+``tierq broker`` and ``tierq serve`` as subprocesses. The client is cheap on purpose, so it is
+not the bottleneck: raw asyncio streams on uvloop, HTTP/1.1 and SSE parsed by hand (chunked or
+not), orjson per event. Nothing here asserts on timing; every wait has a deadline, and a
+scenario that runs out of time is recorded as not finished.
+
+A. streams K (K = 50, 100, 200, 500): K streamed jobs at once on the simulated model, 100
+   tokens 20 ms apart (2.0 s of model time), submitted 64 at a time, each followed over SSE
+   from the moment its submit returns. Per K: jobs completed, wall time from the first submit
+   to the last terminal event, that over the model time (target: within 1.25 x model + 1 s),
+   tokens/s, CPU of app / broker / both Redis servers (total and per token), token delay and
+   correctness. Token delay = arrival time at the client - the delta event's ``ts``, counted
+   once per token (whitespace word) of the event; ``ts`` is stamped when the event is written,
+   so for an event carrying several tokens it is the delay of its OLDEST token (an upper bound
+   for the others). Correctness per job: ``seq`` dense from 1 (no gap, no repeat), the deltas
+   joined with no separator equal the ``completed`` result, 100 words, terminal ``completed``.
+B. idle SSE connections (N = 5000): ``q_paid_stream`` paused through the admin API so N jobs
+   stay queued; N SSE connections opened, each waits for its first event (``queued``); the
+   app's VmRSS before and after (2 s settle) gives KiB per connection (target: <= 20 KiB);
+   ``GET /healthz`` latency while they are held. The connections are then closed and the
+   system stopped (the paused queue and its jobs go away with the throw-away Redis).
+
+``--baseline REF`` first runs the same scenarios against ``git worktree add --detach`` of REF
+(broker and app started with this venv's python and ``PYTHONPATH=<worktree>/src``), then
+against the working tree, and reports current / baseline ratios.
+
+Usage::
+
+    .venv/bin/python bench/streaming.py                        # K = 50,100,200,500; 5000 idle
+    .venv/bin/python bench/streaming.py --quick                # K = 20,50; 300 idle
+    .venv/bin/python bench/streaming.py --ks 50,500 --idle 1000
+    .venv/bin/python bench/streaming.py --baseline HEAD        # HEAD vs the working tree
+    .venv/bin/python bench/streaming.py --out /tmp/streaming.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from common import Proc, cpu_seconds, machine_info, serve_env, summary, write_results
+from tierq.embedded_redis import EmbeddedRedis, free_port
+
+try:
+    import orjson
+
+    loads: Callable[[bytes], Any] = orjson.loads
+except ImportError:  # pragma: no cover - orjson is a tierq dependency
+    loads = json.loads
+
+try:
+    import uvloop
+
+    LOOP_FACTORY: Callable[[], asyncio.AbstractEventLoop] | None = uvloop.new_event_loop
+except ImportError:  # pragma: no cover - uvloop comes with uvicorn[standard]
+    LOOP_FACTORY = None
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_OUT = ROOT / "bench" / "results" / "streaming.json"
+HOST = "127.0.0.1"
+PAID_KEY = "tq_bench_paid"
+ADMIN_TOKEN = "tq-bench-admin"  # what serve_env configures
+APP_KEY_PREFIX = "tqstream"
+BROKER_KEY_PREFIX = "benchstream"
+STREAM_QUEUE = "q_paid_stream"
+QUEUE_PARALLELISM = 1000  # the broker's maximum; >= every K
+TOKENS = 100
+TOKEN_LATENCY_MS = 20
+MODEL_S = TOKENS * TOKEN_LATENCY_MS / 1000
+TARGET_S = 1.25 * MODEL_S + 1.0
+IDLE_TARGET_KIB = 20.0
+SUBMIT_CONCURRENCY = 64
+OPEN_CONCURRENCY = 128
+SETTLE_S = 2.0
+HEALTHZ_SAMPLES = 20
+WARMUP_JOBS = 10
+DEFAULT_KS = (50, 100, 200, 500)
+QUICK_KS = (20, 50)
+AUTH = {"Authorization": f"Bearer {PAID_KEY}"}
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+def now_ms() -> float:
+    return time.time() * 1000
+
+
+def vm_rss_kib(pid: int | None) -> int | None:
+    """VmRSS of ``pid`` in KiB (from /proc), ``None`` if unreadable."""
+    if pid is None:
+        return None
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return None
+
+
+def open_fds(pid: int) -> int | None:
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return None
+
+
+def ratio(current: float | None, baseline: float | None) -> float | None:
+    if current is None or not baseline:
+        return None
+    return round(current / baseline, 3)
+
+
+def raise_nofile() -> tuple[int, int]:
+    """Soft RLIMIT_NOFILE up to the hard limit; the subprocesses inherit it."""
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+# -- the system under test ---------------------------------------------------------------------
+
+
+@dataclass
+class System:
+    app_port: int
+    app: Proc
+    broker: Proc
+    app_redis: EmbeddedRedis
+    broker_redis: EmbeddedRedis
+
+    @property
+    def app_url(self) -> str:
+        return f"http://{HOST}:{self.app_port}"
+
+    def pids(self) -> dict[str, int | None]:
+        return {
+            "app": self.app.pid,
+            "broker": self.broker.pid,
+            "app_redis": redis_pid(self.app_redis),
+            "broker_redis": redis_pid(self.broker_redis),
+        }
+
+
+def redis_pid(server: EmbeddedRedis) -> int | None:
+    try:
+        return int(server.pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def app_env(redis_url: str, app_port: int, broker_url: str, src: Path) -> dict[str, str]:
+    limits = {"paid": 100_000, "free": 100_000}
+    model = {
+        "provider": "simulated",
+        "tokens": TOKENS,
+        "token_latency_ms": TOKEN_LATENCY_MS,
+        "limits": limits,
+    }
+    env = serve_env(
+        redis_url=redis_url,
+        key_prefix=APP_KEY_PREFIX,
+        app_port=app_port,
+        broker_url=broker_url,
+        api_keys={PAID_KEY: {"id": "bench-paid", "plan": "paid"}},
+        queue_parallelism=QUEUE_PARALLELISM,
+        extra={
+            "TIERQ_MODELS": json.dumps({"sim": model}),
+            "TIERQ_USER_LIMITS": json.dumps(limits),
+            "TIERQ_SSE_PING_S": "600",
+        },
+    )
+    return {**env, "PYTHONPATH": str(src)}
+
+
+def broker_proc(workdir: Path, port: int, redis_url: str, src: Path) -> Proc:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TIERQ_", "QSTASH_"))}
+    return Proc(
+        "broker",
+        [sys.executable, "-m", "tierq", "broker", "--host", HOST, "--port", str(port),
+         "--redis-url", redis_url, "--key-prefix", BROKER_KEY_PREFIX],
+        {**env, "PYTHONPATH": str(src)},
+        workdir / "broker.log",
+    )  # fmt: skip
+
+
+@contextlib.contextmanager
+def running_system(workdir: Path, src: Path) -> Iterator[System]:
+    """Both Redis servers, then the broker, then the app (code from ``src``); all stopped."""
+    broker_redis = EmbeddedRedis(workdir / "broker-redis")
+    app_redis = EmbeddedRedis(workdir / "app-redis")
+    broker_port, app_port = free_port(), free_port()
+    broker_url = f"http://{HOST}:{broker_port}"
+    procs: list[Proc] = []
+    try:
+        broker_redis.start()
+        app_redis.start()
+        broker = broker_proc(workdir, broker_port, broker_redis.url, src)
+        procs.append(broker)
+        broker.start(workdir)
+        broker.wait_ready(f"{broker_url}/healthz")
+        app = Proc(
+            "app",
+            [sys.executable, "-m", "tierq", "serve", "--host", HOST, "--port", str(app_port)],
+            app_env(app_redis.url, app_port, broker_url, src),
+            workdir / "app.log",
+        )
+        procs.append(app)
+        app.start(workdir)
+        app.wait_ready(f"http://{HOST}:{app_port}/healthz")
+        yield System(app_port, app, broker, app_redis, broker_redis)
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+        app_redis.stop()
+        broker_redis.stop()
+
+
+# -- a cheap SSE client ------------------------------------------------------------------------
+
+
+class ChunkedDecoder:
+    """Incremental decoder of an HTTP/1.1 chunked body."""
+
+    def __init__(self) -> None:
+        self.buf = bytearray()
+        self.need = 0  # bytes left in the current chunk
+        self.skip = 0  # CRLF after a chunk's data
+        self.done = False
+
+    def feed(self, data: bytes) -> bytes:
+        self.buf += data
+        out: list[bytes] = []
+        while not self.done:
+            if self.need:
+                take = min(self.need, len(self.buf))
+                out.append(bytes(self.buf[:take]))
+                del self.buf[:take]
+                self.need -= take
+                if self.need:
+                    break
+                self.skip = 2
+            if self.skip:
+                take = min(self.skip, len(self.buf))
+                del self.buf[:take]
+                self.skip -= take
+                if self.skip:
+                    break
+            end = self.buf.find(b"\r\n")
+            if end < 0:
+                break
+            size = int(bytes(self.buf[:end]).split(b";", 1)[0], 16)
+            del self.buf[: end + 2]
+            self.need = size
+            self.done = size == 0
+        return b"".join(out)
+
+
+class SseParser:
+    """Incremental text/event-stream parser: ``feed`` returns the ``data`` of complete events.
+    Lines end in CRLF, LF or CR; ``:`` lines are comments (pings); ``id``/``event`` are kept."""
+
+    def __init__(self) -> None:
+        self.pending = b""
+        self.data: list[bytes] = []
+        self.event = b""
+        self.id = b""
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        buf = self.pending + chunk
+        keep = b""
+        if buf.endswith(b"\r"):  # maybe the first half of a CRLF split across reads
+            buf, keep = buf[:-1], b"\r"
+        lines = buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+        self.pending = lines.pop() + keep
+        out: list[bytes] = []
+        for line in lines:
+            if not line:
+                if self.data:
+                    out.append(b"\n".join(self.data))
+                self.data = []
+                continue
+            if line.startswith(b":"):
+                continue
+            name, _, value = line.partition(b":")
+            value = value.removeprefix(b" ")
+            if name == b"data":
+                self.data.append(value)
+            elif name == b"event":
+                self.event = value
+            elif name == b"id":
+                self.id = value
+        return out
+
+
+@dataclass
+class JobStream:
+    """One job's SSE stream, as the client saw it."""
+
+    job_id: str
+    path: str
+    submit_ms: float
+    first_event: asyncio.Event = field(default_factory=asyncio.Event)
+    first_type: str | None = None
+    framing: str | None = None
+    seqs: list[int] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)
+    delays_ms: list[float] = field(default_factory=list)
+    tokens: int = 0
+    first_delta_ms: float | None = None
+    terminal: str | None = None
+    result: str | None = None
+    done_ms: float | None = None
+    error: str | None = None
+
+    def handle(self, raw: bytes, arrived_ms: float) -> bool:
+        """Record one event; ``True`` when it is the terminal one."""
+        data = loads(raw)
+        kind = data.get("type")
+        if self.first_type is None:
+            self.first_type = kind
+            self.first_event.set()
+        self.seqs.append(data.get("seq"))
+        if kind == "delta":
+            text = data.get("text") or ""
+            words = len(text.split())
+            self.texts.append(text)
+            self.tokens += words
+            if self.first_delta_ms is None:
+                self.first_delta_ms = arrived_ms
+            self.delays_ms.extend([arrived_ms - data["ts"]] * words)
+            return False
+        if kind in ("completed", "cancelled") or (kind == "failed" and not data.get("retryable")):
+            self.terminal, self.result, self.done_ms = kind, data.get("result"), arrived_ms
+            return True
+        return False
+
+
+async def sse_connect(
+    port: int, path: str
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, ChunkedDecoder | None, str]:
+    """GET ``path`` as an event stream; the reader is left at the start of the body."""
+    reader, writer = await asyncio.open_connection(HOST, port)
+    writer.write(
+        f"GET {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\nAccept: text/event-stream\r\n"
+        "Cache-Control: no-cache\r\nConnection: close\r\n\r\n".encode()
+    )
+    head = await reader.readuntil(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in header_lines:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip().lower()
+    status = int(status_line.split(" ", 2)[1])
+    if status != 200:
+        body = await asyncio.wait_for(reader.read(300), 5)
+        writer.close()
+        raise RuntimeError(f"SSE {status}: {body[:200]!r}")
+    if "chunked" in headers.get("transfer-encoding", ""):
+        return reader, writer, ChunkedDecoder(), "chunked"
+    framing = "content-length" if "content-length" in headers else "until-close"
+    return reader, writer, None, framing
+
+
+async def follow(stream: JobStream, port: int) -> None:
+    """Read ``stream`` until its terminal event, its end, an error or cancellation."""
+    writer: asyncio.StreamWriter | None = None
+    try:
+        reader, writer, decoder, stream.framing = await sse_connect(port, stream.path)
+        parser = SseParser()
+        while True:
+            data = await reader.read(65536)
+            arrived = now_ms()
+            if not data:
+                stream.error = "connection closed before the terminal event"
+                return
+            for raw in parser.feed(decoder.feed(data) if decoder else data):
+                if stream.handle(raw, arrived):
+                    return
+            if decoder is not None and decoder.done:
+                stream.error = "stream ended before the terminal event"
+                return
+    except (OSError, RuntimeError, ValueError, asyncio.IncompleteReadError) as exc:
+        stream.error = f"{type(exc).__name__}: {exc}"[:160]
+    finally:
+        stream.first_event.set()
+        if writer is not None:
+            writer.close()
+
+
+# -- submitting --------------------------------------------------------------------------------
+
+
+def job_body(prompt: str) -> dict[str, Any]:
+    return {
+        "service": "chat",
+        "experience": "stream",
+        "mode": "paid",
+        "model": "sim",
+        "input": {"prompt": prompt},
+    }
+
+
+async def submit(client: httpx.AsyncClient, base: str, prompt: str) -> JobStream | str:
+    """One submit: the job's stream to follow, or why it failed."""
+    submit_ms = now_ms()
+    try:
+        res = await client.post(f"{base}/api/jobs", json=job_body(prompt), headers=AUTH)
+    except httpx.HTTPError as exc:
+        return type(exc).__name__
+    if res.status_code != 202:
+        return f"submit {res.status_code}"
+    reply = res.json()
+    path = f"{reply['eventsUrl']}?token={quote(reply['eventsToken'], safe='')}"
+    return JobStream(reply["jobId"], path, submit_ms)
+
+
+@dataclass
+class Submitted:
+    """What a batch of submits gave so far (filled as they return, so a deadline keeps it)."""
+
+    streams: list[JobStream] = field(default_factory=list)
+    errors: Counter[str] = field(default_factory=Counter)
+    done_ms: float | None = None
+
+
+async def submit_many(
+    base: str,
+    prompts: list[str],
+    into: Submitted,
+    on_submitted: Callable[[JobStream], None] = lambda _: None,
+) -> None:
+    """Submit every prompt, ``SUBMIT_CONCURRENCY`` at a time; ``on_submitted`` runs as soon as
+    each submit returns."""
+    sem = asyncio.Semaphore(SUBMIT_CONCURRENCY)
+
+    async def one(client: httpx.AsyncClient, prompt: str) -> None:
+        async with sem:
+            got = await submit(client, base, prompt)
+        if isinstance(got, str):
+            into.errors[got] += 1
+            return
+        into.streams.append(got)
+        on_submitted(got)
+
+    async with submit_client() as client:
+        await asyncio.gather(*(one(client, p) for p in prompts))
+    into.done_ms = now_ms()
+
+
+def submit_client() -> httpx.AsyncClient:
+    limits = httpx.Limits(
+        max_connections=SUBMIT_CONCURRENCY, max_keepalive_connections=SUBMIT_CONCURRENCY
+    )
+    return httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(30.0))
+
+
+async def finish_tasks(tasks: list[asyncio.Task[None]]) -> None:
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def with_deadline(deadline_s: float, work: Awaitable[None]) -> bool:
+    """Run ``work``; ``False`` if the deadline passed first (``work`` is then cancelled)."""
+    try:
+        async with asyncio.timeout(deadline_s):
+            await work
+    except TimeoutError:
+        return False
+    return True
+
+
+# -- scenario A: K live streams ----------------------------------------------------------------
+
+
+def cpu_snapshot(system: System) -> dict[str, float | None]:
+    out = {name: cpu_seconds(pid) for name, pid in system.pids().items()}
+    out["bench_client"] = cpu_seconds(os.getpid())
+    return out
+
+
+def cpu_used(
+    before: dict[str, float | None], after: dict[str, float | None], tokens: int
+) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, start in before.items():
+        end = after.get(name)
+        if start is None or end is None:
+            out[name] = None
+            continue
+        used = end - start
+        per_token = round(used * 1e6 / tokens, 1) if tokens else None
+        out[name] = {"cpu_s": round(used, 2), "us_per_token": per_token}
+    return out
+
+
+def check_stream(stream: JobStream) -> str | None:
+    """Why this job's stream is wrong, or ``None``."""
+    if stream.terminal is None:
+        return f"no terminal event ({stream.error or 'deadline'})"
+    if stream.terminal != "completed":
+        return f"terminal {stream.terminal}"
+    if stream.seqs != list(range(1, len(stream.seqs) + 1)):
+        seen = Counter(stream.seqs)
+        dups = sum(1 for n in seen.values() if n > 1)
+        gaps = max(stream.seqs, default=0) - len(seen)
+        return f"seq not dense from 1 ({dups} repeated, {gaps} missing)"
+    if "".join(stream.texts) != stream.result:
+        return "deltas joined != completed result"
+    if stream.tokens != TOKENS:
+        return f"{stream.tokens} tokens, not {TOKENS}"
+    return None
+
+
+async def run_streams(system: System, k: int, tag: str, deadline_s: float) -> dict[str, Any]:
+    """K jobs submitted at once, each followed over SSE from the moment its submit returns."""
+    tasks: list[asyncio.Task[None]] = []
+    prompts = [f"bench {tag} {i}" for i in range(k)]
+
+    def follow_now(stream: JobStream) -> None:
+        tasks.append(asyncio.create_task(follow(stream, system.app_port)))
+
+    before = cpu_snapshot(system)
+    t0 = now_ms()
+    sub = Submitted()
+
+    async def work() -> None:
+        await submit_many(system.app_url, prompts, sub, follow_now)
+        await asyncio.gather(*tasks)
+
+    try:
+        in_time = await with_deadline(deadline_s, work())
+    finally:
+        await finish_tasks(tasks)
+    after = cpu_snapshot(system)
+    report = streams_report(k, sub, in_time, t0, before, after)
+    report["unfinished_jobs"] = await unfinished(system.app_url, sub.streams)
+    return report
+
+
+async def unfinished(base: str, streams: list[JobStream], show: int = 5) -> dict[str, Any]:
+    """For streams with no terminal event: what the server says of their jobs (up to 20
+    asked), and what the client saw of a few of them."""
+    stuck = [s for s in streams if s.terminal is None]
+    statuses: Counter[str] = Counter()
+    async with httpx.AsyncClient(timeout=10) as client:
+        for stream in stuck[:20]:
+            try:
+                res = await client.get(f"{base}/api/jobs/{stream.job_id}", headers=AUTH)
+                statuses[str(res.json().get("status", res.status_code))] += 1
+            except (httpx.HTTPError, ValueError) as exc:
+                statuses[type(exc).__name__] += 1
+    seen = [
+        {"job_id": s.job_id, "events": len(s.seqs), "last_seq": s.seqs[-1] if s.seqs else None,
+         "tokens": s.tokens, "error": s.error}
+        for s in stuck[:show]
+    ]  # fmt: skip
+    return {"count": len(stuck), "server_status": dict(statuses), "client_saw": seen}
+
+
+def streams_report(
+    k: int,
+    sub: Submitted,
+    in_time: bool,
+    t0: float,
+    before: dict[str, float | None],
+    after: dict[str, float | None],
+) -> dict[str, Any]:
+    streams, submitted_ms = sub.streams, sub.done_ms
+    done = [s.done_ms for s in streams if s.done_ms is not None]
+    completed = sum(s.terminal == "completed" for s in streams)
+    finished = in_time and completed == k
+    wall_s = (max(done) - t0) / 1000 if finished and done else None
+    tokens = sum(s.tokens for s in streams)
+    failures = Counter(r for r in map(check_stream, streams) if r is not None)
+    delays = [d for s in streams for d in s.delays_ms]
+    first = [s.first_delta_ms - s.submit_ms for s in streams if s.first_delta_ms is not None]
+    return {
+        "k": k,
+        "finished": finished,
+        "jobs_submitted": len(streams),
+        "submit_errors": dict(sub.errors),
+        "jobs_completed": completed,
+        "terminal_types": dict(Counter(str(s.terminal) for s in streams)),
+        "submit_phase_s": round((submitted_ms - t0) / 1000, 3) if submitted_ms else None,
+        "wall_s": round(wall_s, 3) if wall_s is not None else None,
+        "elapsed_until_stop_s": round((now_ms() - t0) / 1000, 3),
+        "model_s": MODEL_S,
+        "last_done_over_model": round(wall_s / MODEL_S, 3) if wall_s is not None else None,
+        "within_target": wall_s is not None and wall_s <= TARGET_S,
+        "target_s": TARGET_S,
+        "tokens_delivered": tokens,
+        "tokens_per_s": round(tokens / wall_s) if wall_s else None,
+        "cpu": cpu_used(before, after, tokens),
+        "token_delay_ms": summary(delays),
+        "submit_to_first_token_ms": summary(first),
+        "delta_events_per_job_mean": round(sum(len(s.texts) for s in streams) / len(streams), 2)
+        if streams
+        else None,
+        "correctness_failures": sum(failures.values()) + (k - len(streams)),
+        "failure_reasons": dict(failures.most_common(5)),
+        "sse_framing": dict(Counter(str(s.framing) for s in streams)),
+    }
+
+
+# -- scenario B: idle SSE connections ----------------------------------------------------------
+
+
+async def admin_queue(base: str, action: str) -> tuple[int, Any]:
+    async with httpx.AsyncClient(timeout=30) as client:
+        res = await client.post(f"{base}/api/admin/queues/{STREAM_QUEUE}/{action}", headers=ADMIN)
+    try:
+        return res.status_code, res.json().get("paused")
+    except ValueError:
+        return res.status_code, res.text[:200]
+
+
+async def healthz_latency(base: str) -> dict[str, Any]:
+    times: list[float] = []
+    errors = 0
+    async with httpx.AsyncClient(timeout=10) as client:
+        for _ in range(HEALTHZ_SAMPLES):
+            t0 = time.perf_counter()
+            try:
+                res = await client.get(f"{base}/healthz")
+                ok = res.status_code == 200
+            except httpx.HTTPError:
+                ok = False
+            if ok:
+                times.append((time.perf_counter() - t0) * 1000)
+            else:
+                errors += 1
+    return {**summary(times), "errors": errors}
+
+
+async def hold(stream: JobStream, port: int, sem: asyncio.Semaphore) -> None:
+    """Open ``stream`` (at most ``OPEN_CONCURRENCY`` opening at once), then keep it open."""
+    async with sem:
+        task = asyncio.create_task(follow(stream, port))
+        waiter = asyncio.create_task(stream.first_event.wait())
+        try:
+            await asyncio.wait({task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+    try:
+        await task
+    finally:
+        task.cancel()
+
+
+def memory_reading(system: System) -> dict[str, Any]:
+    pids = system.pids()
+    return {
+        "app_rss_kib": vm_rss_kib(pids["app"]),
+        "app_redis_rss_kib": vm_rss_kib(pids["app_redis"]),
+        "app_open_fds": open_fds(system.app.pid),
+    }
+
+
+async def run_idle(system: System, n: int, deadline_s: float) -> dict[str, Any]:
+    report: dict[str, Any] = {"n": n}
+    report["pause"] = await admin_queue(system.app_url, "pause")
+    t0 = time.perf_counter()
+    sub = Submitted()
+    prompts = [f"idle {i}" for i in range(n)]
+    report["submitted_in_time"] = await with_deadline(
+        deadline_s, submit_many(system.app_url, prompts, sub)
+    )
+    streams = sub.streams
+    report["jobs_submitted"], report["submit_errors"] = len(streams), dict(sub.errors)
+    report["submit_s"] = round(time.perf_counter() - t0, 2)
+    await asyncio.sleep(SETTLE_S)
+    report["before"] = memory_reading(system)
+    sem = asyncio.Semaphore(OPEN_CONCURRENCY)
+    tasks = [asyncio.create_task(hold(s, system.app_port, sem)) for s in streams]
+    try:
+        await idle_hold(system, streams, report, deadline_s)
+    finally:
+        await finish_tasks(tasks)
+    return report
+
+
+async def idle_hold(
+    system: System, streams: list[JobStream], report: dict[str, Any], deadline_s: float
+) -> None:
+    t0 = time.perf_counter()
+    waits = asyncio.gather(*(s.first_event.wait() for s in streams))
+    report["opened_in_time"] = await with_deadline(deadline_s, waits)
+    report["open_s"] = round(time.perf_counter() - t0, 2)
+    report["first_event_types"] = dict(Counter(str(s.first_type) for s in streams))
+    report["connections_with_queued"] = sum(s.first_type == "queued" for s in streams)
+    report["stream_errors"] = dict(Counter(s.error for s in streams if s.error).most_common(5))
+    await asyncio.sleep(SETTLE_S)
+    report["after"] = memory_reading(system)
+    report["still_open"] = sum(s.first_type is not None and s.error is None for s in streams)
+    report["healthz_ms_while_holding"] = await healthz_latency(system.app_url)
+    before, after = report["before"]["app_rss_kib"], report["after"]["app_rss_kib"]
+    held = report["connections_with_queued"]
+    if before is not None and after is not None and held:
+        report["kib_per_connection"] = round((after - before) / held, 2)
+        report["within_target"] = report["kib_per_connection"] <= IDLE_TARGET_KIB
+    rb, ra = report["before"]["app_redis_rss_kib"], report["after"]["app_redis_rss_kib"]
+    if rb is not None and ra is not None and held:
+        report["app_redis_kib_per_connection"] = round((ra - rb) / held, 2)
+
+
+# -- one tree ----------------------------------------------------------------------------------
+
+
+async def scenarios(system: System, args: argparse.Namespace, label: str) -> dict[str, Any]:
+    out: dict[str, Any] = {"app_rss_kib_at_start": vm_rss_kib(system.app.pid)}
+    warm = await run_streams(system, WARMUP_JOBS, f"{label} warm-up", args.deadline_s)
+    out["warmup"] = {k: warm[k] for k in ("jobs_completed", "correctness_failures", "wall_s")}
+    out["streams"] = {}
+    for k in args.ks:
+        await asyncio.sleep(1.0)  # let the previous round's cleanup finish
+        out["streams"][str(k)] = await run_streams(system, k, f"{label} {k}", args.deadline_s)
+        print(f"  [{label}] K={k}: {short_streams(out['streams'][str(k)])}", flush=True)
+    if args.idle:
+        idle_deadline = max(args.deadline_s, args.idle / 25)
+        out["idle_sse"] = await run_idle(system, args.idle, idle_deadline)
+        print(f"  [{label}] idle: {short_idle(out['idle_sse'])}", flush=True)
+    return out
+
+
+def run_async(coro: Awaitable[dict[str, Any]]) -> dict[str, Any]:
+    async def main() -> dict[str, Any]:
+        return await coro
+
+    with asyncio.Runner(loop_factory=LOOP_FACTORY) as runner:
+        return runner.run(main())
+
+
+def run_tree(label: str, src: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Start a system from ``src``, run the scenarios, stop it; errors are recorded."""
+    print(f"[{label}] code from {src}", flush=True)
+    out: dict[str, Any] = {"src": str(src)}
+    with tempfile.TemporaryDirectory(prefix="tierq-streaming-") as tmp:
+        workdir = Path(tmp)
+        try:
+            with running_system(workdir, src) as system:
+                out.update(run_async(scenarios(system, args, label)))
+        except Exception as exc:  # recorded, then the other run goes on
+            out["error"] = f"{type(exc).__name__}: {exc}"[:3000]
+            print(f"[{label}] failed: {out['error']}", file=sys.stderr)
+        out["logs"] = {name: log_flags(workdir / f"{name}.log") for name in ("app", "broker")}
+        if args.log_dir is not None:
+            args.log_dir.mkdir(parents=True, exist_ok=True)
+            for name in ("app", "broker"):
+                with contextlib.suppress(OSError):
+                    shutil.copy(workdir / f"{name}.log", args.log_dir / f"{label}-{name}.log")
+    return out
+
+
+def log_flags(path: Path) -> dict[str, Any]:
+    """How many lines of a process log look like warnings or errors, and a few of them."""
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return {"lines": 0}
+    markers = ("warning", "error", "traceback", "exception")
+    flagged = [line[:240] for line in lines if any(m in line.lower() for m in markers)]
+    return {"lines": len(lines), "flagged": len(flagged), "first": flagged[:3]}
+
+
+# -- baseline ----------------------------------------------------------------------------------
+
+
+def git(*args: str) -> str:
+    return subprocess.run(
+        ["git", "-C", str(ROOT), *args], check=True, capture_output=True, text=True
+    ).stdout.strip()
+
+
+@contextlib.contextmanager
+def worktree(ref: str) -> Iterator[tuple[Path, str]]:
+    """A detached worktree of ``ref``; removed at the end."""
+    parent = Path(tempfile.mkdtemp(prefix="tierq-baseline-"))
+    path = parent / "tree"
+    try:
+        git("worktree", "add", "--detach", str(path), ref)
+        yield path, git("-C", str(path), "rev-parse", "HEAD")
+    finally:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            git("worktree", "remove", "--force", str(path))
+        shutil.rmtree(parent, ignore_errors=True)
+
+
+def current_tree_info() -> dict[str, Any]:
+    info: dict[str, Any] = {"ref": "working tree"}
+    with contextlib.suppress(subprocess.CalledProcessError, OSError):
+        info["head"] = git("rev-parse", "HEAD")
+        info["dirty_paths"] = git("status", "--porcelain", "--", "src").splitlines()
+    return info
+
+
+STREAM_FIGURES = (
+    ("last_done_over_model", lambda r: r["last_done_over_model"]),
+    ("tokens_per_s", lambda r: r["tokens_per_s"]),
+    ("app_us_per_token", lambda r: (r["cpu"].get("app") or {}).get("us_per_token")),
+    ("broker_us_per_token", lambda r: (r["cpu"].get("broker") or {}).get("us_per_token")),
+    ("app_redis_us_per_token", lambda r: (r["cpu"].get("app_redis") or {}).get("us_per_token")),
+    ("token_delay_p50_ms", lambda r: r["token_delay_ms"]["p50"]),
+    ("token_delay_p99_ms", lambda r: r["token_delay_ms"]["p99"]),
+    ("delta_events_per_job", lambda r: r["delta_events_per_job_mean"]),
+)
+
+
+def ratios(current: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, cur in current.get("streams", {}).items():
+        base = baseline.get("streams", {}).get(k)
+        if base is not None:
+            out[f"streams_{k}"] = {name: ratio(get(cur), get(base)) for name, get in STREAM_FIGURES}
+    cur_idle, base_idle = current.get("idle_sse"), baseline.get("idle_sse")
+    if cur_idle and base_idle:
+        out["idle_sse"] = {
+            "kib_per_connection": ratio(
+                cur_idle.get("kib_per_connection"), base_idle.get("kib_per_connection")
+            ),
+            "healthz_p50_ms": ratio(
+                cur_idle["healthz_ms_while_holding"]["p50"],
+                base_idle["healthz_ms_while_holding"]["p50"],
+            ),
+        }
+    return out
+
+
+# -- output ------------------------------------------------------------------------------------
+
+
+def short_streams(r: dict[str, Any]) -> str:
+    return (
+        f"{r['jobs_completed']}/{r['k']} completed, wall {r['wall_s']} s "
+        f"(x{r['last_done_over_model']} model), {r['tokens_per_s']} tok/s, "
+        f"delay p50/p99 {r['token_delay_ms']['p50']}/{r['token_delay_ms']['p99']} ms, "
+        f"{r['correctness_failures']} failures"
+    )
+
+
+def short_idle(r: dict[str, Any]) -> str:
+    return (
+        f"{r.get('connections_with_queued')}/{r['n']} got queued, "
+        f"{r.get('kib_per_connection')} KiB/conn, healthz p50 "
+        f"{(r.get('healthz_ms_while_holding') or {}).get('p50')} ms"
+    )
+
+
+def us(r: dict[str, Any], name: str) -> Any:
+    return (r["cpu"].get(name) or {}).get("us_per_token")
+
+
+def print_table(runs: dict[str, dict[str, Any]]) -> None:
+    cols = "run        K  done  wall_s  x_model ok    tok/s  app_us  brk_us  rds_us  p50_ms  "
+    print("\n" + cols + "p99_ms  d/job fails")
+    for label, run in runs.items():
+        if "error" in run:
+            print(f"{label:8} error: {run['error'][:200]}")
+        for r in run.get("streams", {}).values():
+            d = r["token_delay_ms"]
+            print(
+                f"{label:8} {r['k']:4} {r['jobs_completed']:5} {r['wall_s']!s:>7} "
+                f"{r['last_done_over_model']!s:>8} {'y' if r['within_target'] else 'n':2} "
+                f"{r['tokens_per_s']!s:>8} {us(r, 'app')!s:>7} {us(r, 'broker')!s:>7} "
+                f"{us(r, 'app_redis')!s:>7} {d['p50']!s:>7} {d['p99']!s:>7} "
+                f"{r['delta_events_per_job_mean']!s:>6} {r['correctness_failures']:5}"
+            )
+    print("\nrun          N  queued  KiB/conn ok  healthz_p50_ms  healthz_max_ms")
+    for label, run in runs.items():
+        idle = run.get("idle_sse")
+        if idle:
+            h = idle.get("healthz_ms_while_holding") or {}
+            ok = "y" if idle.get("within_target") else "n"
+            print(
+                f"{label:8} {idle['n']:5} {idle.get('connections_with_queued')!s:>7} "
+                f"{idle.get('kib_per_connection')!s:>9} {ok:2} {h.get('p50')!s:>15} "
+                f"{h.get('max')!s:>15}"
+            )
+
+
+def print_ratios(table: dict[str, Any]) -> None:
+    if not table:
+        return
+    print("\ncurrent / baseline")
+    for name, figures in table.items():
+        print(f"  {name}: " + ", ".join(f"{k} {v}" for k, v in figures.items()))
+
+
+# -- driver ------------------------------------------------------------------------------------
+
+
+def parse_ks(text: str) -> tuple[int, ...]:
+    try:
+        ks = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"--ks wants numbers like 50,500: {exc}") from exc
+    if not ks or min(ks) < 1 or max(ks) > QUEUE_PARALLELISM:
+        raise argparse.ArgumentTypeError(f"each K must be 1..{QUEUE_PARALLELISM}")
+    return ks
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--quick", action="store_true", help="K = 20,50 and 300 idle")
+    parser.add_argument("--ks", type=parse_ks, default=None, help="K values, e.g. 50,500")
+    parser.add_argument("--idle", type=int, default=None, help="idle SSE connections (5000)")
+    parser.add_argument("--baseline", default=None, help="git ref to run first and compare")
+    parser.add_argument("--deadline-s", type=float, default=120.0, help="per scenario (120)")
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
+    parser.add_argument("--log-dir", type=Path, default=None, help="keep app/broker logs here")
+    args = parser.parse_args(argv)
+    args.ks = args.ks or (QUICK_KS if args.quick else DEFAULT_KS)
+    if args.idle is None:
+        args.idle = 300 if args.quick else 5000
+    return args
+
+
+def config(args: argparse.Namespace, nofile: tuple[int, int]) -> dict[str, Any]:
+    return {
+        "ks": list(args.ks),
+        "idle_connections": args.idle,
+        "tokens_per_job": TOKENS,
+        "token_latency_ms": TOKEN_LATENCY_MS,
+        "model_s": MODEL_S,
+        "target_s": TARGET_S,
+        "idle_target_kib_per_connection": IDLE_TARGET_KIB,
+        "submit_concurrency": SUBMIT_CONCURRENCY,
+        "open_concurrency_idle": OPEN_CONCURRENCY,
+        "queue_parallelism": QUEUE_PARALLELISM,
+        "warmup_jobs": WARMUP_JOBS,
+        "deadline_s": args.deadline_s,
+        "sse_ping_s": 600,
+        "client_loop": "uvloop" if LOOP_FACTORY else "asyncio",
+        "client_json": loads.__module__ or "json",
+        "rlimit_nofile": list(nofile),
+    }
+
+
+NOTES = [
+    "All processes (bench client, app, broker, two redis-servers) share this machine's CPUs; "
+    "other load on the machine (see loadavg) moves the figures.",
+    "token_delay_ms: client arrival time - the delta event's ts (both wall clock, one "
+    "machine), one sample per whitespace word of the event. ts is stamped when the event is "
+    "written, so for a multi-token event it is the delay of its oldest token: an upper bound.",
+    "wall_s: first submit to the last terminal event's arrival; submits are 64 at a time.",
+    "app_redis is the app's Redis; broker_redis stands in for QStash's own storage.",
+    "idle_sse: KiB per connection = app VmRSS delta / connections that got their queued "
+    "event, each read after a 2 s settle; the queue is left paused (throw-away Redis).",
+]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    nofile = raise_nofile()
+    started = time.time()
+    machine = machine_info(("tierq", "httpx", "uvicorn", "starlette", "redis", "sse-starlette"))
+    runs: dict[str, dict[str, Any]] = {}
+    if args.baseline:
+        with worktree(args.baseline) as (path, commit):
+            runs["baseline"] = {"ref": args.baseline, "commit": commit}
+            runs["baseline"].update(run_tree("baseline", path / "src", args))
+    runs["current"] = {**current_tree_info(), **run_tree("current", ROOT / "src", args)}
+    table = ratios(runs["current"], runs["baseline"]) if "baseline" in runs else {}
+    doc = {
+        "benchmark": "tierq streaming (broker + app subprocesses, two embedded Redis, loopback)",
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+        "duration_s": round(time.time() - started, 1),
+        "machine": {**machine, "loadavg_at_end": list(os.getloadavg())},
+        "notes": NOTES,
+        "config": config(args, nofile),
+        "runs": runs,
+        "ratios": table,
+    }
+    print_table(runs)
+    print_ratios(table)
+    write_results(args.out, doc)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

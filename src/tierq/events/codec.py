@@ -1,0 +1,56 @@
+"""Pure helpers of the token path: event JSON without pydantic, log entry ids, SSE frames.
+
+Everything here runs once per token or per log entry, so it avoids pydantic and builds bytes
+directly; the shapes are the same as :mod:`tierq.contracts` produces (tested against it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import orjson
+
+_ALWAYS_TERMINAL = frozenset({"completed", "cancelled"})
+PING = b": ping\n\n"
+"""An SSE comment: keeps proxies and the browser from timing the connection out."""
+
+
+def delta_prefix(job_id: str, ts: int, text: str) -> bytes:
+    """A ``delta`` event as the append scripts take it: JSON without ``seq`` and without its
+    closing brace (the script adds both)."""
+    return orjson.dumps({"jobId": job_id, "ts": ts, "type": "delta", "text": text})[:-1]
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One entry of a job's event log, with what followers need to know about it."""
+
+    id: str
+    raw: str
+    type: str
+    seq: int
+    terminal: bool  # the job ends here, unless a DLQ retry revives it later
+
+
+def entry(entry_id: str, raw: str) -> Entry:
+    """Read the few fields followers need (``failed`` is terminal unless retryable)."""
+    data = orjson.loads(raw)
+    kind = str(data.get("type", ""))
+    terminal = kind in _ALWAYS_TERMINAL or (kind == "failed" and data.get("retryable") is False)
+    return Entry(entry_id, raw, kind, int(data.get("seq", 0)), terminal)
+
+
+def stream_id(value: str) -> tuple[int, int]:
+    """A Redis stream entry id (``"1700000000000-3"``) as a comparable pair."""
+    ms, _, seq = value.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def sse_frame(item: Entry) -> bytes:
+    """One SSE message: ``id`` is the log entry id (what ``Last-Event-ID`` resumes from),
+    ``event`` the event type, ``data`` the event JSON (one line: JSON escapes newlines)."""
+    return b"id: %s\nevent: %s\ndata: %s\n\n" % (
+        item.id.encode(),
+        item.type.encode(),
+        item.raw.encode(),
+    )

@@ -1,0 +1,166 @@
+"""Coalesced ``delta`` events: the worker never waits on Redis between upstream chunks.
+
+A running job writes its chunks into its :class:`DeltaBuffer` (a plain list append). One
+:class:`DeltaWriter` per process flushes every buffer that has text, every ``flush_ms``: each
+job's pending chunks become one ``delta`` event carrying their joined text, and all jobs' events
+go to Redis in one round trip (pipelined script calls). A job's first chunk, and a buffer grown
+past ``max_chars``, are flushed at once, so time to first token does not grow.
+
+Guarantees: a job's text is written in order and exactly as the model produced it (the deltas
+joined equal the model's output); ``seq`` stays dense (the script numbers each event); at most
+one flush is in flight, so a job's deltas never overtake each other; :meth:`DeltaBuffer.close`
+returns only once everything added has been written, so the terminal event the caller logs next
+always follows the last delta. A flush that Redis refuses marks the buffers it carried
+(``error``); a job Redis reports gone or terminal marks its buffer ``rejected``: the worker
+stops that run.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+
+import structlog
+
+from tierq.errors import UpstreamError
+from tierq.events.codec import delta_prefix
+from tierq.events.log import JobStore
+
+log = structlog.get_logger("tierq.events")
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class DeltaBuffer:
+    """One job's text not yet written. Only the job's own worker adds to it."""
+
+    __slots__ = ("_changed", "_writer", "chars", "error", "first_ts", "flushed", "inflight",
+                 "job_id", "parts", "rejected")  # fmt: skip
+
+    def __init__(self, writer: DeltaWriter, job_id: str) -> None:
+        self._writer = writer
+        self.job_id = job_id
+        self.parts: list[str] = []
+        self.chars = 0
+        self.first_ts = 0  # when the oldest pending chunk arrived (the event's ts)
+        self.flushed = 0  # delta events written so far
+        self.inflight = False
+        self.rejected = False  # the job is gone or ended: stop the run
+        self.error: UpstreamError | None = None
+        self._changed: asyncio.Future[None] | None = None
+
+    def add(self, text: str) -> None:
+        """Queue ``text`` for the next flush (at once when it is the job's first)."""
+        if not text:
+            return
+        if not self.parts:
+            self.first_ts = _now_ms()
+        self.parts.append(text)
+        self.chars += len(text)
+        first = self.flushed == 0 and not self.inflight
+        self._writer.mark(self, urgent=first or self.chars >= self._writer.max_chars)
+
+    async def close(self) -> None:
+        """Write what is pending and wait until it is written; raise the flush's error if one
+        failed (the caller's next write would fail the same way)."""
+        while self.parts or self.inflight:
+            if self.parts:
+                self._writer.mark(self, urgent=True)
+            self._changed = asyncio.get_running_loop().create_future()
+            await self._changed
+        if self.error is not None:
+            raise self.error
+
+    def take(self) -> tuple[int, str]:
+        """The pending text, joined, and when its oldest chunk arrived; the buffer is empty
+        and in flight after this."""
+        text = "".join(self.parts)
+        self.parts.clear()
+        self.chars = 0
+        self.inflight = True
+        return self.first_ts, text
+
+    def settle(self, result: int | Exception) -> None:
+        self.inflight = False
+        if isinstance(result, UpstreamError):
+            self.error = result
+        elif isinstance(result, Exception):
+            self.error = UpstreamError(f"redis: {result}")
+        elif result == 0:
+            self.rejected = True
+        else:
+            self.flushed += 1
+        if self._changed is not None and not self._changed.done():
+            self._changed.set_result(None)
+
+
+class DeltaWriter:
+    """The process's flusher (see module doc). Starts its task on first use."""
+
+    def __init__(self, store: JobStore, flush_ms: float, max_chars: int) -> None:
+        self.store = store
+        self.flush_s = flush_ms / 1000
+        self.max_chars = max_chars
+        self._pending: dict[str, DeltaBuffer] = {}
+        self._has_pending = asyncio.Event()
+        self._urgent = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.flushes = 0  # round trips made (for tests and metrics)
+
+    def buffer(self, job_id: str) -> DeltaBuffer:
+        return DeltaBuffer(self, job_id)
+
+    def mark(self, buffer: DeltaBuffer, *, urgent: bool) -> None:
+        self._pending[buffer.job_id] = buffer
+        self._has_pending.set()
+        if urgent:
+            self._urgent.set()
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._run(), name="tierq-delta-writer")
+
+    async def stop(self) -> None:
+        """Write what is pending, then stop the task."""
+        if self._pending:
+            await self._flush()
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            await self._has_pending.wait()
+            if not self._urgent.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._urgent.wait(), self.flush_s)
+            await self._flush()
+
+    async def _flush(self) -> None:
+        self._urgent.clear()
+        self._has_pending.clear()
+        batch = [b for b in self._pending.values() if b.parts and not b.inflight]
+        # A buffer still in flight stays pending: it goes in the next round trip, after this.
+        self._pending = {k: b for k, b in self._pending.items() if b.inflight}
+        if self._pending:
+            self._has_pending.set()
+        if not batch:
+            return
+        items = []
+        for buffer in batch:
+            ts, text = buffer.take()
+            items.append((buffer.job_id, delta_prefix(buffer.job_id, ts, text)))
+        self.flushes += 1
+        try:
+            results: list[int | Exception] = await self.store.append_deltas(items)
+        except UpstreamError as exc:
+            log.warning("deltas.flush_failed", jobs=len(batch), error=str(exc))
+            results = [exc] * len(batch)
+        except BaseException as exc:  # cancelled mid-flush: nobody may wait for ever
+            for buffer in batch:
+                buffer.settle(UpstreamError(f"flush interrupted: {type(exc).__name__}"))
+            raise
+        for buffer, result in zip(batch, results, strict=True):
+            buffer.settle(result)

@@ -1,0 +1,92 @@
+"""A lean SSE response (pure ASGI) for a job's events.
+
+Two tasks per connection, nothing else: the request's own, which writes, and one that waits for
+the client's disconnect and closes the follower (its next wait returns at once; after a
+disconnect the server's ``send`` is a no-op, so the writer is never stuck on a gone client).
+Entries that arrived together go out in one write. Keep-alive pings are sent only when idle.
+Each write is bounded by ``send_timeout_s``; a client whose backlog in the tail hub outgrows its
+bound is cut off at once, even in the middle of a write that cannot complete (it resumes with
+``Last-Event-ID``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import structlog
+from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
+
+from tierq.events.codec import PING, sse_frame
+from tierq.events.sse import JobFollower
+
+log = structlog.get_logger("tierq.events")
+HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-store"),
+    (b"x-accel-buffering", b"no"),  # proxies (nginx) must not buffer the stream
+]
+
+
+class JobEventsResponse(Response):
+    """Serve ``follower``'s entries as SSE until its stream ends or the client leaves."""
+
+    def __init__(
+        self,
+        follower: JobFollower,
+        *,
+        send_timeout_s: float,
+        on_open: Callable[[], None] | None = None,
+        on_close: Callable[[JobFollower], None] | None = None,
+    ) -> None:
+        super().__init__(media_type="text/event-stream")
+        self.follower = follower
+        self.send_timeout_s = send_timeout_s
+        self.on_open = on_open
+        self.on_close = on_close
+        self._deadline: asyncio.Timeout | None = None  # of the write in progress
+        follower.on_drop = self._abort_write
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        watcher = asyncio.create_task(self._watch(receive))
+        if self.on_open is not None:
+            self.on_open()
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
+            if await self._write(send):
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            watcher.cancel()
+            self.follower.close()
+            if self.on_close is not None:
+                self.on_close(self.follower)
+
+    async def _write(self, send: Send) -> bool:
+        """``False`` when a write timed out (the connection is then closed, unfinished)."""
+        batches = self.follower.batches()
+        try:
+            async for batch in batches:
+                body = b"".join(sse_frame(item) for item in batch) if batch else PING
+                try:
+                    async with asyncio.timeout(self.send_timeout_s) as self._deadline:
+                        await send({"type": "http.response.body", "body": body, "more_body": True})
+                except TimeoutError:
+                    if not self.follower.dropped:
+                        log.info("sse.send_timeout", job_id=self.follower.job_id)
+                    return False
+                finally:
+                    self._deadline = None
+        finally:
+            await batches.aclose()
+        return True
+
+    def _abort_write(self) -> None:
+        """The client is too slow for its backlog: end the write it is stuck in now."""
+        if self._deadline is not None:
+            self._deadline.reschedule(asyncio.get_running_loop().time())
+
+    async def _watch(self, receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self.follower.close()

@@ -1,0 +1,271 @@
+"""The token path on real Redis: coalesced deltas, the tail hub, followers, slow clients."""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import redis.asyncio as aioredis
+
+from helpers import async_wait_until
+from tierq.contracts import Completed, Queued, Started
+from tierq.events.deltas import DeltaWriter
+from tierq.events.hub import TailHub
+from tierq.events.log import JobStore
+from tierq.events.response import JobEventsResponse
+from tierq.events.sse import JobFollower
+from tierq.keys import AppKeys
+from tierq.queues import QueueId
+
+_n = itertools.count()
+
+
+class Parts:
+    """A job store, a delta writer and a tail hub on one real Redis, like one app process."""
+
+    def __init__(self, client: aioredis.Redis, reader: aioredis.Redis, flush_ms: float) -> None:
+        self.keys = AppKeys(f"stream{next(_n)}")
+        self.store = JobStore(client, self.keys, retention_s=60)
+        self.writer = DeltaWriter(self.store, flush_ms, max_chars=1000)
+        self.hub = TailHub(reader, client, self.keys.tail_wake, buffer_bytes=2048)
+
+    async def running_job(self) -> str:
+        job_id = f"job_{next(_n)}"
+        queued = Queued(jobId=job_id, queueId=QueueId.PAID_STREAM, tier="paid")
+        assert await self.store.create(job_id, {"userId": "u"}, queued)
+        assert await self.store.append(Started(jobId=job_id), status="running")
+        return job_id
+
+    async def complete(self, job_id: str, result: str) -> None:
+        assert await self.store.append(Completed(jobId=job_id, result=result), status="completed")
+
+    async def log(self, job_id: str) -> list[dict[str, Any]]:
+        return [json.loads(raw) for _, raw in await self.store.read(job_id, None, 10_000)]
+
+    async def deltas(self, job_id: str) -> list[str]:
+        return [e["text"] for e in await self.log(job_id) if e["type"] == "delta"]
+
+
+@pytest.fixture
+async def clients(redis_url: str) -> AsyncIterator[tuple[aioredis.Redis, aioredis.Redis]]:
+    client = aioredis.Redis.from_url(redis_url)
+    reader = aioredis.Redis.from_url(redis_url, max_connections=1)  # the hub's one connection
+    yield client, reader
+    await client.aclose()
+    await reader.aclose()
+
+
+@pytest.fixture
+async def parts(clients: tuple[aioredis.Redis, aioredis.Redis]) -> AsyncIterator[Parts]:
+    p = Parts(*clients, flush_ms=40)
+    yield p
+    await p.writer.stop()
+    await p.hub.stop()
+
+
+async def make_parts(clients: tuple[aioredis.Redis, aioredis.Redis], flush_ms: float) -> Parts:
+    return Parts(*clients, flush_ms=flush_ms)
+
+
+# -- coalesced deltas -------------------------------------------------------------------------
+
+
+async def test_chunks_coalesce_into_few_deltas_with_identical_text_and_dense_seq(
+    parts: Parts,
+) -> None:
+    job_id = await parts.running_job()
+    buffer = parts.writer.buffer(job_id)
+    chunks = [f" w{i}" for i in range(200)]
+    for index, chunk in enumerate(chunks):
+        buffer.add(chunk)
+        if index % 20 == 0:
+            await asyncio.sleep(0.005)  # a model producing tokens over ~50 ms: several ticks
+    await buffer.close()
+    await parts.complete(job_id, "".join(chunks))
+    log = await parts.log(job_id)
+    deltas = [e["text"] for e in log if e["type"] == "delta"]
+    assert "".join(deltas) == "".join(chunks)
+    assert 2 <= len(deltas) < 20  # a few flush ticks, not one event per chunk
+    assert deltas[0] == chunks[0]  # the first chunk went alone, at once
+    assert [e["seq"] for e in log] == list(range(1, len(log) + 1))
+    assert [e["type"] for e in log][-1] == "completed"
+
+
+async def test_the_first_chunk_is_not_held_for_the_flush_interval(
+    clients: tuple[aioredis.Redis, aioredis.Redis],
+) -> None:
+    parts = await make_parts(clients, flush_ms=1000)
+    try:
+        job_id = await parts.running_job()
+        buffer = parts.writer.buffer(job_id)
+        started = time.monotonic()
+        buffer.add("first")
+        await async_wait_until(lambda: parts.deltas(job_id), within_s=0.5)
+        assert time.monotonic() - started < 0.5  # far less than the 1 s tick
+        for chunk in (" a", " b", " c"):
+            buffer.add(chunk)
+        await buffer.close()  # flushes what is pending at once, too
+        assert time.monotonic() - started < 0.9
+        assert await parts.deltas(job_id) == ["first", " a b c"]
+    finally:
+        await parts.writer.stop()
+
+
+async def test_one_round_trip_per_tick_for_all_jobs(parts: Parts) -> None:
+    jobs = [await parts.running_job() for _ in range(50)]
+    buffers = [parts.writer.buffer(j) for j in jobs]
+    before = parts.writer.flushes
+    for buffer in buffers:
+        buffer.add("one")
+    await asyncio.gather(*(b.close() for b in buffers))
+    assert parts.writer.flushes == before + 1
+    for buffer in buffers:
+        buffer.add(" two")
+        buffer.add(" three")
+    await asyncio.gather(*(b.close() for b in buffers))
+    assert parts.writer.flushes == before + 2
+    for job_id in jobs:
+        assert await parts.deltas(job_id) == ["one", " two three"]
+
+
+async def test_text_for_an_ended_job_is_refused_and_marks_the_buffer(parts: Parts) -> None:
+    job_id = await parts.running_job()
+    buffer = parts.writer.buffer(job_id)
+    buffer.add("before")
+    await buffer.close()
+    await parts.complete(job_id, "before")
+    buffer.add(" after")
+    await buffer.close()
+    assert buffer.rejected
+    assert [e["type"] for e in await parts.log(job_id)][-1] == "completed"
+    assert await parts.deltas(job_id) == ["before"]
+
+
+# -- the tail hub and its followers -------------------------------------------------------------
+
+
+async def follow_all(parts: Parts, job_id: str, after: str | None = None) -> list[dict[str, Any]]:
+    follower = JobFollower(parts.store, parts.hub, job_id, after, idle_s=5)
+    return [json.loads(e.raw) async for e in follower.entries()]
+
+
+async def xread_connections(client: aioredis.Redis) -> int:
+    return sum(1 for c in await client.client_list() if c.get("cmd") == "xread")
+
+
+async def test_the_hub_serves_many_followers_on_one_reader(
+    parts: Parts, clients: tuple[aioredis.Redis, aioredis.Redis]
+) -> None:
+    jobs = [await parts.running_job() for _ in range(20)]
+    followers = [
+        asyncio.create_task(follow_all(parts, job_id)) for job_id in jobs for _ in range(3)
+    ]
+    await async_wait_until(lambda: _followed(parts, len(jobs)))
+    assert await xread_connections(clients[0]) <= 1  # one blocked read for all 60 followers
+    buffers = [parts.writer.buffer(j) for j in jobs]
+    for word in ("alpha", " beta", " gamma"):
+        for buffer in buffers:
+            buffer.add(word)
+        await asyncio.gather(*(b.close() for b in buffers))
+    for job_id in jobs:
+        await parts.complete(job_id, "alpha beta gamma")
+    seen = await asyncio.wait_for(asyncio.gather(*followers), 10)
+    for index, events in enumerate(seen):
+        job_id = jobs[index // 3]
+        assert events == await parts.log(job_id)  # each entry once, in order, to the end
+        assert "".join(e["text"] for e in events if e["type"] == "delta") == "alpha beta gamma"
+    assert parts.hub.followed == 0  # finished followers leave the hub
+
+
+async def _followed(parts: Parts, count: int) -> bool:
+    return parts.hub.followed == count and parts.hub.subscribers == count * 3
+
+
+async def test_a_late_follower_and_a_resume_see_each_entry_once(parts: Parts) -> None:
+    job_id = await parts.running_job()
+    early = asyncio.create_task(follow_all(parts, job_id))
+    await async_wait_until(lambda: _followed_by(parts, 1))
+    buffer = parts.writer.buffer(job_id)
+    buffer.add("one")
+    await buffer.close()
+    # joins a stream the hub already reads past: reads the gap itself
+    late = asyncio.create_task(follow_all(parts, job_id))
+    await async_wait_until(lambda: _followed_by(parts, 2))
+    buffer.add(" two")
+    await buffer.close()
+    await parts.complete(job_id, "one two")
+    log = await parts.log(job_id)
+    assert await asyncio.wait_for(early, 5) == log
+    assert await asyncio.wait_for(late, 5) == log
+    entry_ids = [i for i, _ in await parts.store.read(job_id, None)]
+    resumed = await follow_all(parts, job_id, after=entry_ids[2])
+    assert resumed == log[3:]
+
+
+async def _followed_by(parts: Parts, count: int) -> bool:
+    return parts.hub.subscribers == count
+
+
+async def test_a_slow_client_is_dropped_without_disturbing_others(parts: Parts) -> None:
+    job_id = await parts.running_job()
+    stalled = asyncio.Event()
+    fast_bodies: list[bytes] = []
+    slow_bodies: list[bytes] = []
+
+    async def slow_send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body" and message["body"]:
+            slow_bodies.append(message["body"])
+            if len(slow_bodies) > 1:  # the replay went out; then the client stopped reading:
+                stalled.set()  # its write never ends
+                await asyncio.Event().wait()
+
+    async def fast_send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body":
+            fast_bodies.append(message["body"])
+
+    async def never_disconnects() -> dict[str, Any]:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    def serve(send: Any) -> tuple[JobFollower, asyncio.Task[None]]:
+        follower = JobFollower(parts.store, parts.hub, job_id, None, idle_s=5)
+        response = JobEventsResponse(follower, send_timeout_s=30)
+        return follower, asyncio.create_task(response({}, never_disconnects, send))
+
+    slow, slow_task = serve(slow_send)
+    fast, fast_task = serve(fast_send)
+    await async_wait_until(lambda: _followed_by(parts, 2))
+    buffer = parts.writer.buffer(job_id)
+    buffer.add("first")
+    await buffer.close()
+    await asyncio.wait_for(stalled.wait(), 5)
+    text = "x" * 300
+    for _ in range(20):  # 6 KB of text, past the 2 KB backlog a follower may hold
+        buffer.add(text)
+        await buffer.close()
+    await parts.complete(job_id, "first" + text * 20)
+    await asyncio.wait_for(fast_task, 5)  # the fast client got everything, to the end
+    assert b"event: completed" in b"".join(fast_bodies)
+    await asyncio.wait_for(slow_task, 5)  # the slow one was dropped, long before its 30 s
+    assert slow.dropped
+    assert not fast.dropped
+    assert parts.hub.followed == 0
+
+
+async def test_a_closed_follower_ends_at_once(parts: Parts) -> None:
+    job_id = await parts.running_job()
+    follower = JobFollower(parts.store, parts.hub, job_id, None, idle_s=30)
+    task = asyncio.create_task(_drain(follower))
+    await async_wait_until(lambda: _followed_by(parts, 1))
+    follower.close()
+    assert await asyncio.wait_for(task, 2) == 2  # queued, started; then closed, not after 30 s
+    assert parts.hub.followed == 0
+
+
+async def _drain(follower: JobFollower) -> int:
+    return len([e async for e in follower.entries()])
