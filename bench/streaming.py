@@ -187,7 +187,24 @@ def app_env(redis_url: str, app_port: int, broker_url: str, src: Path) -> dict[s
             "TIERQ_SSE_PING_S": "600",
         },
     )
-    return {**env, "PYTHONPATH": str(src)}
+    return {**env, "PYTHONPATH": pythonpath(src)}
+
+
+OPTIONAL_SPEEDUPS = ("hiredis",)
+"""Installed in this venv, picked up by a library when present (redis-py parses replies with
+hiredis): a tree whose pyproject does not list one runs without it, as it was installed."""
+
+
+def pythonpath(src: Path) -> str:
+    """``src``, after stub packages that hide the speed-ups its pyproject does not ask for."""
+    pyproject = (src.parent / "pyproject.toml").read_text()
+    hidden = [name for name in OPTIONAL_SPEEDUPS if f'"{name}' not in pyproject]
+    if not hidden:
+        return str(src)
+    stubs = Path(tempfile.mkdtemp(prefix="tierq-hidden-"))
+    for name in hidden:
+        (stubs / f"{name}.py").write_text(f"raise ImportError('{name} hidden for this run')\n")
+    return f"{stubs}{os.pathsep}{src}"
 
 
 def broker_proc(workdir: Path, port: int, redis_url: str, src: Path) -> Proc:
@@ -196,7 +213,7 @@ def broker_proc(workdir: Path, port: int, redis_url: str, src: Path) -> Proc:
         "broker",
         [sys.executable, "-m", "tierq", "broker", "--host", HOST, "--port", str(port),
          "--redis-url", redis_url, "--key-prefix", BROKER_KEY_PREFIX],
-        {**env, "PYTHONPATH": str(src)},
+        {**env, "PYTHONPATH": pythonpath(src)},
         workdir / "broker.log",
     )  # fmt: skip
 
