@@ -150,7 +150,7 @@ async def test_text_for_an_ended_job_is_refused_and_marks_the_buffer(parts: Part
 
 
 async def follow_all(parts: Parts, job_id: str, after: str | None = None) -> list[dict[str, Any]]:
-    follower = JobFollower(parts.store, parts.hub, job_id, after, idle_s=5)
+    follower = JobFollower(parts.store, parts.hub, job_id, after, idle_s=30)  # no idle rescue
     return [json.loads(e.raw) async for e in follower.entries()]
 
 
@@ -233,7 +233,7 @@ async def test_a_slow_client_is_dropped_without_disturbing_others(parts: Parts) 
         raise AssertionError("unreachable")
 
     def serve(send: Any) -> tuple[JobFollower, asyncio.Task[None]]:
-        follower = JobFollower(parts.store, parts.hub, job_id, None, idle_s=5)
+        follower = JobFollower(parts.store, parts.hub, job_id, None, idle_s=30)
         response = JobEventsResponse(follower, send_timeout_s=30)
         return follower, asyncio.create_task(response({}, never_disconnects, send))
 

@@ -3,7 +3,7 @@
 A running job writes its chunks into its :class:`DeltaBuffer` (a plain list append). One
 :class:`DeltaWriter` per process flushes every buffer that has text, every ``flush_ms``: each
 job's pending chunks become one ``delta`` event carrying their joined text, and all jobs' events
-go to Redis in one round trip (pipelined script calls). A job's first chunk, and a buffer grown
+go to Redis in one round trip (one script call). A job's first chunk, and a buffer grown
 past ``max_chars``, are flushed at once, so time to first token does not grow.
 
 Guarantees: a job's text is written in order and exactly as the model produced it (the deltas
@@ -83,12 +83,10 @@ class DeltaBuffer:
         self.inflight = True
         return self.first_ts, text
 
-    def settle(self, result: int | Exception) -> None:
+    def settle(self, result: int | UpstreamError) -> None:
         self.inflight = False
         if isinstance(result, UpstreamError):
             self.error = result
-        elif isinstance(result, Exception):
-            self.error = UpstreamError(f"redis: {result}")
         elif result == 0:
             self.rejected = True
         else:
@@ -105,6 +103,7 @@ class DeltaWriter:
         self.flush_s = flush_ms / 1000
         self.max_chars = max_chars
         self._pending: dict[str, DeltaBuffer] = {}
+        self._urgent_ids: set[str] = set()
         self._has_pending = asyncio.Event()
         self._urgent = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -117,6 +116,7 @@ class DeltaWriter:
         self._pending[buffer.job_id] = buffer
         self._has_pending.set()
         if urgent:
+            self._urgent_ids.add(buffer.job_id)
             self._urgent.set()
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run(), name="tierq-delta-writer")
@@ -124,28 +124,49 @@ class DeltaWriter:
     async def stop(self) -> None:
         """Write what is pending, then stop the task."""
         if self._pending:
-            await self._flush()
+            await self._flush(None)
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
 
     async def _run(self) -> None:
+        """One tick: from the first pending text, wait ``flush_s``, then write every buffer.
+        Urgent buffers (a job's first text, an oversized one) are written at once, alone:
+        they do not cut the others' tick short (that would defeat coalescing whenever many
+        jobs start)."""
+        loop = asyncio.get_running_loop()
         while True:
             await self._has_pending.wait()
-            if not self._urgent.is_set():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._urgent.wait(), self.flush_s)
-            await self._flush()
+            tick_at = loop.time() + self.flush_s
+            while True:
+                remaining = tick_at - loop.time()
+                if remaining > 0 and not self._urgent_ids:
+                    self._urgent.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._urgent.wait(), remaining)
+                whole = loop.time() >= tick_at
+                try:
+                    await self._flush(None if whole else set(self._urgent_ids))
+                except Exception:  # a bug here must not stop every job's text (buffers settled)
+                    log.exception("deltas.flush_crashed")
+                if whole or not self._pending:
+                    break
 
-    async def _flush(self) -> None:
-        self._urgent.clear()
-        self._has_pending.clear()
-        batch = [b for b in self._pending.values() if b.parts and not b.inflight]
-        # A buffer still in flight stays pending: it goes in the next round trip, after this.
-        self._pending = {k: b for k, b in self._pending.items() if b.inflight}
-        if self._pending:
-            self._has_pending.set()
+    async def _flush(self, only: set[str] | None) -> None:
+        """Write the pending text of every buffer (``only``: of those jobs)."""
+        ids = list(self._pending) if only is None else [i for i in only if i in self._pending]
+        self._urgent_ids.difference_update(ids)
+        batch = []
+        for job_id in ids:
+            buffer = self._pending[job_id]
+            if buffer.inflight:  # written after the round trip it is in (only under stop())
+                continue
+            del self._pending[job_id]
+            if buffer.parts:
+                batch.append(buffer)
+        if not self._pending:
+            self._has_pending.clear()
         if not batch:
             return
         items = []
@@ -154,11 +175,11 @@ class DeltaWriter:
             items.append((buffer.job_id, delta_prefix(buffer.job_id, ts, text)))
         self.flushes += 1
         try:
-            results: list[int | Exception] = await self.store.append_deltas(items)
+            results: list[int | UpstreamError] = list(await self.store.append_deltas(items))
         except UpstreamError as exc:
             log.warning("deltas.flush_failed", jobs=len(batch), error=str(exc))
             results = [exc] * len(batch)
-        except BaseException as exc:  # cancelled mid-flush: nobody may wait for ever
+        except BaseException as exc:  # cancelled or broken mid-flush: nobody waits for ever
             for buffer in batch:
                 buffer.settle(UpstreamError(f"flush interrupted: {type(exc).__name__}"))
             raise

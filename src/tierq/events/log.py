@@ -14,7 +14,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import RedisError
 
 from tierq.contracts import TERMINAL_STATUSES, WorkerEvent, is_terminal
 from tierq.errors import UpstreamError
@@ -56,7 +56,7 @@ class JobStore:
         lua = resources.files("tierq.events") / "lua"
         self._scripts: dict[str, AsyncScript] = {
             name: client.register_script((lua / f"{name}.lua").read_text())
-            for name in ("create", "append", "cancel", "append_delta")
+            for name in ("create", "append", "cancel", "append_deltas")
         }
 
     def _job_keys(self, job_id: str) -> list[str]:
@@ -99,29 +99,21 @@ class JobStore:
             raise UpstreamError(f"redis: {exc}") from exc
         return Appended(_s(entry), int(seq)) if _s(entry) else None
 
-    async def append_deltas(self, items: Sequence[tuple[str, bytes]]) -> list[int | Exception]:
-        """Append one ``delta`` event per job (``(job id, delta_prefix(...))``) in one round trip:
-        the script calls are pipelined. Each result is the seq the event got, ``0`` when the job
-        was gone or terminal, or the error of that one call."""
-        script = self._scripts["append_delta"]
+    async def append_deltas(self, items: Sequence[tuple[str, bytes]]) -> list[int]:
+        """Append one ``delta`` event per job (``(job id, delta_prefix(...))``) in one round
+        trip and one script call: what one flush tick of the process writes. Each result is
+        the seq the event got, or ``0`` when the job was gone or terminal.
+
+        One call for many jobs' keys needs them on one Redis node (a single server, as today;
+        under Redis Cluster the call must be split by hash slot)."""
+        keys = [key for job_id, _ in items for key in self._job_keys(job_id)]
         try:
-            results = await self._evalsha_each(script.sha, items)
-            again = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
-            if again:  # the script cache was flushed (a Redis restart): load it, redo those
-                await self.r.script_load(script.script)
-                redone = await self._evalsha_each(script.sha, [items[i] for i in again])
-                for i, result in zip(again, redone, strict=True):
-                    results[i] = result
+            seqs: list[Any] = await self._scripts["append_deltas"](
+                keys=keys, args=[prefix for _, prefix in items]
+            )
         except RedisError as exc:
             raise UpstreamError(f"redis: {exc}") from exc
-        return [r if isinstance(r, Exception) else int(r) for r in results]
-
-    async def _evalsha_each(self, sha: str, items: Sequence[tuple[str, bytes]]) -> list[Any]:
-        pipe = self.r.pipeline(transaction=False)
-        for job_id, prefix in items:
-            pipe.evalsha(sha, 2, *self._job_keys(job_id), prefix)
-        results: list[Any] = await pipe.execute(raise_on_error=False)
-        return results
+        return [int(seq) for seq in seqs]
 
     async def request_cancel(self, event: WorkerEvent, channel: str, now_ms: int) -> str:
         """``cancelled`` (it was queued), ``requested`` (its worker will stop it), ``missing``,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from typing import Any
 
 import structlog
 from starlette.responses import Response
@@ -45,10 +46,13 @@ class JobEventsResponse(Response):
         self.send_timeout_s = send_timeout_s
         self.on_open = on_open
         self.on_close = on_close
-        self._deadline: asyncio.Timeout | None = None  # of the write in progress
+        self._task: asyncio.Task[Any] | None = None  # the one writing
+        self._writing: asyncio.TimerHandle | None = None  # set while a write is in progress
+        self._cut_off = False
         follower.on_drop = self._abort_write
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self._task = asyncio.current_task()
         watcher = asyncio.create_task(self._watch(receive))
         if self.on_open is not None:
             self.on_open()
@@ -63,28 +67,35 @@ class JobEventsResponse(Response):
                 self.on_close(self.follower)
 
     async def _write(self, send: Send) -> bool:
-        """``False`` when a write timed out (the connection is then closed, unfinished)."""
+        """``False`` when a write was cut off (the connection is then closed, unfinished)."""
         batches = self.follower.batches()
+        loop = asyncio.get_running_loop()
         try:
             async for batch in batches:
                 body = b"".join(sse_frame(item) for item in batch) if batch else PING
+                # A bare timer, not asyncio.timeout(): this runs once per event sent.
+                self._writing = timer = loop.call_later(self.send_timeout_s, self._abort_write)
                 try:
-                    async with asyncio.timeout(self.send_timeout_s) as self._deadline:
-                        await send({"type": "http.response.body", "body": body, "more_body": True})
-                except TimeoutError:
+                    await send({"type": "http.response.body", "body": body, "more_body": True})
+                except asyncio.CancelledError:
+                    if not self._cut_off or self._task is None or self._task.uncancel():
+                        raise  # cancelled from outside, too: that one is not ours to swallow
                     if not self.follower.dropped:
                         log.info("sse.send_timeout", job_id=self.follower.job_id)
                     return False
                 finally:
-                    self._deadline = None
+                    timer.cancel()
+                    self._writing = None
         finally:
             await batches.aclose()
         return True
 
     def _abort_write(self) -> None:
-        """The client is too slow for its backlog: end the write it is stuck in now."""
-        if self._deadline is not None:
-            self._deadline.reschedule(asyncio.get_running_loop().time())
+        """End the write in progress now: it timed out, or the client is too slow for its
+        backlog (the tail hub dropped it)."""
+        if self._writing is not None and self._task is not None and not self._cut_off:
+            self._cut_off = True
+            self._task.cancel()
 
     async def _watch(self, receive: Receive) -> None:
         while (await receive())["type"] != "http.disconnect":
