@@ -30,6 +30,7 @@ from tierq.keys import AppKeys
 from tierq.ops.admin import router as admin_router
 from tierq.ops.metrics import Metrics
 from tierq.producer.api import router as producer_router
+from tierq.producer.events_route import JobEventsFastPath
 from tierq.providers.registry import ProviderRegistry
 from tierq.runtime import Runtime
 from tierq.web.pages import router as pages_router
@@ -173,6 +174,7 @@ def create_app(
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(UpstreamError, _upstream_error)
     app.add_exception_handler(RedisError, _upstream_error)
+    app.add_middleware(JobEventsFastPath)
     app.include_router(producer_router)
     app.include_router(frontdoor_router)
     app.include_router(admin_router)

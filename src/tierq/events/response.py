@@ -41,7 +41,10 @@ class JobEventsResponse(Response):
         on_open: Callable[[], None] | None = None,
         on_close: Callable[[JobFollower], None] | None = None,
     ) -> None:
-        super().__init__(media_type="text/event-stream")
+        # Not Response.__init__: it builds headers and a body this class never uses (and every
+        # idle connection would hold them); FastAPI looks at ``background`` only.
+        self.background = None
+        self.status_code = 200
         self.follower = follower
         self.send_timeout_s = send_timeout_s
         self.on_open = on_open

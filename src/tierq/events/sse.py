@@ -11,7 +11,7 @@ resumes with ``Last-Event-ID``).
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 
 import structlog
 
@@ -35,6 +35,9 @@ class JobFollower:
         self.after = after or "0-0"
         self._last = stream_id(self.after)
         self._sub: Subscription | None = None
+        self._phase = "replay"  # replay → backfill → live ⇄ check → drain → end
+        self._until: str | None = None  # inclusive end of the read in progress
+        self._replayed = False
         self.closed = False
         self.dropped = False  # ended because the client could not keep up
         self.on_drop: Callable[[], None] | None = None  # e.g. abort the client's blocked write
@@ -68,13 +71,20 @@ class JobFollower:
 
     async def batches(self) -> AsyncGenerator[list[Entry], None]:
         """Entries in order, each once, in the groups they arrived in; ``[]`` whenever
-        ``idle_s`` passed without any (the caller may send a keep-alive)."""
-        async for batch in self._batches():
-            items, final = await self._upto_final(batch)
-            if items or not batch:
-                yield items
-            if final:
-                return
+        ``idle_s`` passed without any (the caller may send a keep-alive).
+
+        One generator over a small state machine (:meth:`_next`): an idle connection holds one
+        suspended frame, not a stack of nested generators."""
+        try:
+            while (batch := await self._next()) is not None:
+                items, final = await self._upto_final(batch)
+                if items or not batch:
+                    yield items
+                if final:
+                    return
+        finally:
+            if self._sub is not None:
+                self.hub.unsubscribe(self._sub)
 
     async def entries(self) -> AsyncGenerator[Entry, None]:
         """The entries one by one (no keep-alive markers)."""
@@ -82,51 +92,52 @@ class JobFollower:
             for item in batch:
                 yield item
 
-    async def _batches(self) -> AsyncIterator[list[Entry]]:
-        replayed = False
-        async for items in self._read(until=None):
-            replayed = True
-            yield items
-        if self.closed or (not replayed and await self._ended() is not None):
-            return  # closed, or a resume at or past the end (or of a gone job): nothing to wait for
-        key = self.store.keys.job_events(self.job_id)
-        self._sub = sub = self.hub.subscribe(key, self.after, self._overflowed)
-        try:
-            if sub.backfill_to is not None:
-                async for items in self._read(until=sub.backfill_to):
-                    yield items
-            async for items in self._live(sub):
-                yield items
-        finally:
-            self.hub.unsubscribe(sub)
-
-    async def _read(self, until: str | None) -> AsyncIterator[list[Entry]]:
-        """The log after our position (up to ``until``, inclusive), a page at a time."""
+    async def _next(self) -> list[Entry] | None:
+        """The next group of entries, ``[]`` after an idle interval, ``None`` at the end.
+        Phases: replay the log → (backfill what the hub read before we joined) → live from
+        the hub, checking the job when idle → drain what is left once it ended."""
         while not self.closed:
-            rows = await self.store.read(self.job_id, self.after, PAGE, until=until)
-            items = self._fresh(rows)
-            if items:
-                yield items
-            if len(rows) < PAGE:
-                return
-
-    async def _live(self, sub: Subscription) -> AsyncIterator[list[Entry]]:
-        while not self.closed:
-            rows = await sub.next(self.idle_s)
-            if sub.overflowed:
-                return
-            if rows is None:
-                yield []
+            if self._phase == "live":
+                return await self._next_live()
+            if self._phase == "check":
                 ended = await self._ended()
-                if ended is not None:  # gone, or over: read what is left ourselves, and stop
-                    if ended:
-                        async for items in self._read(until=None):
-                            yield items
-                    return
+                self._phase = "live" if ended is None else "drain" if ended else "end"
                 continue
+            if self._phase == "end":
+                return None
+            rows = await self.store.read(self.job_id, self.after, PAGE, until=self._until)
             items = self._fresh(rows)
+            if len(rows) < PAGE:
+                await self._after_reading(replayed=bool(rows))
             if items:
-                yield items
+                return items
+        return None
+
+    async def _after_reading(self, *, replayed: bool) -> None:
+        """A read reached the end of what it was after: move to the next phase."""
+        if self._phase == "replay":
+            self._replayed = self._replayed or replayed
+            if not self._replayed and await self._ended() is not None:
+                self._phase = "end"  # a resume at or past the end, or a gone job
+                return
+            key = self.store.keys.job_events(self.job_id)
+            self._sub = self.hub.subscribe(key, self.after, self._overflowed)
+            self._until = self._sub.backfill_to
+            self._phase = "backfill" if self._until is not None else "live"
+        elif self._phase == "backfill":
+            self._until, self._phase = None, "live"
+        else:  # drained after the end
+            self._phase = "end"
+
+    async def _next_live(self) -> list[Entry] | None:
+        assert self._sub is not None
+        rows = await self._sub.next(self.idle_s)
+        if self._sub.overflowed:
+            return None
+        if rows is None:  # idle: see whether the job ended (or expired) on the next turn
+            self._phase = "check"
+            return []
+        return self._fresh(rows)
 
     async def _ended(self) -> bool | None:
         """``None`` while the job may still log events; ``True`` once it ended; ``False`` when

@@ -99,8 +99,14 @@ async def cancel_job(job_id: str, request: Request) -> dict[str, Any]:
 
 @router.get("/api/jobs/{job_id}/events")
 async def job_events(job_id: str, request: Request) -> JobEventsResponse:
-    """SSE. Readable with the job's ``eventsToken`` (``?token=``) or its owner's API key."""
-    rt = runtime(request)
+    """SSE. Readable with the job's ``eventsToken`` (``?token=``) or its owner's API key.
+    (Served by :class:`~tierq.producer.events_route.JobEventsFastPath` ahead of routing; this
+    route documents it and serves it where that middleware is not installed.)"""
+    return await open_job_events(runtime(request), request, job_id)
+
+
+async def open_job_events(rt: Runtime, request: Request, job_id: str) -> JobEventsResponse:
+    """Check who asks (raising the client error to answer), then the SSE response."""
     token = request.query_params.get("token")
     if token:
         if not events_token_valid(rt.settings.events_secret or "", job_id, token):
