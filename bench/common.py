@@ -157,6 +157,13 @@ def cpu_seconds(pid: int | None) -> float | None:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def cpu_snapshot(pids: dict[str, int | None]) -> dict[str, float | None]:
+    """CPU seconds so far of each named process, and of this one as ``bench_client``."""
+    out = {name: cpu_seconds(pid) for name, pid in pids.items()}
+    out["bench_client"] = cpu_seconds(os.getpid())
+    return out
+
+
 def machine_info(packages: tuple[str, ...]) -> dict[str, Any]:
     cpu_model = ""
     with contextlib.suppress(OSError):

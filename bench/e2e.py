@@ -41,7 +41,7 @@ import redis
 from common import (
     Proc,
     clean_env,
-    cpu_seconds,
+    cpu_snapshot,
     machine_info,
     serve_env,
     summary,
@@ -639,12 +639,6 @@ def log_findings(path: Path, keep: int = 8) -> dict[str, Any]:
 # -- driver ------------------------------------------------------------------------------------
 
 
-def cpu_snapshot(system: System) -> dict[str, float | None]:
-    out = {name: cpu_seconds(pid) for name, pid in system.pids().items()}
-    out["bench_client"] = cpu_seconds(os.getpid())
-    return out
-
-
 def cpu_report(
     before: dict[str, float | None], after: dict[str, float | None], wall_s: float
 ) -> dict[str, Any]:
@@ -668,10 +662,10 @@ async def measure(system: System, args: argparse.Namespace) -> dict[str, Any]:
 
     system.redis.config_resetstat()
     processed_before = total_processed(system.redis)
-    cpu_before = cpu_snapshot(system)
+    cpu_before = cpu_snapshot(system.pids())
     deadline_s = max(120.0, args.jobs / 5)
     runs, wall = await throughput(system, args.jobs, args.concurrency, args.tokens, deadline_s)
-    cpu_after = cpu_snapshot(system)
+    cpu_after = cpu_snapshot(system.pids())
     processed_after = wait_redis_quiet(system.redis)
     calls = commandstats(system.redis)
     connections = connections_received(system.redis)

@@ -19,6 +19,7 @@ from tierq.broker.server.credentials import DEV_ACCOUNTS, build_accounts
 from tierq.config import BrokerSettings, Settings
 from tierq.embedded_redis import free_port
 from tierq.keys import AppKeys
+from tierq.runtime import Runtime
 
 DEV = DEV_ACCOUNTS[0]
 PAID = "tq_dev_paid"
@@ -43,6 +44,12 @@ class System:
 
     def __post_init__(self) -> None:
         self.http = httpx.Client(base_url=self.app.url, timeout=30)
+
+    @property
+    def runtime(self) -> Runtime:
+        """The app's runtime (the app runs in this process, in a thread of its own)."""
+        rt: Runtime = self.app.server.config.app.state.runtime
+        return rt
 
     @property
     def keys(self) -> AppKeys:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
@@ -147,3 +148,30 @@ def test_paused_queue_holds_jobs_until_resumed(system: System) -> None:
             assert types(system.events(reply["jobId"], reply["eventsToken"]))[-1] == "completed"
     finally:
         qstash.http._client.close()
+
+
+def test_submits_arriving_together_are_published_in_batches(system: System) -> None:
+    kinds = [("batch", "paid"), ("batch", "free"), ("stream", "paid"), ("stream", "free")] * 15
+    qstash = QStash(DEV.token, base_url=system.broker.url)
+    qstash.queue.pause("q_free_batch")  # shows each batched message went to its own queue
+
+    def submit(kind: tuple[str, str]) -> Any:
+        return system.submit(PAID, experience=kind[0], mode=kind[1])
+
+    before = system.runtime.gateway.requests
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        replies = list(pool.map(submit, kinds))
+    assert [r.status_code for r in replies] == [202] * len(kinds)
+    assert system.runtime.gateway.requests - before < len(kinds)  # some went out together
+    jobs = [(kind, reply.json()) for kind, reply in zip(kinds, replies, strict=True)]
+    for (experience, mode), job in jobs:
+        assert job["queueId"] == f"q_{mode}_{experience}"
+        if job["queueId"] != "q_free_batch":
+            events = system.events(job["jobId"], job["eventsToken"])  # delivered, run once
+            assert_job_sequence(events, stream=experience == "stream")
+    held = [job for _, job in jobs if job["queueId"] == "q_free_batch"]
+    assert {system.job(job["jobId"])["status"] for job in held} == {"queued"}
+    qstash.queue.resume("q_free_batch")
+    qstash.http._client.close()  # type: ignore[attr-defined]
+    for job in held:
+        assert_job_sequence(system.events(job["jobId"], job["eventsToken"]), stream=False)
