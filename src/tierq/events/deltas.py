@@ -23,6 +23,7 @@ import time
 
 import structlog
 
+from tierq.aio import raise_if_cancelled
 from tierq.errors import UpstreamError
 from tierq.events.codec import delta_prefix
 from tierq.events.log import JobStore
@@ -150,6 +151,7 @@ class DeltaWriter:
                     await self._flush(None if whole else set(self._urgent_ids))
                 except Exception:  # a bug here must not stop every job's text (buffers settled)
                     log.exception("deltas.flush_crashed")
+                raise_if_cancelled()  # stop() must end this loop, even through redis-py
                 if whole or not self._pending:
                     break
 

@@ -28,6 +28,7 @@ import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError
 
+from tierq.aio import raise_if_cancelled
 from tierq.events.codec import stream_id
 
 log = structlog.get_logger("tierq.events")
@@ -219,6 +220,7 @@ class TailHub:
                 continue
             finally:
                 self._reading = None
+            raise_if_cancelled()  # stop() must end this loop, even through redis-py
             try:
                 self._fan_out(reply or [], asked)
             except Exception:  # a bug here must not stop every stream of the process
@@ -254,6 +256,7 @@ class TailHub:
                 log.warning("tail_hub.wake_failed", error=str(exc))
                 await asyncio.sleep(RETRY_S)
                 continue
+            raise_if_cancelled()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(BLOCK_MS / 1000 + 1):
                     await issued.wait()

@@ -10,6 +10,7 @@ import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError
 
+from tierq.aio import raise_if_cancelled
 from tierq.events.log import JobStore
 
 log = structlog.get_logger("tierq.worker")
@@ -28,6 +29,7 @@ async def poll_cancel_flag(
         except RedisError as exc:
             log.warning("cancel_poll.failed", error=str(exc))
             continue
+        raise_if_cancelled()  # stopped at cleanup even if redis-py swallowed the cancel
         if state is not None and state.get("cancelRequested") == "1":
             cancel.set()
 
