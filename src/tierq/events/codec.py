@@ -40,6 +40,12 @@ def entry(entry_id: str, raw: str) -> Entry:
     return Entry(entry_id, raw, kind, int(data.get("seq", 0)), terminal)
 
 
+def delta_of(item: Entry) -> tuple[str, str]:
+    """The job id and the text of a ``delta`` entry (read without pydantic)."""
+    data = orjson.loads(item.raw)
+    return str(data["jobId"]), str(data["text"])
+
+
 def stream_id(value: str) -> tuple[int, int]:
     """A Redis stream entry id (``"1700000000000-3"``) as a comparable pair."""
     ms, _, seq = value.partition("-")

@@ -53,7 +53,7 @@ from tierq.contracts import (
     parse_event,
 )
 from tierq.errors import ClientError, UpstreamError
-from tierq.events.codec import Entry
+from tierq.events.codec import Entry, delta_of
 from tierq.events.sse import JobFollower
 from tierq.frontdoor import errors
 from tierq.frontdoor.errors import OpenAIError
@@ -225,9 +225,11 @@ async def _next_event(events: Events) -> WorkerEvent | None:
     """The next event that matters to an OpenAI answer (``delta`` or terminal, or a retryable
     ``failed``); ``None`` when the log ended (the job's records expired)."""
     async for item in events:
-        event = parse_event(item.raw)
-        if isinstance(event, Delta | Failed) or is_terminal(event):
-            return event
+        if item.type == "delta":  # the token path: no validation round trip per delta
+            job_id, text = delta_of(item)
+            return Delta.model_construct(job_id=job_id, seq=item.seq, text=text)
+        if item.type in ("failed", "completed", "cancelled"):
+            return parse_event(item.raw)
     return None
 
 
