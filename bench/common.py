@@ -157,6 +157,25 @@ def cpu_seconds(pid: int | None) -> float | None:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
+def vm_rss_kib(pid: int | None) -> int | None:
+    """VmRSS of ``pid`` in KiB (from /proc), ``None`` if unreadable."""
+    if pid is None:
+        return None
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return None
+
+
+def open_fds(pid: int) -> int | None:
+    """How many file descriptors ``pid`` has open, ``None`` if unreadable."""
+    try:
+        return len(os.listdir(f"/proc/{pid}/fd"))
+    except OSError:
+        return None
+
+
 def cpu_snapshot(pids: dict[str, int | None]) -> dict[str, float | None]:
     """CPU seconds so far of each named process, and of this one as ``bench_client``."""
     out = {name: cpu_seconds(pid) for name, pid in pids.items()}

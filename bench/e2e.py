@@ -43,8 +43,10 @@ from common import (
     clean_env,
     cpu_snapshot,
     machine_info,
+    open_fds,
     serve_env,
     summary,
+    vm_rss_kib,
     write_results,
 )
 from tierq.broker.server.credentials import DEV_ACCOUNTS
@@ -71,21 +73,9 @@ def now_ms() -> float:
 
 
 def rss_mib(pid: int) -> float | None:
-    """VmRSS of ``pid`` in MiB (from /proc), ``None`` if unreadable."""
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return round(int(line.split()[1]) / 1024, 1)
-    except OSError:
-        return None
-    return None
-
-
-def open_fds(pid: int) -> int | None:
-    try:
-        return len(os.listdir(f"/proc/{pid}/fd"))
-    except OSError:
-        return None
+    """VmRSS of ``pid`` in MiB, ``None`` if unreadable."""
+    kib = vm_rss_kib(pid)
+    return None if kib is None else round(kib / 1024, 1)
 
 
 # -- the system under test -------------------------------------------------------------------

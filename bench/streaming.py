@@ -58,7 +58,16 @@ from urllib.parse import quote
 
 import httpx
 
-from common import Proc, cpu_snapshot, machine_info, serve_env, summary, write_results
+from common import (
+    Proc,
+    cpu_snapshot,
+    machine_info,
+    open_fds,
+    serve_env,
+    summary,
+    vm_rss_kib,
+    write_results,
+)
 from tierq.embedded_redis import EmbeddedRedis, free_port
 
 try:
@@ -102,24 +111,6 @@ ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 def now_ms() -> float:
     return time.time() * 1000
-
-
-def vm_rss_kib(pid: int | None) -> int | None:
-    """VmRSS of ``pid`` in KiB (from /proc), ``None`` if unreadable."""
-    if pid is None:
-        return None
-    with contextlib.suppress(OSError, ValueError, IndexError):
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return None
-
-
-def open_fds(pid: int) -> int | None:
-    try:
-        return len(os.listdir(f"/proc/{pid}/fd"))
-    except OSError:
-        return None
 
 
 def ratio(current: float | None, baseline: float | None) -> float | None:
