@@ -24,13 +24,13 @@ from tierq.errors import Busy, ClientError, UpstreamError
 from tierq.events.deltas import DeltaWriter
 from tierq.events.hub import BLOCK_MS, TailHub
 from tierq.events.log import JobStore
+from tierq.fastpath import FastRoutes
 from tierq.frontdoor import router as frontdoor_router
 from tierq.guards.leases import Leases
 from tierq.keys import AppKeys
 from tierq.ops.admin import router as admin_router
 from tierq.ops.metrics import Metrics
 from tierq.producer.api import router as producer_router
-from tierq.producer.events_route import JobEventsFastPath
 from tierq.providers.registry import ProviderRegistry
 from tierq.runtime import Runtime
 from tierq.web.pages import router as pages_router
@@ -174,7 +174,7 @@ def create_app(
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(UpstreamError, _upstream_error)
     app.add_exception_handler(RedisError, _upstream_error)
-    app.add_middleware(JobEventsFastPath)
+    app.add_middleware(FastRoutes)
     app.include_router(producer_router)
     app.include_router(frontdoor_router)
     app.include_router(admin_router)

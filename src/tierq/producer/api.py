@@ -100,8 +100,8 @@ async def cancel_job(job_id: str, request: Request) -> dict[str, Any]:
 @router.get("/api/jobs/{job_id}/events")
 async def job_events(job_id: str, request: Request) -> JobEventsResponse:
     """SSE. Readable with the job's ``eventsToken`` (``?token=``) or its owner's API key.
-    (Served by :class:`~tierq.producer.events_route.JobEventsFastPath` ahead of routing; this
-    route documents it and serves it where that middleware is not installed.)"""
+    (Served by :class:`~tierq.fastpath.FastRoutes` ahead of routing; this route documents it
+    and serves it where that middleware is not installed.)"""
     return await open_job_events(runtime(request), request, job_id)
 
 

@@ -1,0 +1,78 @@
+"""The hot routes as pure ASGI, ahead of FastAPI's routing: job events (SSE) and QStash
+deliveries.
+
+They are most of an app's requests under load, and FastAPI's routing layers (exception
+middleware, exit stacks, per-request route bookkeeping) cost more than the rest of a delivery's
+HTTP handling; an SSE connection also held ~12 KiB more through them for its whole life
+(measured: bench/streaming.py). Here each request is handled by the same function as its
+FastAPI route, which stays declared (documentation, and the fallback where this middleware is
+not installed), and errors are answered by the app's own exception handlers.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from tierq.producer.api import open_job_events
+from tierq.queues import WorkerKind
+from tierq.worker.routes import handle
+
+Handler = Callable[[Request, Exception], Awaitable[Response]]
+Route = Callable[[Request, re.Match[str]], Awaitable[Response]]
+
+
+async def _events(request: Request, match: re.Match[str]) -> Response:
+    return await open_job_events(request.app.state.runtime, request, match["job_id"])
+
+
+async def _delivery(request: Request, match: re.Match[str]) -> Response:
+    kind: WorkerKind = "stream" if match["kind"] == "stream" else "batch"
+    return await handle(request, kind, match["service"])
+
+
+ROUTES: tuple[tuple[str, re.Pattern[str], Route], ...] = (
+    ("GET", re.compile(r"/api/jobs/(?P<job_id>[^/]+)/events"), _events),
+    ("POST", re.compile(r"/api/worker/(?P<kind>stream|batch)/(?P<service>[^/]+)"), _delivery),
+)
+
+
+class FastRoutes:
+    """Serve :data:`ROUTES`; pass every other request on."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            for method, pattern, route in ROUTES:
+                if scope["method"] == method and (match := pattern.fullmatch(scope["path"])):
+                    # In its own call, so nothing of the request stays referenced while an SSE
+                    # response runs.
+                    response = await _answer(scope, receive, route, match)
+                    await response(scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
+
+
+async def _answer(scope: Scope, receive: Receive, route: Route, match: re.Match[str]) -> Response:
+    request = Request(scope, receive)
+    try:
+        return await route(request, match)
+    except Exception as exc:
+        handler = _handler(request.app.exception_handlers, exc)
+        if handler is None:
+            raise
+        return await handler(request, exc)
+
+
+def _handler(handlers: Mapping[Any, Handler], exc: Exception) -> Handler | None:
+    for cls in type(exc).__mro__:
+        if cls in handlers:
+            return handlers[cls]
+    return None
