@@ -14,6 +14,8 @@ import redis.asyncio as aioredis
 
 from helpers import async_wait_until
 from tierq.contracts import Completed, Queued, Started
+from tierq.embedded_redis import free_port
+from tierq.errors import UpstreamError
 from tierq.events.deltas import DeltaWriter
 from tierq.events.hub import TailHub
 from tierq.events.log import JobStore
@@ -269,3 +271,19 @@ async def test_a_closed_follower_ends_at_once(parts: Parts) -> None:
 
 async def _drain(follower: JobFollower) -> int:
     return len([e async for e in follower.entries()])
+
+
+async def test_a_failed_flush_fails_the_job_text_and_is_raised_on_close() -> None:
+    # A Redis nobody listens on: the flush fails for real (nothing mocked)
+    client = aioredis.Redis(host="127.0.0.1", port=free_port(), socket_connect_timeout=0.5)
+    writer = DeltaWriter(JobStore(client, AppKeys("dead"), retention_s=60), 10, 100)
+    try:
+        buffer = writer.buffer("job_x")
+        buffer.add("text")
+        with pytest.raises(UpstreamError):
+            await asyncio.wait_for(buffer.close(), 20)
+        assert buffer.error is not None
+        assert not buffer.rejected
+    finally:
+        await writer.stop()
+        await client.aclose()
