@@ -111,6 +111,7 @@ def app_env(redis_url: str, app_port: int, broker_url: str, job_timeout_s: float
         queue_parallelism=QUEUE_PARALLELISM,
         extra={
             "TIERQ_USER_LIMITS": json.dumps(limits),
+            "TIERQ_USER_QUEUE_LIMITS": json.dumps(limits),
             "TIERQ_MODELS": json.dumps({"sim": model}),
             "TIERQ_JOB_TIMEOUT_S": str(job_timeout_s),
         },

@@ -161,6 +161,7 @@ def app_env(redis_url: str, app_port: int, broker_url: str, upstream_url: str) -
         queue_parallelism=64,
         extra={
             "TIERQ_USER_LIMITS": json.dumps(limits),
+            "TIERQ_USER_QUEUE_LIMITS": json.dumps(limits),
             "TIERQ_MODELS": json.dumps({MODEL: model}),
             "TIERQ_SERVICES": json.dumps(services),
             UPSTREAM_KEY_ENV: UPSTREAM_KEY,

@@ -176,6 +176,7 @@ def app_env(redis_url: str, app_port: int, broker_url: str, src: Path) -> dict[s
         extra={
             "TIERQ_MODELS": json.dumps({"sim": model}),
             "TIERQ_USER_LIMITS": json.dumps(limits),
+            "TIERQ_USER_QUEUE_LIMITS": json.dumps(limits),
             "TIERQ_SSE_PING_S": "600",
         },
     )

@@ -172,6 +172,9 @@ class Settings(BaseSettings):
     services: dict[str, ServiceSettings] = Field(default_factory=_dev_services)
     # user guard: running jobs per user, by plan
     user_limits: TierLimits = Field(default_factory=lambda: TierLimits(paid=8, free=2))
+    # per user and queue: jobs admitted and not finished, by plan, so that one user cannot
+    # take a whole queue's admission depth (over it: 429 user_queue_full, for that user only)
+    user_queue_limits: TierLimits = Field(default_factory=lambda: TierLimits(paid=1000, free=100))
 
     # leases and waiting
     lease_ttl_s: float = 30.0

@@ -100,6 +100,8 @@ class AppKeys:
       ``event_retention_s`` after the terminal event
     - ``job_events(id)``: stream, the job's append-only event log; same expiry
     - ``admission(queue)``: zset job id → lease expiry ms (producer backpressure)
+    - ``user_pending(queue, user)``: zset job id → lease expiry ms: the user's share of the
+      queue's admission (taken and given back with the admission lease)
     - ``model_guard(model, tier)``: zset job id → lease expiry ms
     - ``user_guard(user)``: zset job id → lease expiry ms
     - ``running(queue)``: zset job id → lease expiry ms of jobs running now (no limit; for
@@ -129,6 +131,9 @@ class AppKeys:
     @property
     def user_guard_pattern(self) -> str:
         return f"{self.prefix}:guard:user:*"
+
+    def user_pending(self, queue_id: str, user_id: str) -> str:
+        return f"{self.prefix}:pending:{queue_id}:{user_id}"
 
     def running(self, queue_id: str) -> str:
         return f"{self.prefix}:running:{queue_id}"

@@ -13,7 +13,7 @@ from qstash import QStash
 
 from helpers import wait_until
 from system import DEV, FREE, PAID, System
-from tierq.config import ModelSettings, QueueSettings, TierLimits
+from tierq.config import ModelSettings, QueueSettings, TierLimits, UserSettings
 from tierq.queues import QueueId
 
 HANG = {"fail": "hang"}
@@ -28,6 +28,7 @@ def guard_keys(system: System) -> list[str]:
         k.user_guard("dev-paid"),
         k.user_guard("dev-free"),
         *(k.admission(q.value) for q in QueueId),
+        *(k.user_pending(q.value, user) for q in QueueId for user in ("dev-paid", "dev-free")),
     ]
 
 
@@ -229,3 +230,35 @@ def test_guard_full_on_the_last_attempt_fails_the_job_for_good(
     wait_until(lambda: system.slot_count(admission) == 1)  # only the blocker's slot is left
     system.http.delete(f"/api/jobs/{blocker['jobId']}", headers={"Authorization": f"Bearer {PAID}"})
     assert_no_slots_held(system)
+
+
+def test_one_user_cannot_take_a_whole_queue(make_system: Callable[..., System]) -> None:
+    other = "tq_test_free_2"
+    keys = {FREE: UserSettings(id="dev-free", plan="free"),
+            other: UserSettings(id="free-2", plan="free")}  # fmt: skip
+    system = make_system(api_keys=keys, user_queue_limits=TierLimits(paid=5, free=2))
+    qstash = QStash(DEV.token, base_url=system.broker.url)
+    qstash.queue.pause("q_free_stream")  # jobs stay admitted, not finished
+    try:
+        mine = [submit_ok(system, FREE) for _ in range(2)]
+        refused = system.submit(FREE)
+        assert refused.status_code == 429, refused.text
+        assert refused.json()["error"]["code"] == "user_queue_full"
+        assert int(refused.headers["retry-after"]) >= 1
+        theirs = submit_ok(system, other)  # another user of the same queue is not refused
+        assert theirs["queueId"] == mine[0]["queueId"] == "q_free_stream"
+        pending = system.keys.user_pending("q_free_stream", "dev-free")
+        assert system.slot_count(pending) == 2  # nothing taken by the refused submit
+        res = system.http.delete(
+            f"/api/jobs/{mine[0]['jobId']}", headers={"Authorization": f"Bearer {FREE}"}
+        )
+        assert res.json()["status"] == "cancelled"
+        assert system.slot_count(pending) == 1  # a cancelled queued job gives its share back
+        again = submit_ok(system, FREE)
+    finally:
+        qstash.queue.resume("q_free_stream")
+        qstash.http._client.close()  # type: ignore[attr-defined]
+    for job in (mine[1], again, theirs):  # finishing gives the share back too
+        assert system.events(job["jobId"], job["eventsToken"])[-1].event == "completed"
+    wait_until(lambda: system.slot_count(pending) == 0, timeout=5)
+    assert system.slot_count(system.keys.user_pending("q_free_stream", "free-2")) == 0

@@ -94,9 +94,11 @@ async def submit(rt: Runtime, user: UserSettings, req: JobRequest) -> SubmitResp
     queue = queue_for(tier, req.experience)
     job_id = new_job_id()
     admission_key = rt.keys.admission(queue.value)
+    await _admit_user(rt, user, queue.value, job_id)
     depth = settings.queues[queue].admission_depth
     admitted = await rt.leases.acquire(admission_key, job_id, depth, settings.admission_ttl_s)
     if not admitted.acquired:
+        await rt.leases.release(rt.keys.user_pending(queue.value, user.id), job_id)
         rt.metrics.admission_rejections.labels(queue.value).inc()
         raise Busy(
             f"queue {queue.value} is full ({depth} jobs admitted); retry later",
@@ -112,7 +114,7 @@ async def submit(rt: Runtime, user: UserSettings, req: JobRequest) -> SubmitResp
         url = settings.public_url.rstrip("/") + worker_path(req.experience, req.service)
         message_id = await rt.gateway.publish(body, url)
     except BaseException:
-        await _undo(rt, job_id, admission_key)
+        await _undo(rt, job_id, [admission_key, rt.keys.user_pending(queue.value, user.id)])
         raise
     await rt.jobs.set_fields(job_id, {"messageId": message_id})
     rt.metrics.submitted.labels(queue.value).inc()
@@ -129,10 +131,23 @@ async def submit(rt: Runtime, user: UserSettings, req: JobRequest) -> SubmitResp
     )
 
 
-async def _undo(rt: Runtime, job_id: str, admission_key: str) -> None:
-    """Nothing half-written: drop the job record and give the admission slot back."""
+async def _admit_user(rt: Runtime, user: UserSettings, queue: str, job_id: str) -> None:
+    """Take the user's share of the queue (``user_queue_limits`` by plan), or refuse them."""
+    limit = rt.settings.user_queue_limits.for_tier(user.plan)
+    key = rt.keys.user_pending(queue, user.id)
+    if not (await rt.leases.acquire(key, job_id, limit, rt.settings.admission_ttl_s)).acquired:
+        rt.metrics.admission_rejections.labels(queue).inc()
+        raise Busy(
+            f"you have {limit} jobs admitted to {queue} already; retry later",
+            retry_after_s=rt.settings.admission_retry_after_s,
+            code="user_queue_full",
+        )
+
+
+async def _undo(rt: Runtime, job_id: str, lease_keys: list[str]) -> None:
+    """Nothing half-written: drop the job record and give the admission slots back."""
     try:
         await rt.jobs.delete(job_id)
-        await rt.leases.release(admission_key, job_id)
+        await rt.leases.release_all([(key, job_id) for key in lease_keys])
     except UpstreamError:
-        pass  # the admission lease still expires on its own
+        pass  # the admission leases still expire on their own

@@ -1,4 +1,4 @@
-"""Step 6: give back every lease the delivery held, and the admission slot once finished.
+"""Step 6: give back every lease the delivery held, and the admission slots once finished.
 
 Runs on every path out of the pipeline (success, failure, exception, timeout, cancellation).
 """
@@ -14,6 +14,8 @@ async def cleanup(
 ) -> None:
     leases = list(held)
     if finished:
-        leases.append((rt.keys.admission(body.queue_id.value), body.job_id))
+        queue = body.queue_id.value
+        leases.append((rt.keys.admission(queue), body.job_id))
+        leases.append((rt.keys.user_pending(queue, body.user_id), body.job_id))
     if leases:
         await rt.leases.release_all(leases)
