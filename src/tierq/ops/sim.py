@@ -480,7 +480,6 @@ def retry_delay(reply: Reply) -> float:
 def lease_keys(rt: Runtime, users: list[UserSettings], models: set[str]) -> list[str]:
     """Every lease key a run with these users and models can touch."""
     keys = [rt.keys.admission(q.value) for q in QueueId]
-    keys += [rt.keys.user_pending(q.value, u.id) for q in QueueId for u in users]
     keys += [rt.keys.running(q.value) for q in QueueId]
     keys += [rt.keys.model_guard(m, t) for m in sorted(models) for t in TIERS]
     keys += [rt.keys.user_guard(u.id) for u in users]
