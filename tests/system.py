@@ -27,6 +27,12 @@ FREE = "tq_dev_free"
 _ids = itertools.count()
 
 
+def sample(text: str, name: str, labels: str = "") -> float:
+    """One sample of a Prometheus text exposition (0 when absent)."""
+    match = re.search(rf"^{re.escape(name)}{re.escape(labels)} (\S+)$", text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
 @dataclass
 class SseEvent:
     id: str
@@ -110,9 +116,11 @@ class System:
 
     def metric(self, name: str, labels: str = "") -> float:
         """One sample of the app's /metrics (0 when absent)."""
-        text = self.http.get("/metrics").text
-        match = re.search(rf"^{re.escape(name)}{re.escape(labels)} (\S+)$", text, re.MULTILINE)
-        return float(match.group(1)) if match else 0.0
+        return sample(self.http.get("/metrics").text, name, labels)
+
+    def xread_clients(self) -> set[str]:
+        """Ids of the Redis connections whose current (or last) command is XREAD."""
+        return {c["id"] for c in self.redis.client_list() if c.get("cmd") == "xread"}
 
     def slot_count(self, key: str) -> int:
         return int(self.redis.zcard(key))

@@ -13,28 +13,20 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
-from qstash import AsyncQStash, Receiver
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException
 
-from tierq.broker.client import QStashGateway
 from tierq.config import Settings
 from tierq.contracts import error_body
 from tierq.errors import Busy, ClientError, UpstreamError
-from tierq.events.deltas import DeltaWriter
-from tierq.events.hub import BLOCK_MS, TailHub
-from tierq.events.log import JobStore
+from tierq.events.hub import BLOCK_MS
 from tierq.fastpath import FastRoutes
 from tierq.frontdoor import router as frontdoor_router
-from tierq.guards.leases import Leases
-from tierq.keys import AppKeys
+from tierq.observability.metrics import Metrics
 from tierq.ops.admin import router as admin_router
-from tierq.ops.metrics import Metrics
 from tierq.producer.api import router as producer_router
-from tierq.providers.registry import ProviderRegistry
-from tierq.runtime import Runtime
+from tierq.runtime import Runtime, build_runtime
 from tierq.web.pages import router as pages_router
-from tierq.worker.cancel import CancelHub
 from tierq.worker.legacy import legacy_router
 from tierq.worker.routes import router as worker_router
 
@@ -105,38 +97,6 @@ def redis_clients(settings: Settings) -> RedisClients:
             socket_timeout=BLOCK_MS / 1000 + settings.redis_socket_timeout_s,
         ),
         pubsub=aioredis.Redis.from_url(url, socket_timeout=None, health_check_interval=30),
-    )
-
-
-def build_runtime(
-    settings: Settings,
-    client: aioredis.Redis,
-    metrics: Metrics | None = None,
-    tail_client: aioredis.Redis | None = None,
-    pubsub_client: aioredis.Redis | None = None,
-) -> Runtime:
-    keys = AppKeys(settings.key_prefix)
-    jobs = JobStore(client, keys, settings.event_retention_s)
-    qstash = AsyncQStash(settings.qstash_token or "", base_url=settings.qstash_url)
-    receiver = Receiver(
-        current_signing_key=settings.qstash_current_signing_key or "",
-        next_signing_key=settings.qstash_next_signing_key or "",
-    )
-    return Runtime(
-        settings=settings,
-        redis=client,
-        keys=keys,
-        jobs=jobs,
-        leases=Leases(client),
-        gateway=QStashGateway(qstash, settings),
-        receiver=receiver,
-        providers=ProviderRegistry(settings.models),
-        cancels=CancelHub(pubsub_client or client, keys.cancel_channel),
-        metrics=metrics or Metrics(),
-        deltas=DeltaWriter(jobs, settings.delta_flush_ms, settings.delta_flush_max_chars),
-        hub=TailHub(
-            tail_client or client, client, keys.tail_wake, settings.sse_client_buffer_bytes
-        ),
     )
 
 

@@ -141,7 +141,7 @@ async def run_dev(settings: Settings) -> None:
         current_key=settings.qstash_current_signing_key,
         next_key=settings.qstash_next_signing_key,
     )
-    from tierq.ops.metrics import Metrics  # noqa: PLC0415
+    from tierq.observability.metrics import Metrics  # noqa: PLC0415
 
     metrics = Metrics()  # one /metrics for both
     broker_started = asyncio.Event()
@@ -292,7 +292,7 @@ def sim(
 
 
 def _setup_logs(settings: Settings, *, json_output: bool) -> None:
-    from tierq.ops.logging import configure_logging  # noqa: PLC0415
+    from tierq.observability.logging import configure_logging  # noqa: PLC0415
 
     configure_logging(
         json_output=json_output, level=settings.log_level, secrets=settings.secret_values()

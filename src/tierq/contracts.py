@@ -136,11 +136,16 @@ EVENT_ADAPTER: TypeAdapter[WorkerEvent] = TypeAdapter(WorkerEvent)
 TERMINAL_EVENTS: frozenset[str] = frozenset({"completed", "failed", "cancelled"})
 
 
+def ends_job(kind: str, retryable: bool | None) -> bool:
+    """Whether an event of type ``kind`` ends its job: ``failed`` only when QStash will not
+    deliver the job again (``retryable`` false)."""
+    if kind == "failed":
+        return retryable is False
+    return kind in TERMINAL_EVENTS
+
+
 def is_terminal(event: WorkerEvent) -> bool:
-    """``failed`` is terminal only when QStash will not deliver the job again."""
-    if isinstance(event, Failed):
-        return not event.retryable
-    return event.type in TERMINAL_EVENTS
+    return ends_job(event.type, event.retryable if isinstance(event, Failed) else None)
 
 
 def event_json(event: WorkerEvent) -> str:

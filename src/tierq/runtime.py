@@ -5,18 +5,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
-from qstash import Receiver
+from qstash import AsyncQStash, Receiver
 
 from tierq.broker.client import QStashGateway
 from tierq.config import Settings
+from tierq.events.cancel import CancelHub
 from tierq.events.deltas import DeltaWriter
 from tierq.events.hub import TailHub
 from tierq.events.log import JobStore
 from tierq.guards.leases import Leases
 from tierq.keys import AppKeys
-from tierq.ops.metrics import Metrics
+from tierq.observability.metrics import Metrics
 from tierq.providers.registry import ProviderRegistry
-from tierq.worker.cancel import CancelHub
 
 
 @dataclass
@@ -38,3 +38,35 @@ class Runtime:
         """Write pending deltas and stop following logs (at shutdown)."""
         await self.deltas.stop()
         await self.hub.stop()
+
+
+def build_runtime(
+    settings: Settings,
+    client: aioredis.Redis,
+    metrics: Metrics | None = None,
+    tail_client: aioredis.Redis | None = None,
+    pubsub_client: aioredis.Redis | None = None,
+) -> Runtime:
+    keys = AppKeys(settings.key_prefix)
+    jobs = JobStore(client, keys, settings.event_retention_s)
+    qstash = AsyncQStash(settings.qstash_token or "", base_url=settings.qstash_url)
+    receiver = Receiver(
+        current_signing_key=settings.qstash_current_signing_key or "",
+        next_signing_key=settings.qstash_next_signing_key or "",
+    )
+    return Runtime(
+        settings=settings,
+        redis=client,
+        keys=keys,
+        jobs=jobs,
+        leases=Leases(client),
+        gateway=QStashGateway(qstash, settings),
+        receiver=receiver,
+        providers=ProviderRegistry(settings.models),
+        cancels=CancelHub(pubsub_client or client, keys.cancel_channel),
+        metrics=metrics or Metrics(),
+        deltas=DeltaWriter(jobs, settings.delta_flush_ms, settings.delta_flush_max_chars),
+        hub=TailHub(
+            tail_client or client, client, keys.tail_wake, settings.sse_client_buffer_bytes
+        ),
+    )

@@ -15,7 +15,7 @@ from qstash import QStash
 
 from helpers import wait_until
 from system import DEV, PAID, System
-from tierq.ops.logging import configure_logging
+from tierq.observability.logging import configure_logging
 from tierq.queues import QueueId
 
 FATAL = {"prompt": "x", "simulate": {"fail": "fatal"}}

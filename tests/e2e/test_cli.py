@@ -21,7 +21,7 @@ from system import PAID, System
 from tierq.cli import app
 from tierq.cli_ops import Code, event_line, sse_data, table
 from tierq.embedded_redis import free_port
-from tierq.ops.logging import configure_logging
+from tierq.observability.logging import configure_logging
 from tierq.queues import QueueId
 
 FATAL = {"prompt": "x", "simulate": {"fail": "fatal"}}

@@ -10,7 +10,7 @@ import pytest
 import structlog
 
 from system import DEV, FREE, PAID, System
-from tierq.ops.logging import audit, configure_logging, log_job_event
+from tierq.observability.logging import audit, configure_logging, log_job_event
 
 
 @pytest.fixture

@@ -2,20 +2,14 @@
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable
 
 from qstash import QStash
 
 from helpers import wait_until
-from system import DEV, PAID, System
+from system import DEV, PAID, System, sample
 from tierq.config import ModelSettings, QueueSettings, TierLimits
 from tierq.queues import QueueId
-
-
-def sample(text: str, name: str, labels: str = "") -> float:
-    match = re.search(rf"^{re.escape(name)}{re.escape(labels)} (\S+)$", text, re.MULTILINE)
-    return float(match.group(1)) if match else 0.0
 
 
 def test_metrics_follow_the_job_path(make_system: Callable[..., System]) -> None:

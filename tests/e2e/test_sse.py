@@ -91,11 +91,6 @@ def datas(stream: RawStream) -> list[dict[str, Any]]:
     return [json.loads(m["data"]) for m in stream.messages]
 
 
-def xread_clients(system: System) -> set[str]:
-    """Ids of the Redis connections whose current (or last) command is XREAD."""
-    return {c["id"] for c in system.redis.client_list() if c.get("cmd") == "xread"}
-
-
 def cancel(system: System, job_id: str) -> None:
     res = system.http.delete(f"/api/jobs/{job_id}", headers={"Authorization": f"Bearer {PAID}"})
     assert res.status_code == 200, res.text
@@ -277,7 +272,7 @@ def test_client_disconnect_stops_following_the_log(make_system: Callable[..., Sy
     # A long idle interval: a follower left behind after the disconnect would linger far
     # longer than the deadline below.
     system = make_system(sse_ping_s=30)
-    baseline = xread_clients(system)
+    baseline = system.xread_clients()
     reply = submit_ok(system, input={"prompt": "x", "simulate": HANG})
     job_id = reply["jobId"]
     wait_until(lambda: system.job(job_id)["status"] == "running")
@@ -294,14 +289,14 @@ def test_client_disconnect_stops_following_the_log(make_system: Callable[..., Sy
             # followed by the process's one tail hub: at most one connection blocked in XREAD
             assert system.metric("tierq_sse_tail_streams") == 1
             assert system.metric("tierq_sse_connections") == 1
-            assert len(xread_clients(system) - baseline) <= 1
+            assert len(system.xread_clients() - baseline) <= 1
         # the client is gone: the log is no longer followed at once, not after 30 s
         wait_until(lambda: system.metric("tierq_sse_tail_streams") == 0, timeout=3)
         assert system.metric("tierq_sse_connections") == 0
     finally:
         cancel(system, job_id)
     wait_until(lambda: system.job(job_id)["status"] == "cancelled")
-    assert len(xread_clients(system) - baseline) <= 1
+    assert len(system.xread_clients() - baseline) <= 1
 
 
 # -- auth -----------------------------------------------------------------------------------

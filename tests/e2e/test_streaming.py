@@ -76,7 +76,7 @@ def test_cancel_inside_a_flush_window_stops_at_once(make_system: Callable[..., S
 
 def test_many_connections_share_one_tail_reader(make_system: Callable[..., System]) -> None:
     system = make_system(delta_flush_ms=25)
-    baseline = xread_clients(system)
+    baseline = system.xread_clients()
     replies = [submit(system, {"tokens": 30, "token_latency_ms": 10}) for _ in range(10)]
     readers: list[int] = []
 
@@ -84,7 +84,7 @@ def test_many_connections_share_one_tail_reader(make_system: Callable[..., Syste
         events = []
         for event in system.iter_events(reply["jobId"], reply["eventsToken"]):
             events.append(event)
-            readers.append(len(xread_clients(system) - baseline))
+            readers.append(len(system.xread_clients() - baseline))
         return events
 
     with ThreadPoolExecutor(max_workers=30) as pool:
@@ -93,8 +93,3 @@ def test_many_connections_share_one_tail_reader(make_system: Callable[..., Syste
         assert_whole(events, system, replies[index // 3]["jobId"])
     assert max(readers) <= 1  # 30 connections, at most one blocked XREAD at any time
     wait_until(lambda: system.metric("tierq_sse_tail_streams") == 0)
-
-
-def xread_clients(system: System) -> set[str]:
-    """Ids of the Redis connections whose current (or last) command is XREAD."""
-    return {c["id"] for c in system.redis.client_list() if c.get("cmd") == "xread"}

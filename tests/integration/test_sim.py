@@ -13,7 +13,6 @@ import redis.asyncio as aioredis
 import structlog
 from typer.testing import CliRunner
 
-from tierq.app import build_runtime
 from tierq.cli import app
 from tierq.config import ModelSettings, ServiceSettings, Settings, TierLimits
 from tierq.contracts import Queued
@@ -31,7 +30,7 @@ from tierq.ops.sim import (
 )
 from tierq.producer.submit import resolve_tier
 from tierq.queues import QueueId, queue_for
-from tierq.runtime import Runtime
+from tierq.runtime import Runtime, build_runtime
 from tierq.worker.result import error_reply
 
 ALL_QUEUES = {q.value for q in QueueId}

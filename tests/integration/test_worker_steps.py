@@ -12,11 +12,10 @@ import pytest
 import redis.asyncio as aioredis
 
 from helpers import async_wait_until
-from tierq.app import build_runtime
 from tierq.config import ModelSettings, Settings, TierLimits
 from tierq.contracts import Delta, JobInput, Queued, Simulate, WorkerBody, parse_event
 from tierq.queues import QueueId
-from tierq.runtime import Runtime
+from tierq.runtime import Runtime, build_runtime
 from tierq.worker.result import Err, Ok
 from tierq.worker.steps.cleanup import cleanup
 from tierq.worker.steps.events import record

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from tierq.contracts import Delta, is_terminal, parse_event
-from tierq.events.codec import Entry, delta_of, delta_prefix, entry, sse_frame, stream_id
+from tierq.events.codec import delta_of, delta_prefix, entry, sse_frame, stream_id
 from tierq.events.log import event_prefix
 
 
@@ -47,7 +47,7 @@ def test_stream_ids_compare_as_numbers() -> None:
 
 def test_an_sse_frame_carries_id_event_and_one_data_line() -> None:
     raw = json.dumps({"jobId": "j", "type": "delta", "text": "a\nb", "seq": 2})
-    frame = sse_frame(Entry("5-1", raw, "delta", 2, False))
+    frame = sse_frame(entry("5-1", raw))
     assert frame == f"id: 5-1\nevent: delta\ndata: {raw}\n\n".encode()
     assert frame.count(b"\n") == 4  # JSON escapes the newline in the text
 

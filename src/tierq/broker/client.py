@@ -34,9 +34,9 @@ _FAILURES = (QStashError, httpx.HTTPError)
 
 
 class QStashGateway:
-    """Publishing is a group commit: a publish with none in flight goes out at once, alone
-    (``enqueue``: no added latency); publishes that arrive while one is in flight wait for it
-    and then go out together in one ``/v2/batch`` request, each to its own queue, in order.
+    """Publishing is a group commit through QStash's ``/v2/batch``: a publish with none in
+    flight goes out at once, alone (no added latency); publishes that arrive while one is in
+    flight wait for it and then go out together in one request, each to its own queue, in order.
     Under load that is one HTTP request (and one signed round trip in the broker) for many
     jobs instead of one each."""
 
@@ -85,14 +85,6 @@ class QStashGateway:
 
     async def _send(self, requests: list[BatchRequest]) -> list[str]:
         self.requests += 1
-        if len(requests) == 1:
-            one = requests[0]
-            res = await self.qstash.message.enqueue(
-                queue=one["queue"], url=one["url"], body=one["body"],
-                content_type="application/json", retries=one["retries"],
-                retry_delay=one.get("retry_delay"),
-            )  # fmt: skip
-            return [str(res.message_id)]  # type: ignore[union-attr]
         replies = await self.qstash.message.batch(requests)
         return [str(reply.message_id) for reply in replies]  # type: ignore[union-attr]
 

@@ -7,10 +7,12 @@ directly; the shapes are the same as :mod:`tierq.contracts` produces (tested aga
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import orjson
 
-_ALWAYS_TERMINAL = frozenset({"completed", "cancelled"})
+from tierq.contracts import ends_job
+
 PING = b": ping\n\n"
 """An SSE comment: keeps proxies and the browser from timing the connection out."""
 
@@ -23,27 +25,33 @@ def delta_prefix(job_id: str, ts: int, text: str) -> bytes:
 
 @dataclass(frozen=True, slots=True)
 class Entry:
-    """One entry of a job's event log, with what followers need to know about it."""
+    """One entry of a job's event log, parsed once (``data``) for whoever follows it."""
 
     id: str
     raw: str
-    type: str
-    seq: int
-    terminal: bool  # the job ends here, unless a DLQ retry revives it later
+    data: dict[str, Any]
+
+    @property
+    def type(self) -> str:
+        return str(self.data.get("type", ""))
+
+    @property
+    def seq(self) -> int:
+        return int(self.data.get("seq", 0))
+
+    @property
+    def terminal(self) -> bool:
+        """The job ends here (unless a DLQ retry revives it later)."""
+        return ends_job(self.type, self.data.get("retryable"))
 
 
 def entry(entry_id: str, raw: str) -> Entry:
-    """Read the few fields followers need (``failed`` is terminal unless retryable)."""
-    data = orjson.loads(raw)
-    kind = str(data.get("type", ""))
-    terminal = kind in _ALWAYS_TERMINAL or (kind == "failed" and data.get("retryable") is False)
-    return Entry(entry_id, raw, kind, int(data.get("seq", 0)), terminal)
+    return Entry(entry_id, raw, orjson.loads(raw))
 
 
 def delta_of(item: Entry) -> tuple[str, str]:
     """The job id and the text of a ``delta`` entry (read without pydantic)."""
-    data = orjson.loads(item.raw)
-    return str(data["jobId"]), str(data["text"])
+    return str(item.data["jobId"]), str(item.data["text"])
 
 
 def stream_id(value: str) -> tuple[int, int]:

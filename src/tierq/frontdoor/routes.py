@@ -43,6 +43,7 @@ from starlette.background import BackgroundTask
 
 from tierq.config import UserSettings
 from tierq.contracts import (
+    TERMINAL_EVENTS,
     TERMINAL_STATUSES,
     Cancelled,
     Completed,
@@ -228,7 +229,7 @@ async def _next_event(events: Events) -> WorkerEvent | None:
         if item.type == "delta":  # the token path: no validation round trip per delta
             job_id, text = delta_of(item)
             return Delta.model_construct(job_id=job_id, seq=item.seq, text=text)
-        if item.type in ("failed", "completed", "cancelled"):
+        if item.type in TERMINAL_EVENTS:  # ``failed`` too when retryable: the caller decides
             return parse_event(item.raw)
     return None
 

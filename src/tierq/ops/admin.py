@@ -23,7 +23,7 @@ from qstash.queue import Queue
 from redis.exceptions import RedisError
 
 from tierq.errors import Forbidden, NotFound, Unauthorized, UpstreamError
-from tierq.ops.logging import audit
+from tierq.observability.logging import audit
 from tierq.ops.qstash_admin import (
     DLQ_PAGE_MAX,
     QStashDlq,

@@ -46,7 +46,6 @@ import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisError
 
-from tierq.app import build_runtime
 from tierq.config import Settings, UserSettings
 from tierq.contracts import (
     TERMINAL_STATUSES,
@@ -57,7 +56,7 @@ from tierq.contracts import (
     WorkerBody,
 )
 from tierq.errors import ClientError, UpstreamError
-from tierq.ops.metrics import Metrics
+from tierq.observability.metrics import Metrics
 from tierq.producer.submit import check_registry, job_records, new_job_id, resolve_tier
 from tierq.queues import (
     EXPERIENCES,
@@ -69,7 +68,7 @@ from tierq.queues import (
     queue_for,
     worker_kind,
 )
-from tierq.runtime import Runtime
+from tierq.runtime import Runtime, build_runtime
 from tierq.worker.pipeline import run_delivery
 from tierq.worker.result import Reply, error_reply
 

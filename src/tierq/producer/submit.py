@@ -9,7 +9,7 @@ import time
 from tierq.config import Settings, UserSettings
 from tierq.contracts import JobRequest, Queued, SubmitResponse, WorkerBody
 from tierq.errors import Busy, ClientError, Forbidden, NotFound, UpstreamError
-from tierq.ops.logging import log_job_event
+from tierq.observability.logging import log_job_event
 from tierq.producer.auth import events_token
 from tierq.queues import Mode, Plan, Tier, queue_for, worker_path
 from tierq.runtime import Runtime

@@ -14,11 +14,11 @@ import structlog
 
 from tierq.contracts import Started, WorkerBody
 from tierq.errors import UpstreamError
+from tierq.events.cancel import poll_cancel_flag
 from tierq.guards.heartbeat import heartbeat
-from tierq.ops.logging import log_job_event
+from tierq.observability.logging import log_job_event
 from tierq.queues import WorkerKind
 from tierq.runtime import Runtime
-from tierq.worker.cancel import poll_cancel_flag
 from tierq.worker.result import Err, Reply, done, error_reply
 from tierq.worker.steps.cleanup import cleanup
 from tierq.worker.steps.events import record, record_cancelled

@@ -25,7 +25,7 @@ from tierq.broker.server.keyring import KeyRing
 from tierq.broker.server.store import BrokerStore
 from tierq.config import BrokerSettings
 from tierq.errors import ClientError
-from tierq.ops.metrics import Metrics
+from tierq.observability.metrics import Metrics
 
 
 async def _client_error(request: Request, exc: Exception) -> Response:

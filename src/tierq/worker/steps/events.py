@@ -12,7 +12,7 @@ import json
 import time
 
 from tierq.contracts import Cancelled, Completed, Failed, Usage, WorkerBody
-from tierq.ops.logging import log_job_event
+from tierq.observability.logging import log_job_event
 from tierq.runtime import Runtime
 from tierq.worker.result import Reply, done, error_reply, non_retryable
 from tierq.worker.steps.execute import Outcome

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from tierq.contracts import Waiting, WorkerBody
-from tierq.ops.logging import log_job_event
+from tierq.observability.logging import log_job_event
 from tierq.runtime import Runtime
 from tierq.worker.result import Err, Ok, Reply, Result, error_reply
 

@@ -1,0 +1,1 @@
+"""Metrics and logs: a leaf every layer may import; it imports nothing of tierq."""
