@@ -1,24 +1,48 @@
 """What the benchmarks share: subprocesses (log file, readiness by polling, clean stop), the
-app's production-style environment, /proc readings, percentiles, machine info, the JSON file."""
+system under test (two embedded Redis servers, ``tierq broker``, ``tierq serve``; from this tree
+or another), the app's production-style environment, the client's submitting helpers and event
+loop, git worktrees of a baseline, /proc readings, percentiles, machine info, the JSON file."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import os
 import platform
+import resource
+import shutil
+import ssl
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
 from tierq.broker.server.credentials import DEV_ACCOUNTS
+from tierq.embedded_redis import EmbeddedRedis, free_port
 
+try:
+    import uvloop
+
+    LOOP_FACTORY: Callable[[], asyncio.AbstractEventLoop] | None = uvloop.new_event_loop
+except ImportError:  # pragma: no cover - uvloop comes with uvicorn[standard]
+    LOOP_FACTORY = None
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = ROOT / "bench" / "results"
+HOST = "127.0.0.1"
 START_DEADLINE_S = 60.0
 PROCESS_STOP_S = 10.0
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -81,6 +105,316 @@ class Proc:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=PROCESS_STOP_S)
+
+
+@contextlib.contextmanager
+def procs_running(
+    procs: Sequence[tuple[Proc, str]], workdir: Path, *, show_tails: bool = False
+) -> Iterator[None]:
+    """Start each ``(process, readiness URL)`` in turn, each ready before the next starts; stop
+    the started ones at the end, last first. With ``show_tails``, a failure (in start-up or in
+    the body) first prints the log tail of every started process to stderr."""
+    running: list[Proc] = []
+    try:
+        for proc, ready_url in procs:
+            running.append(proc)
+            proc.start(workdir)
+            proc.wait_ready(ready_url)
+        yield
+    except BaseException:
+        if show_tails:
+            for proc in running:
+                if proc.proc is not None:
+                    print(f"--- {proc.name} log tail ---\n{proc.tail()}", file=sys.stderr)
+        raise
+    finally:
+        for proc in reversed(running):
+            proc.stop()
+
+
+def broker_proc(
+    workdir: Path, port: int, redis_url: str, key_prefix: str, env: Mapping[str, str] | None = None
+) -> Proc:
+    """``tierq broker`` on ``HOST:port`` over ``redis_url``, logging to ``workdir/broker.log``;
+    its environment is this one's without tierq or QStash settings, plus ``env``."""
+    return Proc(
+        "broker",
+        [sys.executable, "-m", "tierq", "broker", "--host", HOST, "--port", str(port),
+         "--redis-url", redis_url, "--key-prefix", key_prefix],
+        {**clean_env(), **(env or {})},
+        workdir / "broker.log",
+    )  # fmt: skip
+
+
+def app_proc(workdir: Path, port: int, env: dict[str, str]) -> Proc:
+    """``tierq serve`` on ``HOST:port`` with ``env`` (see ``serve_env``), logging to
+    ``workdir/app.log``."""
+    return Proc(
+        "app",
+        [sys.executable, "-m", "tierq", "serve", "--host", HOST, "--port", str(port)],
+        env,
+        workdir / "app.log",
+    )
+
+
+# -- the system under test: broker + app, each with an embedded Redis of its own -------------
+
+
+def redis_pid(server: EmbeddedRedis) -> int | None:
+    """The pid of an embedded Redis server (from its pid file), ``None`` if unreadable."""
+    try:
+        return int(server.pid_file.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+@dataclass
+class System:
+    """A running broker and app (on ``HOST``) and their two Redis servers."""
+
+    app_port: int
+    broker_port: int
+    app: Proc
+    broker: Proc
+    app_redis: EmbeddedRedis
+    broker_redis: EmbeddedRedis
+
+    @property
+    def app_url(self) -> str:
+        return f"http://{HOST}:{self.app_port}"
+
+    @property
+    def broker_url(self) -> str:
+        return f"http://{HOST}:{self.broker_port}"
+
+    def pids(self) -> dict[str, int | None]:
+        return {
+            "app": self.app.pid,
+            "broker": self.broker.pid,
+            "app_redis": redis_pid(self.app_redis),
+            "broker_redis": redis_pid(self.broker_redis),
+        }
+
+
+AppEnv = Callable[[str, int, str], dict[str, str]]
+"""``(app Redis URL, app port, broker URL)`` -> ``tierq serve``'s environment."""
+
+
+@contextlib.contextmanager
+def running_system(
+    workdir: Path,
+    *,
+    broker_key_prefix: str,
+    app_env: AppEnv,
+    src: Path | None = None,
+    show_tails: bool = False,
+) -> Iterator[System]:
+    """Both Redis servers, then the broker, then the app; all stopped at the end. With ``src``
+    both run the code of that ``src`` folder (``PYTHONPATH``, see ``pythonpath``), without it
+    the tierq this venv has installed. ``show_tails``: see ``procs_running``."""
+    broker_redis = EmbeddedRedis(workdir / "broker-redis")
+    app_redis = EmbeddedRedis(workdir / "app-redis")
+    broker_port, app_port = free_port(), free_port()
+    path = {} if src is None else {"PYTHONPATH": pythonpath(src)}
+    try:
+        broker_redis.start()
+        app_redis.start()
+        broker = broker_proc(workdir, broker_port, broker_redis.url, broker_key_prefix, path)
+        env = app_env(app_redis.url, app_port, f"http://{HOST}:{broker_port}")
+        app = app_proc(workdir, app_port, {**env, **path})
+        system = System(app_port, broker_port, app, broker, app_redis, broker_redis)
+        ready = [(broker, f"{system.broker_url}/healthz"), (app, f"{system.app_url}/healthz")]
+        with procs_running(ready, workdir, show_tails=show_tails):
+            yield system
+    finally:
+        app_redis.stop()
+        broker_redis.stop()
+
+
+def run_system(
+    label: str,
+    work: Callable[[System], Awaitable[dict[str, Any]]],
+    *,
+    broker_key_prefix: str,
+    app_env: AppEnv,
+    src: Path,
+    log_dir: Path | None,
+    on_error: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """A fresh system from ``src`` in a temporary folder, ``work`` on it (in ``run_async``),
+    stopped. Returns ``work``'s result, or ``on_error`` and the ``error`` (start-up included:
+    recorded so that other runs go on), and the ``logs``' flags; the logs are copied to
+    ``log_dir`` as ``<label>-app.log`` and ``<label>-broker.log``."""
+    out: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="tierq-bench-") as tmp:
+        workdir = Path(tmp)
+        try:
+            with running_system(
+                workdir, broker_key_prefix=broker_key_prefix, app_env=app_env, src=src
+            ) as system:
+                out.update(run_async(lambda: work(system)))
+        except Exception as exc:  # recorded, then the other runs go on
+            out.update(on_error or {})
+            out["error"] = f"{type(exc).__name__}: {exc}"[:3000]
+            print(f"  [{label}] failed: {out['error'][:600]}", file=sys.stderr, flush=True)
+        logs = [workdir / f"{name}.log" for name in ("app", "broker")]
+        out["logs"] = {log.stem: log_flags(log) for log in logs}
+        copy_logs(logs, log_dir, prefix=f"{label}-")
+    return out
+
+
+OPTIONAL_SPEEDUPS = ("hiredis",)
+"""Installed in this venv, picked up by a library when present (redis-py parses replies with
+hiredis): a tree whose pyproject does not list one runs without it, as it was installed."""
+
+
+def pythonpath(src: Path) -> str:
+    """``src``, after stub packages that hide the speed-ups its pyproject does not ask for."""
+    pyproject = (src.parent / "pyproject.toml").read_text()
+    hidden = [name for name in OPTIONAL_SPEEDUPS if f'"{name}' not in pyproject]
+    if not hidden:
+        return str(src)
+    stubs = Path(tempfile.mkdtemp(prefix="tierq-hidden-"))
+    for name in hidden:
+        (stubs / f"{name}.py").write_text(f"raise ImportError('{name} hidden for this run')\n")
+    return f"{stubs}{os.pathsep}{src}"
+
+
+def raise_nofile(at_least: int | None = None) -> tuple[int, int]:
+    """Raise the soft RLIMIT_NOFILE (the subprocesses inherit it): to the hard limit, or with
+    ``at_least`` to that many (not lowered; capped by the hard limit). Returns the limits."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = hard
+    if at_least is not None:
+        want = max(soft, at_least)
+        if hard != resource.RLIM_INFINITY:
+            want = min(hard, want)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
+# -- process logs ---------------------------------------------------------------------------
+
+
+def log_flags(path: Path) -> dict[str, Any]:
+    """How many lines of a process log look like warnings or errors, and a few of them."""
+    try:
+        lines = path.read_text(errors="replace").splitlines()
+    except OSError:
+        return {"lines": 0}
+    markers = ("warning", "error", "traceback", "exception")
+    flagged = [line[:240] for line in lines if any(m in line.lower() for m in markers)]
+    return {"lines": len(lines), "flagged": len(flagged), "first": flagged[:3]}
+
+
+def copy_logs(logs: Iterable[Path], log_dir: Path | None, prefix: str = "") -> None:
+    """Copy each log into ``log_dir`` (when given) as ``<prefix><its name>``; one that cannot
+    be copied is left out."""
+    if log_dir is None:
+        return
+    log_dir.mkdir(parents=True, exist_ok=True)
+    for log in logs:
+        with contextlib.suppress(OSError):
+            shutil.copy(log, log_dir / f"{prefix}{log.name}")
+
+
+# -- the client -----------------------------------------------------------------------------
+
+
+def now_ms() -> float:
+    """Wall-clock time in ms (the app stamps its records and events on the same clock)."""
+    return time.time() * 1000
+
+
+def run_async(work: Callable[[], Awaitable[T]]) -> T:
+    """Run ``work()`` to its end on a fresh event loop (uvloop when installed)."""
+
+    async def main() -> T:
+        return await work()
+
+    with asyncio.Runner(loop_factory=LOOP_FACTORY) as runner:
+        return runner.run(main())
+
+
+async def with_deadline(deadline_s: float, work: Awaitable[Any]) -> bool:
+    """Run ``work``; ``False`` if the deadline passed first (``work`` is then cancelled)."""
+    try:
+        async with asyncio.timeout(max(deadline_s, 0.001)):
+            await work
+    except TimeoutError:
+        return False
+    return True
+
+
+_TLS = ssl.create_default_context()
+
+
+def submit_client() -> httpx.AsyncClient:
+    """One submitter's client, with one connection of its own, like one user. (One shared
+    client with many connections spent most of this process's CPU walking its pool on every
+    request, and slowed the submits it was measuring.) They all share one TLS context (never
+    used: plain HTTP), which httpx would otherwise build for each client, at several
+    milliseconds of this process's CPU."""
+    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+    return httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(30.0), verify=_TLS)
+
+
+async def submit_from(
+    items: Iterable[T],
+    submit: Callable[[httpx.AsyncClient, T], Awaitable[R | str]],
+    on_job: Callable[[R], None],
+    errors: Counter[str],
+    concurrency: int,
+) -> None:
+    """Submit every item, in order, from ``concurrency`` submitters, each with a
+    ``submit_client`` of its own: ``submit`` gives the job or why it failed; ``on_job`` runs as
+    soon as a submit returns a job, and a failure is counted in ``errors``."""
+    todo = iter(items)
+
+    async def submitter() -> None:
+        async with submit_client() as client:
+            for item in todo:
+                got = await submit(client, item)
+                if isinstance(got, str):
+                    errors[got] += 1
+                else:
+                    on_job(got)
+
+    await asyncio.gather(*(submitter() for _ in range(concurrency)))
+
+
+# -- a baseline: another git ref of this repository -------------------------------------------
+
+
+def git(*args: str) -> str:
+    """``git -C ROOT args``' output, stripped; raises ``CalledProcessError`` on failure."""
+    return subprocess.run(
+        ["git", "-C", str(ROOT), *args], check=True, capture_output=True, text=True
+    ).stdout.strip()
+
+
+@contextlib.contextmanager
+def worktree(ref: str) -> Iterator[tuple[Path, str]]:
+    """A detached worktree of ``ref`` and its commit; removed at the end."""
+    parent = Path(tempfile.mkdtemp(prefix="tierq-baseline-"))
+    path = parent / "tree"
+    try:
+        git("worktree", "add", "--detach", str(path), ref)
+        yield path, git("-C", str(path), "rev-parse", "HEAD")
+    finally:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            git("worktree", "remove", "--force", str(path))
+        shutil.rmtree(parent, ignore_errors=True)
+
+
+def current_tree_info() -> dict[str, Any]:
+    """The working tree: its HEAD and the paths under ``src`` that differ from it."""
+    info: dict[str, Any] = {"ref": "working tree"}
+    with contextlib.suppress(subprocess.CalledProcessError, OSError):
+        info["head"] = git("rev-parse", "HEAD")
+        info["dirty_paths"] = git("status", "--porcelain", "--", "src").splitlines()
+    return info
 
 
 # -- environment ----------------------------------------------------------------------------
@@ -176,11 +510,32 @@ def open_fds(pid: int) -> int | None:
         return None
 
 
-def cpu_snapshot(pids: dict[str, int | None]) -> dict[str, float | None]:
+def cpu_snapshot(pids: Mapping[str, int | None]) -> dict[str, float | None]:
     """CPU seconds so far of each named process, and of this one as ``bench_client``."""
     out = {name: cpu_seconds(pid) for name, pid in pids.items()}
     out["bench_client"] = cpu_seconds(os.getpid())
     return out
+
+
+def cpu_spent(
+    before: Mapping[str, float | None], after: Mapping[str, float | None]
+) -> dict[str, float | None]:
+    """CPU seconds spent between two readings (``cpu_snapshot``), by name of ``before``;
+    ``None`` where either reading is missing."""
+    out: dict[str, float | None] = {}
+    for name, start in before.items():
+        end = after.get(name)
+        out[name] = None if start is None or end is None else end - start
+    return out
+
+
+def commandstats_calls(raw: Mapping[str, Any]) -> dict[str, int]:
+    """Calls by command (``cmdstat_`` dropped) from a parsed ``INFO commandstats`` reply."""
+    return {
+        name.removeprefix("cmdstat_"): int(stats["calls"])
+        for name, stats in raw.items()
+        if isinstance(stats, dict) and "calls" in stats
+    }
 
 
 def machine_info(packages: tuple[str, ...]) -> dict[str, Any]:
@@ -207,6 +562,17 @@ def machine_info(packages: tuple[str, ...]) -> dict[str, Any]:
         "mem_total_mib": mem_total_mib,
         "loadavg_at_start": list(os.getloadavg()),
         "packages": versions,
+    }
+
+
+def results_head(benchmark: str, started: float, machine: dict[str, Any]) -> dict[str, Any]:
+    """The first fields of a results file: what ran, when (``started``, a ``time.time()``),
+    for how long until now, on what machine (with its load average now)."""
+    return {
+        "benchmark": benchmark,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+        "duration_s": round(time.time() - started, 1),
+        "machine": {**machine, "loadavg_at_end": list(os.getloadavg())},
     }
 
 

@@ -22,39 +22,43 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
-import os
-import resource
-import shutil
 import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 import redis
 
+import common
 from common import (
-    Proc,
-    clean_env,
+    RESULTS_DIR,
+    commandstats_calls,
+    copy_logs,
     cpu_snapshot,
+    cpu_spent,
     machine_info,
+    now_ms,
     open_fds,
+    raise_nofile,
+    results_head,
     serve_env,
     summary,
     vm_rss_kib,
     write_results,
 )
 from tierq.broker.server.credentials import DEV_ACCOUNTS
-from tierq.embedded_redis import EmbeddedRedis, free_port
 from tierq.keys import AppKeys
 
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_OUT = ROOT / "bench" / "results" / "e2e.json"
+T = TypeVar("T")
+
+DEFAULT_OUT = RESULTS_DIR / "e2e.json"
 PAID_KEY = "tq_bench_paid"
 APP_KEY_PREFIX = "tqbench"
 BROKER_KEY_PREFIX = "bench"
@@ -68,10 +72,6 @@ CANCEL_ATTEMPTS = 3
 # -- small helpers ---------------------------------------------------------------------------
 
 
-def now_ms() -> float:
-    return time.time() * 1000
-
-
 def rss_mib(pid: int) -> float | None:
     """VmRSS of ``pid`` in MiB, ``None`` if unreadable."""
     kib = vm_rss_kib(pid)
@@ -82,21 +82,10 @@ def rss_mib(pid: int) -> float | None:
 
 
 @dataclass
-class System:
-    app_url: str
-    broker_url: str
-    app: Proc
-    broker: Proc
-    broker_redis: EmbeddedRedis
-    app_redis: EmbeddedRedis
-    redis: redis.Redis
+class System(common.System):
+    """The running system, and a client of the app's Redis for the bench's own reads."""
 
-    def pids(self) -> dict[str, int]:
-        out = {"app": self.app.pid, "broker": self.broker.pid}
-        for name, server in (("app_redis", self.app_redis), ("broker_redis", self.broker_redis)):
-            with contextlib.suppress(OSError, ValueError):
-                out[name] = int(server.pid_file.read_text().strip())
-        return out
+    redis: redis.Redis
 
 
 def app_env(redis_url: str, app_port: int, broker_url: str, job_timeout_s: float) -> dict[str, str]:
@@ -120,50 +109,20 @@ def app_env(redis_url: str, app_port: int, broker_url: str, job_timeout_s: float
 
 @contextlib.contextmanager
 def running_system(workdir: Path, job_timeout_s: float, redis_query: str) -> Iterator[System]:
-    broker_redis = EmbeddedRedis(workdir / "broker-redis")
-    app_redis = EmbeddedRedis(workdir / "app-redis")
-    broker_port, app_port = free_port(), free_port()
-    broker_url = f"http://127.0.0.1:{broker_port}"
-    app_url = f"http://127.0.0.1:{app_port}"
-    base_env = clean_env()
-    broker = app = None
-    client: redis.Redis | None = None
-    try:
-        broker_redis.start()
-        app_redis.start()
-        broker = Proc(
-            "broker",
-            [sys.executable, "-m", "tierq", "broker", "--port", str(broker_port),
-             "--redis-url", broker_redis.url, "--key-prefix", BROKER_KEY_PREFIX],
-            base_env,
-            workdir / "broker.log",
-        )  # fmt: skip
-        broker.start(workdir)
-        broker.wait_ready(f"{broker_url}/healthz")
-        app = Proc(
-            "app",
-            [sys.executable, "-m", "tierq", "serve", "--host", "127.0.0.1",
-             "--port", str(app_port)],
-            app_env(app_redis.url + redis_query, app_port, broker_url, job_timeout_s),
-            workdir / "app.log",
-        )  # fmt: skip
-        app.start(workdir)
-        app.wait_ready(f"{app_url}/healthz")
-        client = redis.Redis.from_url(app_redis.url, decode_responses=True)
-        yield System(app_url, broker_url, app, broker, broker_redis, app_redis, client)
-    except BaseException:
-        for proc in (app, broker):
-            if proc is not None and proc.proc is not None:
-                print(f"--- {proc.name} log tail ---\n{proc.tail()}", file=sys.stderr)
-        raise
-    finally:
-        if client is not None:
+    """The system (the installed tierq); the app's Redis URL gets ``redis_query`` appended. On a
+    failure the processes' log tails go to stderr."""
+
+    def env(redis_url: str, app_port: int, broker_url: str) -> dict[str, str]:
+        return app_env(redis_url + redis_query, app_port, broker_url, job_timeout_s)
+
+    with common.running_system(
+        workdir, broker_key_prefix=BROKER_KEY_PREFIX, app_env=env, show_tails=True
+    ) as system:
+        client = redis.Redis.from_url(system.app_redis.url, decode_responses=True)
+        try:
+            yield System(**vars(system), redis=client)
+        finally:
             client.close()
-        for proc in (app, broker):
-            if proc is not None:
-                proc.stop()
-        app_redis.stop()
-        broker_redis.stop()
 
 
 # -- SSE ---------------------------------------------------------------------------------------
@@ -211,10 +170,11 @@ def http_client(connections: int, read_timeout_s: float = 60.0) -> httpx.AsyncCl
     )
 
 
-async def bounded(limit: int, factories: list[Callable[[], Awaitable[Any]]]) -> list[Any]:
+async def bounded(limit: int, factories: Sequence[Callable[[], Awaitable[T]]]) -> list[T]:
+    """Await every factory's result, at most ``limit`` at once; the results in order."""
     sem = asyncio.Semaphore(limit)
 
-    async def one(factory: Callable[[], Awaitable[Any]]) -> Any:
+    async def one(factory: Callable[[], Awaitable[T]]) -> T:
         async with sem:
             return await factory()
 
@@ -370,20 +330,15 @@ def throughput_report(runs: list[JobRun], wall_s: float, tokens: int) -> dict[st
 
 
 def commandstats(client: redis.Redis) -> dict[str, int]:
-    raw: dict[str, Any] = client.info("commandstats")  # type: ignore[assignment]
-    out = {}
-    for name, stats in raw.items():
-        if isinstance(stats, dict) and "calls" in stats:
-            out[name.removeprefix("cmdstat_")] = int(stats["calls"])
-    return out
+    return commandstats_calls(client.info("commandstats"))
 
 
 def total_processed(client: redis.Redis) -> int:
-    return int(client.info("stats")["total_commands_processed"])  # type: ignore[index]
+    return int(client.info("stats")["total_commands_processed"])
 
 
 def connections_received(client: redis.Redis) -> int:
-    return int(client.info("stats")["total_connections_received"])  # type: ignore[index]
+    return int(client.info("stats")["total_connections_received"])
 
 
 def wait_redis_quiet(client: redis.Redis, deadline_s: float = 15.0) -> int:
@@ -489,7 +444,7 @@ def process_sample(system: System) -> dict[str, Any]:
         "app_rss_mib": rss_mib(system.app.pid),
         "app_open_fds": open_fds(system.app.pid),
         "broker_rss_mib": rss_mib(system.broker.pid),
-        "app_redis_connected_clients": clients.get("connected_clients"),  # type: ignore[union-attr]
+        "app_redis_connected_clients": clients.get("connected_clients"),
     }
 
 
@@ -509,7 +464,7 @@ async def submit_hangers(
         url = f"{base}{reply['eventsUrl']}?token={reply['eventsToken']}"
         return HeldStream(reply["jobId"], url)
 
-    results = await bounded(64, [lambda i=i: one(i) for i in range(count)])
+    results = await bounded(64, [functools.partial(one, i) for i in range(count)])
     streams = [r for r in results if isinstance(r, HeldStream)]
     return streams, Counter(r for r in results if isinstance(r, str))
 
@@ -531,7 +486,7 @@ async def cancel_all(client: httpx.AsyncClient, base: str, streams: list[HeldStr
             await asyncio.sleep(0.2)
         stream.cancel_status = " then ".join(statuses)
 
-    await bounded(64, [lambda s=s: one(s) for s in streams])
+    await bounded(64, [functools.partial(one, s) for s in streams])
 
 
 def guard_occupancy(system: System) -> dict[str, int]:
@@ -541,7 +496,7 @@ def guard_occupancy(system: System) -> dict[str, int]:
         "model_sim_paid": keys.model_guard("sim", "paid"),
         "user_bench_paid": keys.user_guard("bench-paid"),
     }
-    return {name: int(system.redis.zcard(key)) for name, key in names.items()}  # type: ignore[arg-type]
+    return {name: int(system.redis.zcard(key)) for name, key in names.items()}
 
 
 async def hold_streams(system: System, count: int, hold_s: float) -> dict[str, Any]:
@@ -634,10 +589,8 @@ def cpu_report(
     before: dict[str, float | None], after: dict[str, float | None], wall_s: float
 ) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for name, start in before.items():
-        end = after.get(name)
-        if start is not None and end is not None:
-            used = end - start
+    for name, used in cpu_spent(before, after).items():
+        if used is not None:
             out[name] = {"cpu_s": round(used, 2), "cpu_pct_of_one_core": round(used / wall_s * 100)}
     return out
 
@@ -727,10 +680,7 @@ def print_summary(doc: dict[str, Any]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    with contextlib.suppress(ValueError, OSError):
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        want = min(hard, max(soft, 8192)) if hard != resource.RLIM_INFINITY else max(soft, 8192)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    raise_nofile(at_least=8192)
     started = time.time()
     machine = machine_info(
         ("tierq", "httpx", "uvicorn", "fastapi", "starlette", "redis", "sse-starlette")
@@ -739,22 +689,16 @@ def main(argv: list[str] | None = None) -> int:
         job_timeout_s = 120.0
         query = f"?{args.app_redis_query}" if args.app_redis_query else ""
         with running_system(Path(tmp), job_timeout_s, query) as system:
-            redis_version = system.redis.info("server").get("redis_version")  # type: ignore[union-attr]
+            redis_version = system.redis.info("server").get("redis_version")
             results = asyncio.run(measure(system, args))
             results["logs"] = {p.name: log_findings(p.log) for p in (system.app, system.broker)}
-            if args.log_dir is not None:
-                args.log_dir.mkdir(parents=True, exist_ok=True)
-                for proc in (system.app, system.broker):
-                    shutil.copy(proc.log, args.log_dir / proc.log.name)
+            copy_logs((system.app.log, system.broker.log), args.log_dir)
+    head = results_head(
+        "tierq e2e (broker + app subprocesses, two embedded Redis, loopback)", started, machine
+    )
+    head["machine"]["redis_version"] = redis_version
     doc = {
-        "benchmark": "tierq e2e (broker + app subprocesses, two embedded Redis, loopback)",
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
-        "duration_s": round(time.time() - started, 1),
-        "machine": {
-            **machine,
-            "loadavg_at_end": list(os.getloadavg()),
-            "redis_version": redis_version,
-        },
+        **head,
         "notes": [
             "All processes (bench client, app, broker, two redis-servers) share this machine's "
             "CPUs; other load on the machine (see loadavg) moves the figures.",

@@ -27,8 +27,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
-import shutil
 import sys
 import tempfile
 import time
@@ -40,11 +38,24 @@ from typing import Any
 import openai
 import uvicorn
 
-from common import Proc, clean_env, machine_info, serve_env, summary, write_results
+from common import (
+    HOST,
+    RESULTS_DIR,
+    Proc,
+    app_proc,
+    broker_proc,
+    clean_env,
+    copy_logs,
+    machine_info,
+    procs_running,
+    results_head,
+    serve_env,
+    summary,
+    write_results,
+)
 from tierq.embedded_redis import EmbeddedRedis, free_port
 
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_OUT = ROOT / "bench" / "results" / "overhead.json"
+DEFAULT_OUT = RESULTS_DIR / "overhead.json"
 KEY = "tq_bench_overhead"
 UPSTREAM_KEY_ENV = "BENCH_UPSTREAM_KEY"
 UPSTREAM_KEY = "sk-bench-upstream"
@@ -133,7 +144,7 @@ async def _json(send: Any, status: int, body: Any) -> None:
 
 
 def serve_upstream(port: int, tokens: int, token_ms: float) -> None:
-    uvicorn.run(Upstream(tokens, token_ms), host="127.0.0.1", port=port, log_level="warning",
+    uvicorn.run(Upstream(tokens, token_ms), host=HOST, port=port, log_level="warning",
                 access_log=False, lifespan="on")  # fmt: skip
 
 
@@ -171,44 +182,27 @@ def app_env(redis_url: str, app_port: int, broker_url: str, upstream_url: str) -
 
 @contextlib.contextmanager
 def running(workdir: Path, tokens: int, token_ms: float) -> Iterator[Running]:
+    """The upstream, then the broker, then the app (one Redis for both); all stopped at the
+    end. On a failure the processes' log tails go to stderr."""
     redis_server = EmbeddedRedis(workdir / "redis")
     ports = {name: free_port() for name in ("upstream", "broker", "app")}
-    urls = {name: f"http://127.0.0.1:{port}" for name, port in ports.items()}
-    base_env = clean_env()
-    procs: list[Proc] = []
+    urls = {name: f"http://{HOST}:{port}" for name, port in ports.items()}
     try:
         redis_server.start()
         upstream = Proc(
             "upstream",
             [sys.executable, __file__, "--serve-upstream", "--port", str(ports["upstream"]),
              "--tokens", str(tokens), "--token-ms", str(token_ms)],
-            base_env, workdir / "upstream.log",
+            clean_env(), workdir / "upstream.log",
         )  # fmt: skip
-        broker = Proc(
-            "broker",
-            [sys.executable, "-m", "tierq", "broker", "--port", str(ports["broker"]),
-             "--redis-url", redis_server.url, "--key-prefix", "tqovb"],
-            base_env, workdir / "broker.log",
-        )  # fmt: skip
-        app = Proc(
-            "app",
-            [sys.executable, "-m", "tierq", "serve", "--host", "127.0.0.1",
-             "--port", str(ports["app"])],
-            app_env(redis_server.url, ports["app"], urls["broker"], urls["upstream"]),
-            workdir / "app.log",
-        )  # fmt: skip
-        for proc, name in ((upstream, "upstream"), (broker, "broker"), (app, "app")):
-            procs.append(proc)
-            proc.start(workdir)
-            proc.wait_ready(f"{urls[name]}/healthz")
-        yield Running(urls["upstream"], urls["app"], procs)
-    except BaseException:
-        for proc in procs:
-            print(f"--- {proc.name} log tail ---\n{proc.tail()}", file=sys.stderr)
-        raise
+        broker = broker_proc(workdir, ports["broker"], redis_server.url, "tqovb")
+        env = app_env(redis_server.url, ports["app"], urls["broker"], urls["upstream"])
+        app = app_proc(workdir, ports["app"], env)
+        procs = [upstream, broker, app]
+        ready = [(proc, f"{urls[proc.name]}/healthz") for proc in procs]
+        with procs_running(ready, workdir, show_tails=True):
+            yield Running(urls["upstream"], urls["app"], procs)
     finally:
-        for proc in reversed(procs):
-            proc.stop()
         redis_server.stop()
 
 
@@ -355,15 +349,13 @@ def main(argv: list[str] | None = None) -> int:
         running(Path(tmp), args.tokens, args.token_ms) as system,
     ):
         series = measure(system, args.requests, args.warmup, args.tokens)
-        if args.log_dir is not None:
-            args.log_dir.mkdir(parents=True, exist_ok=True)
-            for proc in system.procs:
-                shutil.copy(proc.log, args.log_dir / proc.log.name)
+        copy_logs((proc.log for proc in system.procs), args.log_dir)
     doc = {
-        "benchmark": "tierq overhead: OpenAI front door vs the same upstream called directly",
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
-        "duration_s": round(time.time() - started, 1),
-        "machine": {**machine, "loadavg_at_end": list(os.getloadavg())},
+        **results_head(
+            "tierq overhead: OpenAI front door vs the same upstream called directly",
+            started,
+            machine,
+        ),
         "notes": [
             "One request at a time, direct and tierq alternating; both with the official openai "
             "client (sync), keep-alive connections, after warm-up rounds.",

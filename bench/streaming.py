@@ -39,18 +39,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
-import os
-import resource
-import shutil
-import ssl
-import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,16 +52,28 @@ from urllib.parse import quote
 import httpx
 
 from common import (
-    Proc,
+    HOST,
+    LOOP_FACTORY,
+    RESULTS_DIR,
+    ROOT,
+    System,
     cpu_snapshot,
+    cpu_spent,
+    current_tree_info,
     machine_info,
+    now_ms,
     open_fds,
+    raise_nofile,
+    results_head,
+    run_system,
     serve_env,
+    submit_from,
     summary,
     vm_rss_kib,
+    with_deadline,
+    worktree,
     write_results,
 )
-from tierq.embedded_redis import EmbeddedRedis, free_port
 
 try:
     import orjson
@@ -77,16 +82,7 @@ try:
 except ImportError:  # pragma: no cover - orjson is a tierq dependency
     loads = json.loads
 
-try:
-    import uvloop
-
-    LOOP_FACTORY: Callable[[], asyncio.AbstractEventLoop] | None = uvloop.new_event_loop
-except ImportError:  # pragma: no cover - uvloop comes with uvicorn[standard]
-    LOOP_FACTORY = None
-
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_OUT = ROOT / "bench" / "results" / "streaming.json"
-HOST = "127.0.0.1"
+DEFAULT_OUT = RESULTS_DIR / "streaming.json"
 PAID_KEY = "tq_bench_paid"
 ADMIN_TOKEN = "tq-bench-admin"  # what serve_env configures
 APP_KEY_PREFIX = "tqstream"
@@ -109,56 +105,17 @@ AUTH = {"Authorization": f"Bearer {PAID_KEY}"}
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 
-def now_ms() -> float:
-    return time.time() * 1000
-
-
 def ratio(current: float | None, baseline: float | None) -> float | None:
     if current is None or not baseline:
         return None
     return round(current / baseline, 3)
 
 
-def raise_nofile() -> tuple[int, int]:
-    """Soft RLIMIT_NOFILE up to the hard limit; the subprocesses inherit it."""
-    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    with contextlib.suppress(ValueError, OSError):
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)
-
-
 # -- the system under test ---------------------------------------------------------------------
 
 
-@dataclass
-class System:
-    app_port: int
-    app: Proc
-    broker: Proc
-    app_redis: EmbeddedRedis
-    broker_redis: EmbeddedRedis
-
-    @property
-    def app_url(self) -> str:
-        return f"http://{HOST}:{self.app_port}"
-
-    def pids(self) -> dict[str, int | None]:
-        return {
-            "app": self.app.pid,
-            "broker": self.broker.pid,
-            "app_redis": redis_pid(self.app_redis),
-            "broker_redis": redis_pid(self.broker_redis),
-        }
-
-
-def redis_pid(server: EmbeddedRedis) -> int | None:
-    try:
-        return int(server.pid_file.read_text().strip())
-    except (OSError, ValueError):
-        return None
-
-
-def app_env(redis_url: str, app_port: int, broker_url: str, src: Path) -> dict[str, str]:
+def app_env(redis_url: str, app_port: int, broker_url: str) -> dict[str, str]:
+    """``tierq serve``'s environment: the simulated model ``sim``, limits that never bind."""
     limits = {"paid": 100_000, "free": 100_000}
     model = {
         "provider": "simulated",
@@ -166,7 +123,7 @@ def app_env(redis_url: str, app_port: int, broker_url: str, src: Path) -> dict[s
         "token_latency_ms": TOKEN_LATENCY_MS,
         "limits": limits,
     }
-    env = serve_env(
+    return serve_env(
         redis_url=redis_url,
         key_prefix=APP_KEY_PREFIX,
         app_port=app_port,
@@ -180,67 +137,6 @@ def app_env(redis_url: str, app_port: int, broker_url: str, src: Path) -> dict[s
             "TIERQ_SSE_PING_S": "600",
         },
     )
-    return {**env, "PYTHONPATH": pythonpath(src)}
-
-
-OPTIONAL_SPEEDUPS = ("hiredis",)
-"""Installed in this venv, picked up by a library when present (redis-py parses replies with
-hiredis): a tree whose pyproject does not list one runs without it, as it was installed."""
-
-
-def pythonpath(src: Path) -> str:
-    """``src``, after stub packages that hide the speed-ups its pyproject does not ask for."""
-    pyproject = (src.parent / "pyproject.toml").read_text()
-    hidden = [name for name in OPTIONAL_SPEEDUPS if f'"{name}' not in pyproject]
-    if not hidden:
-        return str(src)
-    stubs = Path(tempfile.mkdtemp(prefix="tierq-hidden-"))
-    for name in hidden:
-        (stubs / f"{name}.py").write_text(f"raise ImportError('{name} hidden for this run')\n")
-    return f"{stubs}{os.pathsep}{src}"
-
-
-def broker_proc(workdir: Path, port: int, redis_url: str, src: Path) -> Proc:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TIERQ_", "QSTASH_"))}
-    return Proc(
-        "broker",
-        [sys.executable, "-m", "tierq", "broker", "--host", HOST, "--port", str(port),
-         "--redis-url", redis_url, "--key-prefix", BROKER_KEY_PREFIX],
-        {**env, "PYTHONPATH": pythonpath(src)},
-        workdir / "broker.log",
-    )  # fmt: skip
-
-
-@contextlib.contextmanager
-def running_system(workdir: Path, src: Path) -> Iterator[System]:
-    """Both Redis servers, then the broker, then the app (code from ``src``); all stopped."""
-    broker_redis = EmbeddedRedis(workdir / "broker-redis")
-    app_redis = EmbeddedRedis(workdir / "app-redis")
-    broker_port, app_port = free_port(), free_port()
-    broker_url = f"http://{HOST}:{broker_port}"
-    procs: list[Proc] = []
-    try:
-        broker_redis.start()
-        app_redis.start()
-        broker = broker_proc(workdir, broker_port, broker_redis.url, src)
-        procs.append(broker)
-        broker.start(workdir)
-        broker.wait_ready(f"{broker_url}/healthz")
-        app = Proc(
-            "app",
-            [sys.executable, "-m", "tierq", "serve", "--host", HOST, "--port", str(app_port)],
-            app_env(app_redis.url, app_port, broker_url, src),
-            workdir / "app.log",
-        )
-        procs.append(app)
-        app.start(workdir)
-        app.wait_ready(f"http://{HOST}:{app_port}/healthz")
-        yield System(app_port, app, broker, app_redis, broker_redis)
-    finally:
-        for proc in reversed(procs):
-            proc.stop()
-        app_redis.stop()
-        broker_redis.stop()
 
 
 # -- a cheap SSE client ------------------------------------------------------------------------
@@ -458,49 +354,25 @@ async def submit_many(
     on_submitted: Callable[[JobStream], None] = lambda _: None,
 ) -> None:
     """Submit every prompt from ``SUBMIT_CONCURRENCY`` submitters, each with a client (and a
-    connection) of its own, like that many users; ``on_submitted`` runs as soon as each submit
-    returns. (One shared httpx client with 64 connections spent most of this process's CPU
-    walking its pool on every request, and slowed the submits it was measuring.)"""
-    todo = iter(prompts)
+    connection) of its own, like that many users (see ``submit_from``); ``on_submitted`` runs
+    as soon as each submit returns."""
 
-    async def submitter() -> None:
-        async with submit_client() as client:
-            for prompt in todo:
-                got = await submit(client, base, prompt)
-                if isinstance(got, str):
-                    into.errors[got] += 1
-                    continue
-                into.streams.append(got)
-                on_submitted(got)
+    async def submit_prompt(client: httpx.AsyncClient, prompt: str) -> JobStream | str:
+        return await submit(client, base, prompt)
 
-    await asyncio.gather(*(submitter() for _ in range(min(SUBMIT_CONCURRENCY, len(prompts)))))
+    def got(stream: JobStream) -> None:
+        into.streams.append(stream)
+        on_submitted(stream)
+
+    concurrency = min(SUBMIT_CONCURRENCY, len(prompts))
+    await submit_from(prompts, submit_prompt, got, into.errors, concurrency)
     into.done_ms = now_ms()
-
-
-def submit_client() -> httpx.AsyncClient:
-    """One submitter's client. They share one TLS context (never used: plain HTTP), which httpx
-    would otherwise build for each client, at several milliseconds of this process's CPU."""
-    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
-    return httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(30.0), verify=_TLS)
-
-
-_TLS = ssl.create_default_context()
 
 
 async def finish_tasks(tasks: list[asyncio.Task[None]]) -> None:
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
-
-
-async def with_deadline(deadline_s: float, work: Awaitable[None]) -> bool:
-    """Run ``work``; ``False`` if the deadline passed first (``work`` is then cancelled)."""
-    try:
-        async with asyncio.timeout(deadline_s):
-            await work
-    except TimeoutError:
-        return False
-    return True
 
 
 # -- scenario A: K live streams ----------------------------------------------------------------
@@ -510,12 +382,10 @@ def cpu_used(
     before: dict[str, float | None], after: dict[str, float | None], tokens: int
 ) -> dict[str, Any]:
     out: dict[str, Any] = {}
-    for name, start in before.items():
-        end = after.get(name)
-        if start is None or end is None:
+    for name, used in cpu_spent(before, after).items():
+        if used is None:
             out[name] = None
             continue
-        used = end - start
         per_token = round(used * 1e6 / tokens, 1) if tokens else None
         out[name] = {"cpu_s": round(used, 2), "us_per_token": per_token}
     return out
@@ -750,78 +620,28 @@ async def scenarios(system: System, args: argparse.Namespace, label: str) -> dic
     return out
 
 
-def run_async(coro: Awaitable[dict[str, Any]]) -> dict[str, Any]:
-    async def main() -> dict[str, Any]:
-        return await coro
-
-    with asyncio.Runner(loop_factory=LOOP_FACTORY) as runner:
-        return runner.run(main())
-
-
 def run_tree(label: str, src: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Start a system from ``src``, run the scenarios, stop it; errors are recorded."""
     print(f"[{label}] code from {src}", flush=True)
-    out: dict[str, Any] = {"src": str(src)}
-    with tempfile.TemporaryDirectory(prefix="tierq-streaming-") as tmp:
-        workdir = Path(tmp)
-        try:
-            with running_system(workdir, src) as system:
-                out.update(run_async(scenarios(system, args, label)))
-        except Exception as exc:  # recorded, then the other run goes on
-            out["error"] = f"{type(exc).__name__}: {exc}"[:3000]
-            print(f"[{label}] failed: {out['error']}", file=sys.stderr)
-        out["logs"] = {name: log_flags(workdir / f"{name}.log") for name in ("app", "broker")}
-        if args.log_dir is not None:
-            args.log_dir.mkdir(parents=True, exist_ok=True)
-            for name in ("app", "broker"):
-                with contextlib.suppress(OSError):
-                    shutil.copy(workdir / f"{name}.log", args.log_dir / f"{label}-{name}.log")
-    return out
 
+    async def work(system: System) -> dict[str, Any]:
+        return await scenarios(system, args, label)
 
-def log_flags(path: Path) -> dict[str, Any]:
-    """How many lines of a process log look like warnings or errors, and a few of them."""
-    try:
-        lines = path.read_text(errors="replace").splitlines()
-    except OSError:
-        return {"lines": 0}
-    markers = ("warning", "error", "traceback", "exception")
-    flagged = [line[:240] for line in lines if any(m in line.lower() for m in markers)]
-    return {"lines": len(lines), "flagged": len(flagged), "first": flagged[:3]}
+    run = run_system(
+        label,
+        work,
+        broker_key_prefix=BROKER_KEY_PREFIX,
+        app_env=app_env,
+        src=src,
+        log_dir=args.log_dir,
+    )
+    return {"src": str(src), **run}
 
 
 # -- baseline ----------------------------------------------------------------------------------
 
 
-def git(*args: str) -> str:
-    return subprocess.run(
-        ["git", "-C", str(ROOT), *args], check=True, capture_output=True, text=True
-    ).stdout.strip()
-
-
-@contextlib.contextmanager
-def worktree(ref: str) -> Iterator[tuple[Path, str]]:
-    """A detached worktree of ``ref``; removed at the end."""
-    parent = Path(tempfile.mkdtemp(prefix="tierq-baseline-"))
-    path = parent / "tree"
-    try:
-        git("worktree", "add", "--detach", str(path), ref)
-        yield path, git("-C", str(path), "rev-parse", "HEAD")
-    finally:
-        with contextlib.suppress(subprocess.CalledProcessError):
-            git("worktree", "remove", "--force", str(path))
-        shutil.rmtree(parent, ignore_errors=True)
-
-
-def current_tree_info() -> dict[str, Any]:
-    info: dict[str, Any] = {"ref": "working tree"}
-    with contextlib.suppress(subprocess.CalledProcessError, OSError):
-        info["head"] = git("rev-parse", "HEAD")
-        info["dirty_paths"] = git("status", "--porcelain", "--", "src").splitlines()
-    return info
-
-
-STREAM_FIGURES = (
+STREAM_FIGURES: tuple[tuple[str, Callable[[dict[str, Any]], Any]], ...] = (
     ("last_done_over_model", lambda r: r["last_done_over_model"]),
     ("tokens_per_s", lambda r: r["tokens_per_s"]),
     ("app_us_per_token", lambda r: (r["cpu"].get("app") or {}).get("us_per_token")),
@@ -989,10 +809,11 @@ def main(argv: list[str] | None = None) -> int:
     runs["current"] = {**current_tree_info(), **run_tree("current", ROOT / "src", args)}
     table = ratios(runs["current"], runs["baseline"]) if "baseline" in runs else {}
     doc = {
-        "benchmark": "tierq streaming (broker + app subprocesses, two embedded Redis, loopback)",
-        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
-        "duration_s": round(time.time() - started, 1),
-        "machine": {**machine, "loadavg_at_end": list(os.getloadavg())},
+        **results_head(
+            "tierq streaming (broker + app subprocesses, two embedded Redis, loopback)",
+            started,
+            machine,
+        ),
         "notes": NOTES,
         "config": config(args, nofile),
         "runs": runs,

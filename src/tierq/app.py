@@ -100,6 +100,16 @@ def redis_clients(settings: Settings) -> RedisClients:
     )
 
 
+async def _start(rt: Runtime, sync_queues: bool) -> None:
+    await rt.cancels.start()
+    if sync_queues:
+        try:
+            await rt.gateway.sync_queues()
+        except UpstreamError as exc:
+            log.warning("app.queue_sync_failed", error=str(exc))
+    rt.dispatcher.start()
+
+
 def create_app(
     settings: Settings, *, sync_queues: bool = True, metrics: Metrics | None = None
 ) -> FastAPI:
@@ -113,12 +123,7 @@ def create_app(
         )
         app.state.runtime = rt
         shared_metrics.sse_tail_streams.set_function(lambda: rt.hub.followed)
-        await rt.cancels.start()
-        if sync_queues:
-            try:
-                await rt.gateway.sync_queues()
-            except UpstreamError as exc:
-                log.warning("app.queue_sync_failed", error=str(exc))
+        await _start(rt, sync_queues)
         try:
             yield
         finally:

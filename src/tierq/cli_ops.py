@@ -259,8 +259,8 @@ def fields(obj: dict[str, Any], hide: Iterable[str] = ()) -> str:
 
 QUEUE_COLUMNS = [
     ("queueId", "QUEUE"), ("parallelism", "PARALLEL"), ("paused", "PAUSED"), ("lag", "LAG"),
-    ("inFlight", "IN-FLIGHT"), ("admitted", "ADMITTED"), ("admissionDepth", "DEPTH"),
-    ("dlq", "DLQ"),
+    ("inFlight", "IN-FLIGHT"), ("parked", "PARKED"), ("topParked", "TOP-PARKED"),
+    ("admitted", "ADMITTED"), ("admissionDepth", "DEPTH"), ("dlq", "DLQ"),
 ]  # fmt: skip
 DLQ_COLUMNS = [
     ("dlqId", "DLQ ID"), ("queueId", "QUEUE"), ("jobId", "JOB"), ("responseStatus", "STATUS"),
@@ -322,17 +322,24 @@ def emit(data: Any, as_json: bool, human: Callable[[], str]) -> None:
     typer.echo(json.dumps(data, indent=2) if as_json else human())
 
 
+def queue_row(q: dict[str, Any]) -> dict[str, Any]:
+    """A queue view as a table row: the users with most parked jobs as ``user:n`` (top 3)."""
+    top = " ".join(f"{u['userId']}:{u['parked']}" for u in q.get("topParked", [])[:3])
+    return {**q, "topParked": top or "-"}
+
+
 def _queues(data: dict[str, Any], as_json: bool) -> None:
-    emit(data, as_json, lambda: table(data["queues"], QUEUE_COLUMNS))
+    emit(data, as_json, lambda: table([queue_row(q) for q in data["queues"]], QUEUE_COLUMNS))
 
 
 def _queue(data: dict[str, Any], as_json: bool) -> None:
-    emit(data, as_json, lambda: table([data], QUEUE_COLUMNS))
+    emit(data, as_json, lambda: table([queue_row(data)], QUEUE_COLUMNS))
 
 
 @queues_app.command("list")
 def queues_list(url: Url = DEFAULT_URL, token: Token = None, as_json: Json = False) -> None:
-    """The six queues: QStash's parallelism, paused and lag; tierq's in-flight and admitted."""
+    """The six queues: QStash's parallelism, paused and lag; tierq's in-flight, parked (and the
+    users with most parked jobs) and admitted."""
     with admin_session(url, token) as admin:
         _queues(list_queues(admin), as_json)
 

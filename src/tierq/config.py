@@ -81,6 +81,25 @@ class TierLimits(BaseModel):
         return self.paid if tier == "paid" else self.free
 
 
+class PlanWeights(BaseModel):
+    """Fair-dispatch weight by plan: in its queue, a user of weight 3 gets three jobs
+    dispatched for every one of a user of weight 1 while both have jobs waiting."""
+
+    paid: int = Field(default=1, ge=1, le=1000)
+    free: int = Field(default=1, ge=1, le=1000)
+
+    def for_tier(self, tier: Tier) -> int:
+        return self.paid if tier == "paid" else self.free
+
+
+class UserOverride(BaseModel):
+    """One user's own limits, over those of their plan (unset: the plan's)."""
+
+    weight: int | None = Field(default=None, ge=1, le=1000)
+    running: int | None = Field(default=None, ge=1, description="running jobs (user guard)")
+    queued: int | None = Field(default=None, ge=1, description="jobs admitted per queue")
+
+
 class ModelSettings(BaseModel):
     """One entry of the model registry."""
 
@@ -175,13 +194,23 @@ class Settings(BaseSettings):
     # per user and queue: jobs admitted and not finished, by plan, so that one user cannot
     # take a whole queue's admission depth (over it: 429 user_queue_full, for that user only)
     user_queue_limits: TierLimits = Field(default_factory=lambda: TierLimits(paid=1000, free=100))
+    # fair dispatch: each user's weight in the round robin of a queue, by plan; per-user
+    # overrides of weight and limits by user id
+    user_weights: PlanWeights = Field(default_factory=PlanWeights)
+    user_overrides: dict[str, UserOverride] = Field(default_factory=dict)
 
-    # leases and waiting
+    # leases and dispatch
     lease_ttl_s: float = 30.0
     heartbeat_s: float = 10.0
-    guard_wait_s: float = 10.0
-    guard_poll_s: float = 0.05
     guard_retry_after_s: int = 5
+    # a dispatched job's publish must be confirmed within this, or it goes back to its line
+    dispatch_confirm_s: float = Field(default=60.0, gt=0)
+    dispatch_batch: int = Field(default=100, ge=1, le=1000, description="jobs per dispatch call")
+    dispatch_lookahead: int = Field(default=8, ge=1, le=100)
+    dispatch_max_scan: int = Field(default=256, ge=1)
+    dispatch_reconcile_s: float = Field(default=2.0, gt=0)
+    # a parked job hears where it stands again at most this often (when it moved meaningfully)
+    waiting_update_s: float = Field(default=5.0, gt=0)
     admission_ttl_s: float = 3600.0
     admission_retry_after_s: int = 2
 
@@ -226,6 +255,18 @@ class Settings(BaseSettings):
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+    def user_running_limit(self, user_id: str, plan: Plan) -> int:
+        own = self.user_overrides.get(user_id)
+        return (own and own.running) or self.user_limits.for_tier(plan)
+
+    def user_queue_limit(self, user_id: str, plan: Plan) -> int:
+        own = self.user_overrides.get(user_id)
+        return (own and own.queued) or self.user_queue_limits.for_tier(plan)
+
+    def user_weight(self, user_id: str, plan: Plan) -> int:
+        own = self.user_overrides.get(user_id)
+        return (own and own.weight) or self.user_weights.for_tier(plan)
 
     def with_dev_defaults(self) -> Settings:
         """What ``tierq dev`` adds: fixed API keys, admin token and events secret."""

@@ -90,9 +90,15 @@ class Queued(_Event):
     tier: Tier
 
 
+Hold = Literal["model", "user", "queue", "paused"]
+
+
 class Waiting(_Event):
+    """The job is parked: ``guard`` says what holds it (its user's running limit, its model's,
+    the queue's slots or fair turn, or a paused queue); ``position``: jobs dispatched first."""
+
     type: Literal["waiting"] = "waiting"
-    guard: Literal["model", "user"]
+    guard: Hold
     position: int | None = None
 
 

@@ -102,10 +102,20 @@ class AppKeys:
     - ``admission(queue)``: zset job id → lease expiry ms (producer backpressure)
     - ``user_pending(queue, user)``: zset job id → lease expiry ms: the user's share of the
       queue's admission (taken and given back with the admission lease)
-    - ``model_guard(model, tier)``: zset job id → lease expiry ms
-    - ``user_guard(user)``: zset job id → lease expiry ms
-    - ``running(queue)``: zset job id → lease expiry ms of jobs running now (no limit; for
-      operators: "in flight" per queue)
+    - ``sched``: the prefix of the fair dispatcher's keys, one hash tag for all of them (its
+      scripts touch a queue's lines, the guards and the job's lease together; on Redis Cluster
+      they all live in one slot). Under it (names built by ``dispatch/lua/_lib.lua`` too):
+      ``guard:model:<model>:<tier>``, ``guard:user:<user>`` and ``slots:<queue>`` (zsets job id →
+      lease expiry ms: running or dispatched jobs per model+tier, per user, per queue);
+      ``parked:<queue>:<user>`` (list, FIFO: the user's parked jobs in that queue);
+      ``rr:<queue>`` (list: the users of the queue in round-robin order); ``credit:<queue>`` and
+      ``uconf:<queue>`` (hashes user → turns left, user → "limit\tweight\t");
+      ``pusers:<queue>`` (zset user → parked jobs); ``parked`` (hash queue → parked jobs);
+      ``active`` (set of queues with parked jobs); ``meta``/``body`` (hashes job id → what
+      dispatch needs / the worker body, while parked or being published); ``dispatching``
+      (zset job id → ms by which its publish must be confirmed); ``queue:<queue>`` (hash
+      ``paused``/``parallelism`` set by operators, over the configuration)
+    - ``model_guard(model, tier)``, ``user_guard(user)``: the guards, under ``sched``
     - ``cancel_channel``: pub/sub channel; a message is a job id whose run must stop now
     - ``tail_wake``: stream per app process, written to wake its blocked tail-hub ``XREAD``
     Guard keys get a TTL on every write, so an idle guard disappears instead of lingering.
@@ -122,21 +132,42 @@ class AppKeys:
     def admission(self, queue_id: str) -> str:
         return f"{self.prefix}:admission:{queue_id}"
 
+    @property
+    def sched(self) -> str:
+        return f"{self.prefix}:{{sched}}"
+
     def model_guard(self, model_id: str, tier: str) -> str:
-        return f"{self.prefix}:guard:model:{model_id}:{tier}"
+        return f"{self.sched}:guard:model:{model_id}:{tier}"
 
     def user_guard(self, user_id: str) -> str:
-        return f"{self.prefix}:guard:user:{user_id}"
+        return f"{self.sched}:guard:user:{user_id}"
 
     @property
     def user_guard_pattern(self) -> str:
-        return f"{self.prefix}:guard:user:*"
+        return f"{self.sched}:guard:user:*"
+
+    def queue_slots(self, queue_id: str) -> str:
+        return f"{self.sched}:slots:{queue_id}"
+
+    def parked(self, queue_id: str, user_id: str) -> str:
+        return f"{self.sched}:parked:{queue_id}:{user_id}"
+
+    def parked_users(self, queue_id: str) -> str:
+        return f"{self.sched}:pusers:{queue_id}"
+
+    @property
+    def parked_counts(self) -> str:
+        return f"{self.sched}:parked"
+
+    def queue_state(self, queue_id: str) -> str:
+        return f"{self.sched}:queue:{queue_id}"
+
+    @property
+    def dispatching(self) -> str:
+        return f"{self.sched}:dispatching"
 
     def user_pending(self, queue_id: str, user_id: str) -> str:
         return f"{self.prefix}:pending:{queue_id}:{user_id}"
-
-    def running(self, queue_id: str) -> str:
-        return f"{self.prefix}:running:{queue_id}"
 
     @property
     def cancel_channel(self) -> str:

@@ -9,6 +9,7 @@ from qstash import AsyncQStash, Receiver
 
 from tierq.broker.client import QStashGateway
 from tierq.config import Settings
+from tierq.dispatch.dispatcher import Dispatcher
 from tierq.events.cancel import CancelHub
 from tierq.events.deltas import DeltaWriter
 from tierq.events.hub import TailHub
@@ -33,9 +34,11 @@ class Runtime:
     metrics: Metrics
     deltas: DeltaWriter
     hub: TailHub
+    dispatcher: Dispatcher
 
     async def aclose_streams(self) -> None:
-        """Write pending deltas and stop following logs (at shutdown)."""
+        """Stop dispatching, write pending deltas and stop following logs (at shutdown)."""
+        await self.dispatcher.stop()
         await self.deltas.stop()
         await self.hub.stop()
 
@@ -46,27 +49,34 @@ def build_runtime(
     metrics: Metrics | None = None,
     tail_client: aioredis.Redis | None = None,
     pubsub_client: aioredis.Redis | None = None,
+    gateway: QStashGateway | None = None,
 ) -> Runtime:
+    """The runtime of one process; ``gateway`` replaces the QStash gateway (the publisher and
+    the dispatcher share it), e.g. ``tierq sim``'s in-process queues."""
     keys = AppKeys(settings.key_prefix)
     jobs = JobStore(client, keys, settings.event_retention_s)
-    qstash = AsyncQStash(settings.qstash_token or "", base_url=settings.qstash_url)
+    if gateway is None:
+        qstash = AsyncQStash(settings.qstash_token or "", base_url=settings.qstash_url)
+        gateway = QStashGateway(qstash, settings)
     receiver = Receiver(
         current_signing_key=settings.qstash_current_signing_key or "",
         next_signing_key=settings.qstash_next_signing_key or "",
     )
+    metrics = metrics or Metrics()
     return Runtime(
         settings=settings,
         redis=client,
         keys=keys,
         jobs=jobs,
         leases=Leases(client),
-        gateway=QStashGateway(qstash, settings),
+        gateway=gateway,
         receiver=receiver,
         providers=ProviderRegistry(settings.models),
         cancels=CancelHub(pubsub_client or client, keys.cancel_channel),
-        metrics=metrics or Metrics(),
+        metrics=metrics,
         deltas=DeltaWriter(jobs, settings.delta_flush_ms, settings.delta_flush_max_chars),
         hub=TailHub(
             tail_client or client, client, keys.tail_wake, settings.sse_client_buffer_bytes
         ),
+        dispatcher=Dispatcher(client, keys, settings, gateway, metrics, jobs),
     )

@@ -138,16 +138,18 @@ def test_pause_holds_jobs_and_resume_drains(system: System) -> None:
     assert paused["paused"] is True
     held = submit(system)
     cancelled = submit(system)
-    view = wait_until(lambda: (q := queue(system, "q_paid_stream"))["lag"] == 2 and q)
-    assert view["admitted"] == 2
-    assert view["inFlight"] == 0
+    view = queue(system, "q_paid_stream")  # parked by tierq: nothing was published
+    assert (view["parked"], view["lag"], view["admitted"], view["inFlight"]) == (2, 0, 2, 0)
     assert system.job(held["jobId"])["status"] == "queued"
     # A queued job is cancelled at once, from the admin side too.
     assert ok(admin(system, "DELETE", f"/jobs/{cancelled['jobId']}")) == {
         "jobId": cancelled["jobId"],
         "status": "cancelled",
     }
-    assert queue(system, "q_paid_stream")["admitted"] == 1
+    assert (
+        queue(system, "q_paid_stream")["admitted"],
+        queue(system, "q_paid_stream")["parked"],
+    ) == (1, 1)
 
     resumed = ok(admin(system, "POST", "/queues/q_paid_stream/resume"))
     assert resumed["paused"] is False
@@ -155,7 +157,7 @@ def test_pause_holds_jobs_and_resume_drains(system: System) -> None:
     drained = wait_until(
         lambda: (q := queue(system, "q_paid_stream"))["lag"] == 0 and q["admitted"] == 0 and q
     )
-    assert drained["inFlight"] == 0
+    assert (drained["inFlight"], drained["parked"]) == (0, 0)
     assert system.job(cancelled["jobId"])["status"] == "cancelled"
 
 

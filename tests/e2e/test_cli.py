@@ -92,9 +92,10 @@ def test_queues_commands(system: System) -> None:
     assert human.exit_code == Code.OK
     lines = human.stdout.splitlines()
     assert lines[0].split() == [
-        "QUEUE", "PARALLEL", "PAUSED", "LAG", "IN-FLIGHT", "ADMITTED", "DEPTH", "DLQ",
+        "QUEUE", "PARALLEL", "PAUSED", "LAG", "IN-FLIGHT", "PARKED", "TOP-PARKED", "ADMITTED",
+        "DEPTH", "DLQ",
     ]  # fmt: skip
-    assert lines[1].split() == ["q_paid_stream", "16", "no", "0", "0", "0", "800", "0"]
+    assert lines[1].split() == ["q_paid_stream", "16", "no", "0", "0", "0", "-", "0", "800", "0"]
 
     assert ok_json(system, "queues", "pause", "q_free_batch")["paused"] is True
     changed = ok_json(system, "queues", "set-parallelism", "q_free_batch", "7")

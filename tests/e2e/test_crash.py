@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
+import redis
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
 
 from helpers import ServerThread, wait_until
 from system import DEV, PAID
@@ -64,6 +72,26 @@ class AppProcess:
                 self.proc.wait()
 
 
+def app_env(
+    redis_url: str, prefix: str, port: int, qstash_url: str, **extra: str
+) -> dict[str, str]:
+    """``tierq serve``'s environment: production-style settings, one paid user ``crash-user``."""
+    return {
+        **os.environ,
+        "TIERQ_REDIS_URL": redis_url,
+        "TIERQ_KEY_PREFIX": prefix,
+        "TIERQ_PUBLIC_URL": f"http://127.0.0.1:{port}",
+        "TIERQ_API_KEYS": json.dumps({PAID: {"id": "crash-user", "plan": "paid"}}),
+        "TIERQ_ADMIN_TOKEN": "crash-admin",
+        "TIERQ_EVENTS_SECRET": "crash-secret",
+        "QSTASH_URL": qstash_url,
+        "QSTASH_TOKEN": DEV.token,
+        "QSTASH_CURRENT_SIGNING_KEY": DEV.current_key,
+        "QSTASH_NEXT_SIGNING_KEY": DEV.next_key,
+        **extra,
+    }
+
+
 @pytest.fixture
 def broker_thread(redis_url: str) -> Iterator[ServerThread]:
     settings = BrokerSettings(key_prefix=f"crash{os.getpid()}b", poll_interval_s=0.2)
@@ -79,24 +107,11 @@ def test_worker_killed_mid_job_leaks_nothing(
 ) -> None:
     port = free_port()
     prefix = f"crash{os.getpid()}"
-    env = {
-        **os.environ,
-        "TIERQ_REDIS_URL": redis_url,
-        "TIERQ_KEY_PREFIX": prefix,
-        "TIERQ_PUBLIC_URL": f"http://127.0.0.1:{port}",
-        "TIERQ_API_KEYS": json.dumps({PAID: {"id": "crash-user", "plan": "paid"}}),
-        "TIERQ_ADMIN_TOKEN": "crash-admin",
-        "TIERQ_EVENTS_SECRET": "crash-secret",
-        "QSTASH_URL": broker_thread.url,
-        "QSTASH_TOKEN": DEV.token,
-        "QSTASH_CURRENT_SIGNING_KEY": DEV.current_key,
-        "QSTASH_NEXT_SIGNING_KEY": DEV.next_key,
-        "TIERQ_LEASE_TTL_S": "2",
-        "TIERQ_HEARTBEAT_S": "0.5",
-        "TIERQ_QSTASH_RETRIES": "10",
-        "TIERQ_QSTASH_RETRY_DELAY": "300",
-        "TIERQ_GUARD_RETRY_AFTER_S": "1",
-    }
+    env = app_env(
+        redis_url, prefix, port, broker_thread.url,
+        TIERQ_LEASE_TTL_S="2", TIERQ_HEARTBEAT_S="0.5", TIERQ_QSTASH_RETRIES="10",
+        TIERQ_QSTASH_RETRY_DELAY="300", TIERQ_GUARD_RETRY_AFTER_S="1",
+    )  # fmt: skip
     app = AppProcess(env, port, tmp_path / "app.log")
     keys = AppKeys(prefix)
     auth = {"Authorization": f"Bearer {PAID}"}
@@ -135,8 +150,6 @@ def test_worker_killed_mid_job_leaks_nothing(
                 keys.model_guard("sim", "paid"), keys.user_guard("crash-user"),
                 keys.admission("q_paid_stream"),
             ]  # fmt: skip
-            import redis  # noqa: PLC0415
-
             client = redis.Redis.from_url(redis_url)
             try:
                 wait_until(lambda: all(client.zcard(k) == 0 for k in guards), timeout=10)
@@ -144,3 +157,68 @@ def test_worker_killed_mid_job_leaks_nothing(
                 client.close()
         finally:
             app.stop()
+
+
+def stalling_qstash() -> Starlette:
+    """A QStash that accepts everything but never answers a publish (``/v2/batch``)."""
+
+    async def stall(request: Request) -> Response:
+        await asyncio.sleep(20)
+        return JSONResponse({"error": "stalled"}, status_code=500)
+
+    async def fine(request: Request) -> Response:
+        return JSONResponse({})
+
+    methods = ["GET", "POST", "PUT", "DELETE"]
+    return Starlette(routes=[Route("/v2/batch", stall, methods=["POST"]),
+                             Route("/{path:path}", fine, methods=methods)])  # fmt: skip
+
+
+@pytest.mark.timeout(180)
+def test_app_killed_between_lease_and_publish_runs_the_job_once(
+    redis_url: str, broker_thread: ServerThread, tmp_path: Path
+) -> None:
+    stalled = ServerThread(stalling_qstash()).start()
+    port = free_port()
+    prefix = f"crashp{os.getpid()}"
+    env = app_env(
+        redis_url, prefix, port, stalled.url,
+        TIERQ_LEASE_TTL_S="3", TIERQ_HEARTBEAT_S="1", TIERQ_DISPATCH_CONFIRM_S="2",
+        TIERQ_DISPATCH_RECONCILE_S="0.3",
+    )  # fmt: skip
+    app = AppProcess(env, port, tmp_path / "app.log")
+    keys = AppKeys(prefix)
+    client = redis.Redis.from_url(redis_url)
+    job = {"service": "chat", "experience": "stream", "model": "sim",
+           "input": {"prompt": "crash", "simulate": {"tokens": 3}}}  # fmt: skip
+    auth = {"Authorization": f"Bearer {PAID}"}
+    try:
+        app.start()
+
+        def submit() -> None:
+            with contextlib.suppress(httpx.HTTPError):
+                httpx.post(f"http://127.0.0.1:{port}/api/jobs", json=job, headers=auth, timeout=30)
+
+        submitter = threading.Thread(target=submit, daemon=True)
+        submitter.start()
+        # the dispatcher took the leases and is publishing: the app dies right there
+        [job_id] = wait_until(lambda: client.zrange(keys.dispatching, 0, -1))
+        app.kill9()
+        submitter.join(timeout=30)
+        leases = [keys.queue_slots("q_paid_stream"), keys.user_guard("crash-user"),
+                  keys.model_guard("sim", "paid")]  # fmt: skip
+        assert all(client.zscore(k, job_id) is not None for k in leases)
+        app.env = {**env, "QSTASH_URL": broker_thread.url}
+        app.start()
+        state = keys.job(job_id.decode())
+        wait_until(lambda: client.hget(state, "status") == b"completed", timeout=60)
+        kinds = [
+            json.loads(f[b"e"])["type"] for _, f in client.xrange(keys.job_events(job_id.decode()))
+        ]
+        assert (kinds.count("started"), kinds.count("completed")) == (1, 1)
+        done = [*leases, keys.admission("q_paid_stream"), keys.dispatching]
+        wait_until(lambda: all(client.zcard(k) == 0 for k in done), timeout=10)
+    finally:
+        app.stop()
+        stalled.stop()
+        client.close()

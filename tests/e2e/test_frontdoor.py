@@ -12,6 +12,7 @@ import json
 import socket
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import httpx
@@ -271,25 +272,31 @@ def test_queue_full_is_an_openai_rate_limit_with_retry_after(
     assert system.slot_count(system.keys.admission("q_paid_stream")) == 1  # nothing more
 
 
-def test_guard_timeout_is_an_openai_rate_limit(make_system: Callable[..., System]) -> None:
+def test_a_full_model_makes_the_stream_wait_not_fail(make_system: Callable[..., System]) -> None:
     sim = ModelSettings(limits={"paid": 1, "free": 1})
-    system = make_system(models={"sim": sim}, guard_wait_s=0.3, qstash_retries=0,
-                         guard_retry_after_s=7)  # fmt: skip
+    system = make_system(models={"sim": sim}, qstash_retries=0)
     hog = system.submit(PAID, input={"prompt": "hog", "simulate": {"fail": "hang"}})
     assert hog.status_code == 202, hog.text
     hog_id = hog.json()["jobId"]
     wait_until(lambda: system.job(hog_id)["status"] == "running")
-    with client_for(system) as client, pytest.raises(openai.RateLimitError) as busy:
-        client.chat.completions.create(model="sim", messages=user("me too"), stream=True)
-    error = error_of(busy.value)
-    assert (error["type"], error["code"]) == ("requests", "rate_limit_exceeded")
-    assert "model guard full" in error["message"]
-    assert busy.value.response.headers["retry-after"] == "7"
-    job_id = busy.value.response.headers["x-tierq-job-id"]
-    assert system.job(job_id)["error"]["code"] == "model_busy"
-    cancel = system.http.delete(f"/api/jobs/{hog_id}", headers={"Authorization": f"Bearer {PAID}"})
-    assert cancel.status_code == 200
-    wait_until(lambda: system.job(hog_id)["status"] == "cancelled")
+    parked = system.keys.parked("q_paid_stream", "dev-paid")
+    with client_for(system) as client, ThreadPoolExecutor(1) as pool:
+
+        def chat() -> str:
+            stream = client.chat.completions.create(
+                model="sim", messages=user("me too"), stream=True
+            )
+            return "".join(chunk.choices[0].delta.content or "" for chunk in stream)
+
+        answer = pool.submit(chat)
+        [job_id] = wait_until(lambda: system.redis.lrange(parked, 0, -1))  # parked: model full
+        waiting = [e for e in system.log_events(job_id.decode()) if e["type"] == "waiting"]
+        assert [e["guard"] for e in waiting] == ["model"]
+        cancel = system.http.delete(
+            f"/api/jobs/{hog_id}", headers={"Authorization": f"Bearer {PAID}"}
+        )
+        assert cancel.status_code == 200
+        assert answer.result(timeout=20)  # the model freed: the stream's job ran
 
 
 def raw_request(system: System, body: dict[str, Any], key: str = PAID) -> socket.socket:

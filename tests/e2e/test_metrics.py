@@ -17,7 +17,6 @@ def test_metrics_follow_the_job_path(make_system: Callable[..., System]) -> None
     system = make_system(
         queues=queues,
         qstash_retries=0,
-        guard_wait_s=5,
         models={"sim": ModelSettings(limits=TierLimits(paid=1, free=1))},
     )
     ok = system.submit(PAID).json()
@@ -46,7 +45,9 @@ def test_metrics_follow_the_job_path(make_system: Callable[..., System]) -> None
     assert sample(text, "tierq_queue_wait_seconds_count", q) >= 3
     assert sample(text, "tierq_run_seconds_count", q) >= 3
     assert sample(text, "tierq_time_to_first_token_seconds_count", q) >= 2
-    assert sample(text, "tierq_guard_waits_total", '{guard="model"}') >= 1
+    assert sample(text, "tierq_jobs_parked_total", '{queue="q_paid_stream",reason="model"}') == 1
+    assert sample(text, "tierq_jobs_dispatched_total", q) == 4
+    assert sample(text, "tierq_jobs_dispatched_total", '{queue="q_paid_batch"}') == 1  # model: 1
     assert sample(text, "tierq_admission_rejections_total", '{queue="q_paid_batch"}') == 1
     assert sample(text, "tierq_sse_streams_total") == 3
     assert sample(text, "tierq_sse_connections") == 0

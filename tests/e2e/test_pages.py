@@ -283,12 +283,17 @@ def test_dashboard_shows_queues_guards_and_pauses(page: Page, system: System) ->
         assert qstash_paused(system, queue) is True
         assert system.http.get(f"/api/admin/queues/{queue}", headers=admin()).json()["paused"]
         expect(page.get_by_test_id("state-q_paid_stream")).to_have_text("active")
+        # a job submitted to the paused queue is parked: counted, and its user shown
+        assert system.submit(FREE, experience="batch").status_code == 202
+        expect(card.locator("[data-field=parked]")).to_have_text("1")
+        expect(card.locator("[data-field=topParked]")).to_have_text("dev-free (1)")
         screenshot(page, "dashboard.png")
 
         page.get_by_test_id(f"resume-{queue}").click()
         expect(page.get_by_test_id(f"state-{queue}")).to_have_text("active")
         expect(page.get_by_test_id(f"pause-{queue}")).to_be_enabled()
         assert qstash_paused(system, queue) is False
+        expect(card.locator("[data-field=parked]")).to_have_text("0")  # resumed: dispatched
     finally:
         res = system.http.delete(
             f"/api/jobs/{hang['jobId']}", headers={"Authorization": f"Bearer {PAID}"}

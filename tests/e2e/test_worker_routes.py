@@ -20,6 +20,7 @@ from qstash import QStash
 from helpers import wait_until
 from system import DEV, PAID, System
 from tierq.broker.server.signing import new_signing_key, sign
+from tierq.config import ModelSettings, TierLimits
 from tierq.contracts import WorkerBody
 
 STREAM_ROUTE = "/api/worker/stream/chat"
@@ -152,7 +153,7 @@ def bad_deliveries(system: System, d: Delivery, path: str) -> dict[str, dict[str
 def test_bad_signatures_are_refused_without_side_effects(system: System) -> None:
     d = paused_delivery(system)
     before = snapshot(system, d.job_id)
-    assert before[2:] == (0, 0)
+    assert before[2:] == (1, 1)  # the leases dispatch took when it published the job
     for name, request in bad_deliveries(system, d, STREAM_ROUTE).items():
         res = deliver(system, STREAM_ROUTE, **request)
         assert_error(res, 401, "bad_signature")
@@ -189,6 +190,35 @@ def test_a_redelivered_message_does_not_run_the_job_again(system: System) -> Non
     assert event_types(system, d.job_id) == kinds
     assert system.job(d.job_id) == state
     assert snapshot(system, d.job_id)[2:] == (0, 0)
+
+
+def test_a_delivery_without_leases_parks_its_job_again_when_full(
+    make_system: Callable[..., System],
+) -> None:
+    system = make_system(models={"sim": ModelSettings(limits=TierLimits(paid=1, free=1))})
+    d = paused_delivery(system, input={"prompt": "x", "simulate": {"tokens": 2}})
+    k = system.keys
+    model = k.model_guard("sim", "paid")
+    for key in (k.queue_slots("q_paid_stream"), k.user_guard("dev-paid"), model):
+        assert system.redis.zrem(key, d.job_id) == 1  # its leases lapsed while QStash held it
+    system.redis.zadd(model, {"other-job": time.time() * 1000 + 60_000})  # and the model filled
+    headers = signed_headers(system, STREAM_ROUTE, d.body, d.message_id)
+    res = deliver(system, STREAM_ROUTE, d.body, headers)
+    assert res.status_code == 200, res.text
+    assert res.json() == {"status": "parked", "guard": "model"}  # no 429: no retry spent
+    assert event_types(system, d.job_id) == ["queued", "waiting"]
+    assert system.redis.lrange(k.parked("q_paid_stream", "dev-paid"), 0, -1) == [d.job_id.encode()]
+    assert snapshot(system, d.job_id)[2:] == (1, 0)  # it holds nothing
+    system.redis.zrem(model, "other-job")  # room again: dispatch sends it (safety-net tick)
+    wait_until(lambda: system.redis.hget(k.job(d.job_id), "messageId") != d.message_id.encode())
+    client = QStash(DEV.token, base_url=system.broker.url)
+    try:
+        client.queue.resume("q_paid_stream")
+    finally:
+        client.http._client.close()  # type: ignore[attr-defined]
+    wait_until(lambda: system.job(d.job_id)["status"] == "completed")
+    kinds = event_types(system, d.job_id)
+    assert (kinds.count("started"), kinds.count("completed")) == (1, 1)
 
 
 def test_a_redelivery_while_the_job_runs_is_refused_with_retry_after(system: System) -> None:

@@ -11,7 +11,6 @@ from typing import Any
 import pytest
 import redis.asyncio as aioredis
 
-from helpers import async_wait_until
 from tierq.config import ModelSettings, Settings, TierLimits
 from tierq.contracts import Delta, JobInput, Queued, Simulate, WorkerBody, parse_event
 from tierq.queues import QueueId
@@ -31,8 +30,6 @@ async def rt(redis_url: str) -> AsyncIterator[Runtime]:
         redis_url=redis_url,
         key_prefix=f"steps{next(_n)}",
         models={"sim": ModelSettings(limits=TierLimits(paid=1, free=1), timeout_s=0.5)},
-        guard_wait_s=0.3,
-        guard_poll_s=0.02,
         guard_retry_after_s=4,
     ).with_dev_defaults()
     client = aioredis.Redis.from_url(redis_url)
@@ -66,56 +63,51 @@ async def has_waiting(rt: Runtime, job_id: str) -> bool:
     return "waiting" in await event_types(rt, job_id)
 
 
-async def test_guard_takes_user_then_model_lease(rt: Runtime) -> None:
+def raw(body: WorkerBody) -> bytes:
+    return body.model_dump_json(by_alias=True).encode()
+
+
+async def test_guard_takes_queue_user_and_model_leases(rt: Runtime) -> None:
     body = await new_job(rt)
-    result = await guard(rt, body, asyncio.Event())
+    result = await guard(rt, body, raw(body), "msg_1")
     assert isinstance(result, Ok)
-    assert result.value.leases == [
+    assert result.value == [
+        (rt.keys.queue_slots(body.queue_id.value), body.job_id),
         (rt.keys.user_guard("dev-paid"), body.job_id),
         (rt.keys.model_guard("sim", "paid"), body.job_id),
     ]
     assert await event_types(rt, body.job_id) == ["queued"]  # no wait, no waiting event
 
 
-async def test_full_guard_waits_then_answers_429_holding_nothing(rt: Runtime) -> None:
-    model_key = rt.keys.model_guard("sim", "paid")
-    assert (await rt.leases.acquire(model_key, "other-job", 1, 30)).acquired
+async def test_guard_finds_the_leases_dispatch_took(rt: Runtime) -> None:
     body = await new_job(rt)
-    result = await guard(rt, body, asyncio.Event())
-    assert isinstance(result, Err)
-    assert result.error.status == 429
-    assert result.error.headers["Retry-After"] == "4"
-    assert await event_types(rt, body.job_id) == ["queued", "waiting"]
-    assert await rt.leases.holders(rt.keys.user_guard("dev-paid")) == []
-    assert await rt.leases.holders(model_key) == ["other-job"]
-    state = await rt.jobs.state(body.job_id)
-    assert state is not None
-    assert state["status"] == "queued"
-
-
-async def test_guard_runs_when_the_slot_frees_during_the_wait(rt: Runtime) -> None:
+    args = rt.dispatcher.park_args(body, raw(body), body.job_id)
+    reply = await rt.dispatcher.call_script("park", args)  # dispatched (not published here)
+    assert reply[2::3] == [body.job_id.encode()]
     model_key = rt.keys.model_guard("sim", "paid")
-    await rt.leases.acquire(model_key, "other-job", 1, 30)
-    body = await new_job(rt)
-    task = asyncio.create_task(guard(rt, body, asyncio.Event()))
-    await async_wait_until(lambda: has_waiting(rt, body.job_id))
-    await rt.leases.release(model_key, "other-job")
-    result = await asyncio.wait_for(task, 5)
+    assert not (await rt.leases.acquire(model_key, "other-job", 1, 30)).acquired  # it is full
+    result = await guard(rt, body, raw(body), "msg_1")
     assert isinstance(result, Ok)
-    assert not result.value.cancelled
     assert await rt.leases.holders(model_key) == [body.job_id]
 
 
-async def test_cancel_during_guard_wait(rt: Runtime) -> None:
-    await rt.leases.acquire(rt.keys.model_guard("sim", "paid"), "other-job", 1, 30)
+async def test_full_guard_parks_the_job_again_holding_nothing(rt: Runtime) -> None:
+    model_key = rt.keys.model_guard("sim", "paid")
+    assert (await rt.leases.acquire(model_key, "other-job", 1, 30)).acquired
     body = await new_job(rt)
-    cancel = asyncio.Event()
-    task = asyncio.create_task(guard(rt, body, cancel))
-    await async_wait_until(lambda: has_waiting(rt, body.job_id))
-    cancel.set()
-    result = await asyncio.wait_for(task, 5)
-    assert isinstance(result, Ok)
-    assert result.value.cancelled
+    result = await guard(rt, body, raw(body), "msg_1")
+    assert isinstance(result, Err)
+    assert (result.error.status, result.error.body) == (200, {"status": "parked", "guard": "model"})
+    assert await event_types(rt, body.job_id) == ["queued", "waiting"]
+    waiting = parse_event((await rt.jobs.read(body.job_id, None))[-1][1])
+    assert waiting.model_dump(include={"guard", "position"}) == {"guard": "model", "position": 0}
+    assert await rt.leases.holders(rt.keys.user_guard("dev-paid")) == []
+    assert await rt.leases.holders(model_key) == ["other-job"]
+    parked = rt.keys.parked(body.queue_id.value, "dev-paid")
+    assert await rt.redis.lrange(parked, 0, -1) == [body.job_id.encode()]
+    state = await rt.jobs.state(body.job_id)
+    assert state is not None
+    assert state["status"] == "queued"
 
 
 @pytest.mark.parametrize(
@@ -196,9 +188,10 @@ async def test_cleanup_releases_leases_and_admission_when_finished(
     body = await new_job(rt)
     admission = rt.keys.admission(body.queue_id.value)
     await rt.leases.acquire(admission, body.job_id, 10, 60)
-    held = await guard(rt, body, asyncio.Event())
+    held = await guard(rt, body, raw(body), "msg_1")
     assert isinstance(held, Ok)
-    await cleanup(rt, body, held.value.leases, finished)
+    await cleanup(rt, body, held.value, finished)
+    assert await rt.leases.count(rt.keys.queue_slots(body.queue_id.value)) == 0
     assert await rt.leases.count(rt.keys.user_guard("dev-paid")) == 0
     assert await rt.leases.count(rt.keys.model_guard("sim", "paid")) == 0
     assert await rt.leases.count(admission) == (0 if finished else 1)

@@ -25,7 +25,7 @@ def test_defaults_hold_every_limit() -> None:
 def test_toml_file_then_env_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     toml = tmp_path / "tierq.toml"
     toml.write_text(
-        "guard_wait_s = 3.5\nlease_ttl_s = 12\n"
+        "dispatch_reconcile_s = 3.5\nlease_ttl_s = 12\n"
         "[queues.q_free_batch]\nparallelism = 5\nadmission_depth = 7\n"
         "[user_limits]\npaid = 9\nfree = 4\n"
     )
@@ -33,7 +33,7 @@ def test_toml_file_then_env_override(tmp_path: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.setenv("TIERQ_USER_LIMITS__FREE", "1")
     monkeypatch.setattr(Settings, "model_config", {**Settings.model_config, "toml_file": toml})
     s = Settings()
-    assert s.guard_wait_s == 3.5
+    assert s.dispatch_reconcile_s == 3.5
     assert s.lease_ttl_s == 12
     assert s.queues[QueueId.FREE_BATCH].parallelism == 5
     assert s.queues[QueueId.FREE_BATCH].admission_depth == 7

@@ -30,38 +30,54 @@ class QueueStatus:
 
 MAX_BATCH = 100
 """Messages per QStash batch request at most."""
+MAX_SENDERS = 4
+"""Batch requests in flight at once; publishes beyond them wait and go out together."""
 _FAILURES = (QStashError, httpx.HTTPError)
 
 
 class QStashGateway:
-    """Publishing is a group commit through QStash's ``/v2/batch``: a publish with none in
-    flight goes out at once, alone (no added latency); publishes that arrive while one is in
-    flight wait for it and then go out together in one request, each to its own queue, in order.
-    Under load that is one HTTP request (and one signed round trip in the broker) for many
-    jobs instead of one each."""
+    """Publishing is a group commit through QStash's ``/v2/batch``: a publish goes out at once
+    (no added latency) while fewer than :data:`MAX_SENDERS` requests are in flight; publishes
+    that arrive while all are busy wait for one and then go out together in one request, each
+    to its own queue. Under load that is one HTTP request (and one signed round trip in the
+    broker) for many jobs instead of one each."""
 
     def __init__(self, qstash: AsyncQStash, settings: Settings) -> None:
         self.qstash = qstash
         self.settings = settings
         self._waiting: list[tuple[BatchRequest, asyncio.Future[str]]] = []
-        self._sender: asyncio.Task[None] | None = None
+        self._senders: set[asyncio.Task[None]] = set()
         self.requests = 0  # publish HTTP requests made (for tests and metrics)
 
     async def publish(self, body: WorkerBody, url: str) -> str:
         """Enqueue one job into its named queue; returns the QStash message id."""
+        return await self.publish_raw(
+            body.queue_id.value, url, body.model_dump_json(by_alias=True), body.max_retries
+        )
+
+    async def publish_raw(
+        self, queue: str, url: str, body: str, retries: int, dedup_id: str | None = None
+    ) -> str:
+        """Enqueue a worker body (JSON) into ``queue``; returns the QStash message id. With
+        ``dedup_id``, QStash accepts one message per id within its deduplication window (a
+        second publish gets the first one's id back)."""
         request: BatchRequest = {
-            "queue": body.queue_id.value,
+            "queue": queue,
             "url": url,
-            "body": body.model_dump_json(by_alias=True),
+            "body": body,
             "content_type": "application/json",
-            "retries": body.max_retries,
+            "retries": retries,
         }
+        if dedup_id:
+            request["deduplication_id"] = dedup_id
         if self.settings.qstash_retry_delay is not None:
             request["retry_delay"] = self.settings.qstash_retry_delay
         future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
         self._waiting.append((request, future))
-        if self._sender is None or self._sender.done():
-            self._sender = asyncio.create_task(self._send_waiting(), name="tierq-publish")
+        if len(self._senders) < MAX_SENDERS:
+            sender = asyncio.create_task(self._send_waiting(), name="tierq-publish")
+            self._senders.add(sender)
+            sender.add_done_callback(self._senders.discard)
         return await future
 
     async def _send_waiting(self) -> None:

@@ -79,25 +79,43 @@ class JobStore:
         status: str | None = None,
         fields: dict[str, str] | None = None,
         revive: bool = False,
+        if_queued: bool = False,
     ) -> Appended | None:
         """Log ``event`` (and set the status/fields); ``None`` when the job is gone or already
-        terminal — the caller must then stop working on it."""
+        terminal — the caller must then stop working on it — or, with ``if_queued``, when the
+        job is not queued any more."""
+        mode = "revive" if revive else ("queued" if if_queued else "")
+        appended = await self._append(event, status, fields, mode)
+        return appended if isinstance(appended, Appended) else None
+
+    async def start(
+        self, event: WorkerEvent, runs: int, fields: dict[str, str], *, revive: bool = False
+    ) -> Appended | str:
+        """Log the ``started`` of run ``runs + 1`` (status ``running``), only while the job has
+        had exactly ``runs`` runs; otherwise why not: ``taken`` (another delivery started this
+        run first), ``missing``, or the terminal status."""
+        mode = ("revive-" if revive else "") + f"start:{runs}"
+        return await self._append(event, "running", fields, mode)
+
+    async def _append(
+        self, event: WorkerEvent, status: str | None, fields: dict[str, str] | None, mode: str
+    ) -> Appended | str:
         terminal = is_terminal(event)
         try:
-            entry, seq = await self._scripts["append"](
+            entry, second = await self._scripts["append"](
                 keys=self._job_keys(event.job_id),
                 args=[
                     event_prefix(event),
                     status or "",
                     "1" if terminal else "0",
                     self.retention_ms,
-                    "revive" if revive else "",
+                    mode,
                     *_flatten(fields),
                 ],
             )
         except RedisError as exc:
             raise UpstreamError(f"redis: {exc}") from exc
-        return Appended(_s(entry), int(seq)) if _s(entry) else None
+        return Appended(_s(entry), int(second)) if _s(entry) else _s(second)
 
     async def append_deltas(self, items: Sequence[tuple[str, bytes]]) -> list[int]:
         """Append one ``delta`` event per job (``(job id, delta_prefix(...))``) in one round

@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import structlog
 
+from tierq.aio import raise_if_cancelled
 from tierq.errors import UpstreamError
 from tierq.guards.leases import Leases
 
@@ -36,6 +37,7 @@ async def heartbeat(
     while live:
         await asyncio.sleep(every_s)
         live = await _beat(leases, live, ttl_s, on_lost)
+        raise_if_cancelled()  # cancelled at cleanup, even through redis-py
 
 
 async def _beat(

@@ -35,10 +35,19 @@ class Metrics:
             buckets=_WAIT_BUCKETS, registry=r,
         )  # fmt: skip
         self.guard_waits = Counter(
-            "tierq_guard_waits", "Deliveries that waited on a full guard", ["guard"], registry=r
-        )
-        self.guard_rejections = Counter(
-            "tierq_guard_rejections", "Deliveries answered 429 by a full guard", ["guard"],
+            "tierq_guard_waits", "Deliveries without leases that found a guard full (parked)",
+            ["guard"], registry=r,
+        )  # fmt: skip
+        self.parked = Counter(
+            "tierq_jobs_parked", "Jobs parked on submit or delivery, by what held them",
+            ["queue", "reason"], registry=r,
+        )  # fmt: skip
+        self.dispatched = Counter(
+            "tierq_jobs_dispatched", "Jobs published to QStash by the dispatcher", ["queue"],
+            registry=r,
+        )  # fmt: skip
+        self.publish_failures = Counter(
+            "tierq_dispatch_publish_failures", "Dispatched jobs whose publish failed (requeued)",
             registry=r,
         )  # fmt: skip
         self.admission_rejections = Counter(

@@ -102,10 +102,11 @@ async def _qstash_queue(rt: Runtime, queue: QueueId) -> Queue | None:
 
 
 async def queue_view(rt: Runtime, queue: QueueId, dlq_size: int) -> dict[str, Any]:
-    q, in_flight, admitted = await asyncio.gather(
+    q, in_flight, admitted, dispatch = await asyncio.gather(
         _qstash_queue(rt, queue),
-        rt.leases.count(rt.keys.running(queue.value)),
+        rt.leases.count(rt.keys.queue_slots(queue.value)),
         rt.leases.count(rt.keys.admission(queue.value)),
+        rt.dispatcher.queue_stats(queue.value),
     )
     tier, experience = parse_queue(queue)
     conf = rt.settings.queues.get(queue)
@@ -120,6 +121,7 @@ async def queue_view(rt: Runtime, queue: QueueId, dlq_size: int) -> dict[str, An
         "admitted": admitted,
         "admissionDepth": conf.admission_depth if conf else None,
         "dlq": dlq_size,
+        **dispatch,
     }
 
 
@@ -148,6 +150,7 @@ async def sync_queues(request: Request, dlq: Dlq) -> dict[str, Any]:
     rt = runtime(request)
     with audited("queue.sync", queues=[q.value for q in rt.settings.queues]):
         await rt.gateway.sync_queues()
+        await rt.dispatcher.clear_queue_overrides()
     return {"queues": await queue_views(rt, dlq)}
 
 
@@ -166,6 +169,7 @@ async def _set_paused(request: Request, dlq: Dlq, queue_id: str, paused: bool) -
             await (api.pause(queue.value) if paused else api.resume(queue.value))
         except QStashError as exc:
             raise sdk_error(exc, f"{action} {queue.value}") from exc
+        await rt.dispatcher.set_queue(queue.value, paused=paused)
     return await one_queue_view(rt, dlq, queue)
 
 
@@ -203,6 +207,7 @@ async def set_parallelism(
             )
         except QStashError as exc:
             raise sdk_error(exc, f"queue.parallelism {queue.value}") from exc
+        await rt.dispatcher.set_queue(queue.value, parallelism=body.parallelism)
     return await one_queue_view(rt, dlq, queue)
 
 

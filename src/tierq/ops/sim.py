@@ -1,31 +1,53 @@
-"""``tierq sim``: drive the worker pipeline in-process with synthetic jobs, then look for leaks.
+"""``tierq sim``: synthetic jobs through the real producer, dispatcher and worker pipeline,
+in-process, with QStash played in memory; then a look for leaks.
 
-No HTTP, no broker, no QStash: each job gets its state record and admission lease the way
-``producer.submit`` makes them (without publishing), and its ``WorkerBody`` JSON goes straight
-to :func:`tierq.worker.pipeline.run_delivery`. The driver plays QStash's part:
+No HTTP and no broker, but no stand-ins for tierq's own code either. Each job is submitted with
+:func:`tierq.producer.submit.submit` (the user's share and the queue's admission, the state
+record, parked for the fair dispatcher). The dispatcher (:mod:`tierq.dispatch`) publishes what
+may run through the runtime's gateway, here a :class:`SimGateway`: QStash's named queues in
+memory, which deliver a message by calling :func:`tierq.worker.pipeline.run_delivery` as the
+worker route would. Guards, a delivery parking its job again when a guard is full, releases and
+the next fair choice, the dispatcher's periodic reconciler: all the real code, on real Redis.
 
+The gateway plays QStash:
+
+- a publish gets a new message id; one with a ``dedup_id`` already seen in the run gets the first
+  message's id back and enqueues nothing;
+- each queue delivers its messages in order (FIFO), at most ``parallelism`` of them at once (as
+  ``sync_queues`` configured it from the settings), and a message keeps its queue slot through
+  its retries (the next one waits through the current one's backoff);
 - at most ``concurrency`` deliveries run at once, across all queues;
-- each queue runs at most ``settings.queues[q].parallelism`` messages at once, and a message
-  keeps its queue slot through its retries (QStash queues are FIFO: the next message waits
-  through the current one's backoff);
-- a non-2xx reply is retried while ``retried < maxRetries`` (with ``Upstash-Retried`` counting
-  up), after its ``Retry-After`` capped to :data:`RETRY_AFTER_CAP_S`, or :data:`RETRY_DELAY_S`
-  without one; a 489 with ``Upstash-NonRetryable-Error`` or a failure with no retries left is
-  "dead-lettered" and ends the message;
-- a producer whose queue is full (admission lease refused) backs off until a job of that queue
-  ends, as a client honouring the ``429`` would; if nothing of that queue is in flight any more
-  the job is given up and counted as ``not_admitted``. Paused queues are not honoured.
+- a non-2xx reply is retried while ``retried < retries`` (``Upstash-Retried`` counting up), after
+  its ``Retry-After`` capped to :data:`RETRY_AFTER_CAP_S`, or :data:`RETRY_DELAY_S` without one;
+  a 489 with ``Upstash-NonRetryable-Error`` or a failure with no retries left is
+  "dead-lettered" and ends the message; a delivery that raises is answered the way the app's
+  handlers would (503 for Redis and upstream errors, else 500);
+- ``cancel`` drops a message not delivered yet (and stops the retries of one that was).
+
+The producers are clients of the producer API that honour its ``429``: a submit refused
+(``queue_full``, ``user_queue_full``) is tried again after its ``Retry-After`` capped to
+:data:`ADMISSION_RETRY_CAP_S`, or sooner when a delivery of its queue ends. A job is given up,
+and counted as ``not_admitted``, when nothing could free that share any more: no job of the run
+that may hold it (of that queue; of that user in that queue) is unfinished, no message of that
+queue is in flight and no other submit to it is under way, on two refusals in a row.
+
+The run ends when every admitted job is terminal and no message is left in flight (job states
+are polled from Redis once the queues are idle). It stops waiting when nothing happens for
+``settle_timeout_s`` (nothing published or delivered; producers that keep being refused are no
+progress): what is not terminal then is stuck, and a producer still waiting is not admitted.
 
 Jobs go round-robin over the six queues (paid/free x stream/batch/vision), in a shuffled order,
 from users ``sim-user-0..N-1`` (even ids on the paid plan, odd ids on the free plan). The
 services and models come from the settings: each experience needs a service offering it on a
 ``simulated`` model (the dev defaults have ``chat``/``describe`` on ``sim``). ``fail_rate`` of the
-jobs fail their first attempt with a retryable error and succeed on the retry.
+jobs fail their first attempt with a retryable error and succeed on the retry. Paused queues
+are run anyway (the run's settings unpause them).
 
-Afterwards every lease key the run could have touched (admission and running per queue, model
-per tier, user per sim user) must hold no live lease, and every admitted job must be in a
-terminal state; anything else is reported as a leak. Each run uses its own key prefix and, unless
-``keep_keys``, deletes its keys at the end.
+Afterwards every lease key the run could have touched (admission, each user's share and the
+dispatch slots per queue, model per tier, user per sim user) must hold no live lease, nothing
+may be left parked or being published, and every admitted job must be terminal; anything else
+is reported as a leak. Each run uses its own key prefix and, unless ``keep_keys``, deletes its
+keys at the end.
 """
 
 from __future__ import annotations
@@ -36,38 +58,27 @@ import enum
 import json
 import math
 import random
+import re
 import secrets
 import time
-from collections import Counter
+from collections import Counter, deque
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import redis.asyncio as aioredis
 import structlog
+from qstash import AsyncQStash
 from redis.exceptions import RedisError
 
-from tierq.config import Settings, UserSettings
-from tierq.contracts import (
-    TERMINAL_STATUSES,
-    JobInput,
-    JobRequest,
-    Queued,
-    Simulate,
-    WorkerBody,
-)
-from tierq.errors import ClientError, UpstreamError
+from tierq.app import redis_clients
+from tierq.broker.client import QStashGateway, QueueStatus
+from tierq.config import QueueSettings, Settings, UserSettings
+from tierq.contracts import TERMINAL_STATUSES, JobInput, JobRequest, Simulate
+from tierq.errors import Busy, ClientError, UpstreamError
 from tierq.observability.metrics import Metrics
-from tierq.producer.submit import check_registry, job_records, new_job_id, resolve_tier
-from tierq.queues import (
-    EXPERIENCES,
-    TIERS,
-    Experience,
-    Mode,
-    QueueId,
-    WorkerKind,
-    queue_for,
-    worker_kind,
-)
+from tierq.producer.submit import check_registry, resolve_tier, submit
+from tierq.queues import EXPERIENCES, TIERS, Experience, Mode, QueueId, WorkerKind, queue_for
 from tierq.runtime import Runtime, build_runtime
 from tierq.worker.pipeline import run_delivery
 from tierq.worker.result import Reply, error_reply
@@ -78,8 +89,16 @@ RETRY_DELAY_S = 0.05
 """Delay before retrying a failed delivery that gave no ``Retry-After`` (sim time)."""
 RETRY_AFTER_CAP_S = 0.2
 """A ``Retry-After`` is honoured up to this many seconds (sim time; QStash would wait it all)."""
-ADMISSION_POLL_S = 1.0
-"""A producer refused admission tries again when a job of its queue ends, or after this."""
+ADMISSION_RETRY_CAP_S = 1.0
+"""A refused submit is tried again after its ``Retry-After`` up to this, or when a delivery of
+its queue ends, whichever comes first (sim time)."""
+SETTLE_TIMEOUT_S = 10.0
+"""The run stops waiting after this long without any progress (at least three reconciler
+periods): the jobs not terminal by then are stuck."""
+STOP_GRACE_S = 5.0
+"""When the run ends, producers still waiting get this long to stop between submits."""
+SETTLE_POLL_S = 0.1
+"""How often the run looks at its progress (and, once the queues are idle, at job states)."""
 SIM_USER_PREFIX = "sim-user-"
 MAX_STUCK_IDS = 20
 TINY_PNG = (
@@ -118,16 +137,22 @@ class QueueStats:
 
 @dataclass
 class Leaks:
-    """What a finished run left behind: live leases per key, and jobs not in a terminal state."""
+    """What a finished run left behind: live leases per key, jobs still parked per queue (or
+    being published), and jobs not in a terminal state."""
 
     leases: dict[str, int] = field(default_factory=dict)
+    parked: dict[str, int] = field(default_factory=dict)
+    """Queue → jobs its dispatcher still counts as parked (only queues not at 0)."""
+    dispatching: int = 0
+    """Jobs dispatched whose publish was never confirmed."""
     stuck_jobs: int = 0
     stuck_job_ids: list[str] = field(default_factory=list)
     keys_checked: int = 0
 
     @property
     def total(self) -> int:
-        return sum(self.leases.values()) + self.stuck_jobs
+        parked = sum(abs(n) for n in self.parked.values())
+        return sum(self.leases.values()) + parked + self.dispatching + self.stuck_jobs
 
 
 @dataclass
@@ -139,19 +164,31 @@ class SimReport:
     dead_lettered: int
     """Messages QStash would have moved to the DLQ (489, or retries used up)."""
     not_admitted: int
+    """Jobs given up after ``429``s: nothing left could free their share (see the module)."""
     wall_s: float
     throughput_jobs_s: float
     """Completed jobs per wall-clock second."""
+    dispatched: int
+    """Publishes by the dispatcher (``tierq_jobs_dispatched``): one per job, plus one each time a
+    delivery parked its job again."""
+    deduplicated: int
+    """Publishes that QStash's deduplication turned into the first message's id."""
     deliveries: int
     retries: int
+    """Deliveries that were QStash retries of a message (``Upstash-Retried`` > 0)."""
     replies: dict[str, int]
     """Delivery replies by HTTP status."""
     rejections_429: int
+    parked: int
+    """Times a job was parked and not dispatched at once (``tierq_jobs_parked``), on submit or by
+    a delivery that found a guard full."""
+    parked_by_reason: dict[str, int]
     guard_waits: int
+    """Deliveries that found a guard full and parked their job again (``tierq_guard_waits``)."""
     guard_waits_by_guard: dict[str, int]
-    guard_rejections: dict[str, int]
     attempt_failures: int
     admission_rejections: int
+    """Submits refused with ``429`` (``queue_full`` or ``user_queue_full``)."""
     delivery_errors: int
     """Deliveries that raised instead of answering (answered 500/503 here, as the app would)."""
     per_queue: dict[str, QueueStats]
@@ -183,35 +220,43 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f} ms"
 
 
+def _by(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items())) or "-"
+
+
 def format_report(r: SimReport) -> str:
     """The report for people (``--json`` prints :meth:`SimReport.to_json`)."""
     replies = "  ".join(f"{k}: {v}" for k, v in sorted(r.replies.items()))
-    by_guard = ", ".join(f"{k} {v}" for k, v in sorted(r.guard_waits_by_guard.items()))
-    rejected = ", ".join(f"{k} {v}" for k, v in sorted(r.guard_rejections.items()))
     lines = [
         f"sim: {r.jobs} jobs in {r.wall_s:.2f} s ({r.throughput_jobs_s:.1f} jobs/s), "
         f"{r.deliveries} deliveries ({r.retries} retries)",
         f"  completed {r.completed}  failed {r.failed}  cancelled {r.cancelled}  "
         f"dead-lettered {r.dead_lettered}  not admitted {r.not_admitted}",
         f"  replies    {replies}",
-        f"  guards     waits {r.guard_waits} ({by_guard}); 429s ({rejected})",
+        f"  dispatch   {r.dispatched} published ({r.deduplicated} deduplicated); "
+        f"parked {r.parked} ({_by(r.parked_by_reason)})",
+        f"  guards     {r.guard_waits} deliveries parked again ({_by(r.guard_waits_by_guard)})",
         f"  attempts   {r.attempt_failures} failed and retried; {r.delivery_errors} raised",
-        f"  admission  {r.admission_rejections} refused (queue full)",
+        f"  admission  {r.admission_rejections} refused (429: queue or user share full)",
         f"  run time   p50 {_ms(r.run_ms.p50_ms)}  p99 {_ms(r.run_ms.p99_ms)}",
         f"  latency    p50 {_ms(r.latency_ms.p50_ms)}  p99 {_ms(r.latency_ms.p99_ms)}",
         f"  {'queue':<15} {'jobs':>6} {'completed':>10} {'failed':>7} {'cancelled':>10}",
     ]
     for queue, s in r.per_queue.items():
         lines.append(f"  {queue:<15} {s.jobs:>6} {s.completed:>10} {s.failed:>7} {s.cancelled:>10}")
-    if r.leaks.total:
-        held = sum(r.leaks.leases.values())
-        lines.append(f"  LEAKS      {held} live lease(s), {r.leaks.stuck_jobs} job(s) not terminal")
-        lines += [f"    {key}: {n} live lease(s)" for key, n in r.leaks.leases.items()]
-        if r.leaks.stuck_jobs:
-            shown = ", ".join(r.leaks.stuck_job_ids)
-            lines.append(f"    not terminal: {shown}")
+    leaks = r.leaks
+    if leaks.total:
+        held, parked = sum(leaks.leases.values()), sum(leaks.parked.values())
+        lines.append(
+            f"  LEAKS      {held} live lease(s), {parked} job(s) parked, {leaks.dispatching} "
+            f"publish(es) unconfirmed, {leaks.stuck_jobs} job(s) not terminal"
+        )
+        lines += [f"    {key}: {n} live lease(s)" for key, n in leaks.leases.items()]
+        lines += [f"    {queue}: {n} job(s) parked" for queue, n in leaks.parked.items()]
+        if leaks.stuck_jobs:
+            lines.append(f"    not terminal: {', '.join(leaks.stuck_job_ids)}")
     else:
-        lines.append(f"  leaks      none ({r.leaks.keys_checked} lease keys checked)")
+        lines.append(f"  leaks      none ({leaks.keys_checked} lease keys checked)")
     lines.append(f"  key prefix {r.key_prefix}  seed {r.seed}")
     return "\n".join(lines)
 
@@ -339,126 +384,228 @@ def _check_args(
         raise SimError("; ".join(bad))
 
 
-# -- the driver -----------------------------------------------------------------------------
+# -- QStash, in memory ----------------------------------------------------------------------
+
+_WORKER_URL = re.compile(r"/api/worker/(stream|batch)/([^/?#]+)$")
 
 
-@dataclass
-class _Admitted:
-    body: WorkerBody
+@dataclass(eq=False)
+class _Message:
     message_id: str
+    queue: str
+    url: str
+    body: bytes
+    retries: int
+    retried: int = 0
+    cancelled: bool = False
 
 
-class _Driver:
-    """Plays producer and QStash for one run; counts what happened."""
+class SimGateway(QStashGateway):
+    """QStash's named queues in memory (see the module for the rules it plays by): what the
+    dispatcher publishes is delivered in-process through :func:`run_delivery`. Never talks to a
+    broker; :meth:`attach` gives it the runtime its deliveries run in."""
 
-    def __init__(self, rt: Runtime, concurrency: int) -> None:
-        self.rt = rt
-        settings = rt.settings
-        self.slots = asyncio.Semaphore(concurrency)
-        self.queue_slots = {q: asyncio.Semaphore(s.parallelism) for q, s in settings.queues.items()}
-        self.admission = {q: asyncio.Condition() for q in QueueId}
-        self.active: Counter[QueueId] = Counter()
-        self.job_ids: list[str] = []
-        self.replies: Counter[int] = Counter()
+    def __init__(self, settings: Settings, concurrency: int) -> None:
+        # the SDK client is never used: every method that would reach QStash is played here
+        super().__init__(AsyncQStash("sim", base_url=settings.qstash_url), settings)
+        self._rt: Runtime | None = None
+        self._slots = asyncio.Semaphore(concurrency)
+        self._parallelism: dict[str, int] = {}
+        self._pending: dict[str, deque[_Message]] = {}
+        self._busy: Counter[str] = Counter()  # messages holding a slot of their queue
+        self._messages: dict[str, _Message] = {}  # not finished yet: pending or holding a slot
+        self._dedup: dict[str, str] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._waiters: dict[str, deque[asyncio.Future[None]]] = {}
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._closed = False
+        self.published = 0
+        self.deduplicated = 0
+        self.cancelled = 0
         self.deliveries = 0
+        self.retries = 0
         self.dead_lettered = 0
-        self.not_admitted = 0
-        self.admission_rejections = 0
         self.delivery_errors = 0
+        self.delivering = 0  # deliveries running now
+        self.replies: Counter[int] = Counter()
+        self.events = 0  # anything that happened (a publish, a delivery ended, a message ended)
 
-    async def run_job(self, spec: JobSpec) -> None:
-        admitted = await self._admit(spec)
-        if admitted is None:
-            self.not_admitted += 1
-            return
-        queue = admitted.body.queue_id
-        try:
-            async with self.queue_slots[queue]:
-                await self._deliver_until_done(admitted)
-        finally:
-            self.active[queue] -= 1
-            async with self.admission[queue]:
-                self.admission[queue].notify()
+    def attach(self, rt: Runtime) -> None:
+        self._rt = rt
 
-    async def _admit(self, spec: JobSpec) -> _Admitted | None:
-        """Like ``producer.submit``, without publishing: admission lease, then the job record."""
-        rt, settings, req = self.rt, self.rt.settings, spec.request
-        tier = resolve_tier(req.mode, spec.user.plan)
-        queue = queue_for(tier, req.experience)
-        job_id = new_job_id()
-        admission_key = rt.keys.admission(queue.value)
-        depth = settings.queues[queue].admission_depth
-        ready = self.admission[queue]
-        async with ready:
-            while True:
-                got = await rt.leases.acquire(
-                    admission_key, job_id, depth, settings.admission_ttl_s
-                )
-                if got.acquired:
-                    self.active[queue] += 1  # counted at once: it will free its slot
-                    break
-                rt.metrics.admission_rejections.labels(queue.value).inc()
-                self.admission_rejections += 1
-                if self.active[queue] == 0:  # nothing left that could free a slot
-                    return None
-                with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(ADMISSION_POLL_S):
-                        await ready.wait()
-        now_ms = int(time.time() * 1000)
+    @property
+    def idle(self) -> bool:
+        """No message is waiting or being delivered (nor between its retries)."""
+        return not self._messages
+
+    def in_flight(self, queue: str) -> bool:
+        return self._busy[queue] > 0 or bool(self._pending.get(queue))
+
+    # -- what QStash offers ------------------------------------------------------------------
+
+    async def publish_raw(
+        self, queue: str, url: str, body: str, retries: int, dedup_id: str | None = None
+    ) -> str:
+        if self._closed:
+            raise UpstreamError("qstash publish failed: the sim's queues are closed")
+        if dedup_id and dedup_id in self._dedup:
+            self.deduplicated += 1
+            return self._dedup[dedup_id]
         message_id = "msg_sim_" + secrets.token_hex(12)
-        body, fields = job_records(job_id, spec.user, tier, req, now_ms, settings.qstash_retries)
-        fields["messageId"] = message_id
-        try:
-            await rt.jobs.create(
-                job_id, fields, Queued(jobId=job_id, ts=now_ms, queueId=queue, tier=tier)
-            )
-        except BaseException:
-            self.active[queue] -= 1
-            await rt.leases.release(admission_key, job_id)
-            raise
-        rt.metrics.submitted.labels(queue.value).inc()
-        self.job_ids.append(job_id)
-        return _Admitted(body, message_id)
+        if dedup_id:
+            self._dedup[dedup_id] = message_id
+        message = _Message(message_id, queue, url, body.encode(), retries)
+        self._messages[message_id] = message
+        self._pending.setdefault(queue, deque()).append(message)
+        self._idle.clear()
+        self.published += 1
+        self.events += 1
+        self._pump(queue)
+        return message_id
 
-    async def _deliver_until_done(self, admitted: _Admitted) -> None:
-        body = admitted.body
-        raw = body.model_dump_json(by_alias=True).encode()
-        route = worker_kind(body.experience)
-        retried = 0
-        while True:
-            async with self.slots:
-                reply = await self._deliver(raw, route, body.service, admitted.message_id, retried)
-            self.deliveries += 1
-            self.replies[reply.status] += 1
-            if 200 <= reply.status < 300:
-                return
-            non_retryable = (
-                reply.status == 489
-                and reply.headers.get("Upstash-NonRetryable-Error", "").lower() == "true"
-            )
-            if non_retryable or retried >= body.max_retries:
-                self.dead_lettered += 1
-                log.info(
-                    "sim.dead_lettered", job_id=body.job_id, status=reply.status, retried=retried
+    async def cancel(self, message_id: str) -> None:
+        message = self._messages.get(message_id)
+        if message is None or message.cancelled:
+            return
+        message.cancelled = True
+        self.cancelled += 1
+        pending = self._pending.get(message.queue, deque())
+        if message in pending:  # never delivered: gone; else no further attempt
+            pending.remove(message)
+            self._finished(message)
+
+    async def sync_queue(self, queue: QueueId, conf: QueueSettings) -> None:
+        self._parallelism[queue.value] = conf.parallelism
+        self._pump(queue.value)
+
+    async def queue_status(self, queue: str) -> QueueStatus:
+        lag = len(self._pending.get(queue, ()))
+        return QueueStatus(queue, self._parallelism.get(queue, 1), False, lag)
+
+    # -- delivering --------------------------------------------------------------------------
+
+    def _pump(self, queue: str) -> None:
+        """Start the queue's next messages while it has free slots (a queue QStash creates on
+        first publish has parallelism 1)."""
+        pending = self._pending.get(queue)
+        while pending and self._busy[queue] < self._parallelism.get(queue, 1):
+            message = pending.popleft()
+            self._busy[queue] += 1
+            task = asyncio.create_task(self._run(message), name=f"tierq-sim-{queue}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    async def _run(self, message: _Message) -> None:
+        """Deliver the message, and retry it like QStash, holding its queue slot throughout."""
+        try:
+            while not (message.cancelled or self._closed):
+                reply = await self._attempt(message)
+                if 200 <= reply.status < 300:
+                    return
+                non_retryable = (
+                    reply.status == 489
+                    and reply.headers.get("Upstash-NonRetryable-Error", "").lower() == "true"
                 )
-                return
-            retried += 1
-            await asyncio.sleep(retry_delay(reply))
+                if non_retryable or message.retried >= message.retries:
+                    self.dead_lettered += 1
+                    log.info(
+                        "sim.dead_lettered", message_id=message.message_id, status=reply.status,
+                        retried=message.retried, reply=reply.body,
+                    )  # fmt: skip
+                    return
+                message.retried += 1
+                await asyncio.sleep(retry_delay(reply))
+        finally:
+            self._busy[message.queue] -= 1
+            self._finished(message)
+            self._pump(message.queue)
 
-    async def _deliver(
-        self, raw: bytes, route: WorkerKind, service: str, message_id: str, retried: int
-    ) -> Reply:
-        """One delivery; an exception is answered the way the app's handlers would."""
+    async def _attempt(self, message: _Message) -> Reply:
+        async with self._slots:
+            self.delivering += 1
+            try:
+                reply = await self._deliver(message)
+            finally:
+                self.delivering -= 1
+        self.deliveries += 1
+        if message.retried:
+            self.retries += 1
+        self.replies[reply.status] += 1
+        self.events += 1
+        return reply
+
+    async def _deliver(self, message: _Message) -> Reply:
+        """One delivery to the worker route of its URL; an exception is answered the way the
+        app's handlers would."""
+        assert self._rt is not None, "SimGateway.attach(rt) first"
+        route = _WORKER_URL.search(message.url)
+        if route is None:
+            return error_reply(404, "not_found", f"no worker route at {message.url}")
+        kind: WorkerKind = "stream" if route[1] == "stream" else "batch"
         try:
-            return await run_delivery(self.rt, raw, route, service, message_id, retried)
+            return await run_delivery(
+                self._rt, message.body, kind, route[2], message.message_id, message.retried
+            )
         except (RedisError, UpstreamError) as exc:
             self.delivery_errors += 1
             log.warning("sim.delivery_error", error=str(exc))
-            return error_reply(503, "unavailable", "a dependency is unavailable")
+            return error_reply(503, "unavailable", "a dependency is unavailable; retry shortly")
         except Exception as exc:
             self.delivery_errors += 1
             log.exception("sim.delivery_exception", error=str(exc))
             return error_reply(500, "internal_error", f"{type(exc).__name__}: {exc}")
+
+    def _finished(self, message: _Message) -> None:
+        self._messages.pop(message.message_id, None)
+        self.events += 1
+        waiters = self._waiters.get(message.queue)
+        while waiters:  # one producer waiting on this queue tries again
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                break
+        if not self._messages:
+            self._idle.set()
+
+    # -- for the run -------------------------------------------------------------------------
+
+    async def message_ended(self, queue: str, at_most_s: float) -> None:
+        """Wait until a message of ``queue`` ends (at most ``at_most_s`` seconds)."""
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        waiters = self._waiters.setdefault(queue, deque())
+        waiters.append(waiter)
+        try:
+            async with asyncio.timeout(at_most_s):
+                await waiter
+        except TimeoutError:
+            pass
+        finally:
+            with contextlib.suppress(ValueError):
+                waiters.remove(waiter)
+
+    def wake_all(self) -> None:
+        """Wake every producer waiting in :meth:`message_ended` (the run is ending)."""
+        for waiters in self._waiters.values():
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    async def wait_idle(self, at_most_s: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(at_most_s):
+                await self._idle.wait()
+
+    async def aclose(self) -> None:
+        """Accept nothing more, stop what is still being delivered, close the SDK client."""
+        if self._closed:
+            return
+        self._closed = True
+        tasks = list(self._tasks)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.qstash.http._client.aclose()
 
 
 def retry_delay(reply: Reply) -> float:
@@ -473,13 +620,140 @@ def retry_delay(reply: Reply) -> float:
     return min(max(seconds, 0.0), RETRY_AFTER_CAP_S)
 
 
+# -- the producers --------------------------------------------------------------------------
+
+
+class _Producers:
+    """Clients of the producer API: submit every job, honouring ``429``; then wait until the
+    admitted jobs are terminal and the queues are idle."""
+
+    def __init__(self, rt: Runtime, gateway: SimGateway) -> None:
+        self.rt = rt
+        self.gateway = gateway
+        self.job_ids: list[str] = []
+        self.open: dict[str, tuple[str, str]] = {}  # admitted, not seen terminal: (queue, user)
+        self.submitting: Counter[str] = Counter()  # submits under way, per queue
+        self.not_admitted = 0
+        self.admission_rejections = 0
+        self._unsubmitted = 0
+        self._stopping = False
+
+    async def run(self, specs: Sequence[JobSpec], settle_timeout_s: float) -> bool:
+        """Submit ``specs`` and wait for the run to end; ``False`` when it stopped waiting for
+        want of progress (the producers still waiting count as not admitted)."""
+        self._unsubmitted = len(specs)
+        producers = [asyncio.create_task(self.submit_job(spec)) for spec in specs]
+        try:
+            return await self._settle(producers, settle_timeout_s)
+        finally:
+            # Producers still waiting stop between submits rather than being cancelled: on
+            # Python 3.11 a cancel that lands in a Redis command of a client with a socket
+            # timeout can be lost (asyncio.wait_for), and the producer would go on submitting.
+            self._stopping = True
+            self.gateway.wake_all()
+            _, late = await asyncio.wait(producers, timeout=STOP_GRACE_S)
+            for task in late:
+                task.cancel()
+            await asyncio.gather(*producers, return_exceptions=True)
+            self.not_admitted += self._unsubmitted
+            self._unsubmitted = 0
+
+    async def submit_job(self, spec: JobSpec) -> None:
+        user, request = spec.user, spec.request
+        queue = queue_for(resolve_tier(request.mode, user.plan), request.experience).value
+        hopeless = False
+        while not self._stopping:
+            self.submitting[queue] += 1
+            try:
+                accepted = await submit(self.rt, user, request)
+            except Busy as exc:
+                refused: Busy | None = exc
+            else:
+                refused = None
+            finally:
+                self.submitting[queue] -= 1
+            if refused is None:
+                self._unsubmitted -= 1
+                self.job_ids.append(accepted.job_id)
+                self.open[accepted.job_id] = (queue, user.id)
+                return
+            self.admission_rejections += 1
+            owner = user.id if refused.code == "user_queue_full" else None
+            if await self._may_free(queue, owner):
+                hopeless = False
+                wait_s = min(refused.retry_after_s, ADMISSION_RETRY_CAP_S)
+                await self.gateway.message_ended(queue, wait_s)
+            elif self.submitting[queue]:  # another submit may hold it for a moment
+                await self.gateway.message_ended(queue, RETRY_DELAY_S * random.random())
+            elif hopeless:  # twice nothing that could free it: it is held for good
+                self._unsubmitted -= 1
+                self.not_admitted += 1
+                log.warning("sim.not_admitted", queue=queue, user=user.id, code=refused.code)
+                return
+            else:  # what held it may just have ended: once more, at once
+                hopeless = True
+
+    async def _may_free(self, queue: str, user_id: str | None) -> bool:
+        """Whether anything of the run could still free a share of ``queue`` (``user_id``'s
+        share when given): a message of the queue in flight, or an unfinished job."""
+        if self.gateway.in_flight(queue):
+            return True
+        holders = [
+            job
+            for job, (q, u) in self.open.items()
+            if q == queue and (user_id is None or u == user_id)
+        ]
+        await self._prune(holders)
+        return any(job in self.open for job in holders)
+
+    async def _prune(self, job_ids: list[str]) -> None:
+        """Forget the jobs of ``job_ids`` that are terminal now."""
+        for start in range(0, len(job_ids), 500):
+            chunk = job_ids[start : start + 500]
+            pipe = self.rt.redis.pipeline(transaction=False)
+            for job_id in chunk:
+                pipe.hget(self.rt.keys.job(job_id), "status")
+            for job_id, status in zip(chunk, await pipe.execute(), strict=True):
+                if status is not None and _s(status) in TERMINAL_STATUSES:
+                    self.open.pop(job_id, None)
+
+    async def _settle(self, producers: list[asyncio.Task[None]], timeout_s: float) -> bool:
+        mark = -1
+        quiet_since = time.monotonic()
+        while True:
+            for task in producers:  # a producer that raised (Redis gone) ends the run
+                error = task.exception() if task.done() and not task.cancelled() else None
+                if error is not None:
+                    raise error
+            if self.gateway.idle and all(task.done() for task in producers):
+                await self._prune(list(self.open))
+                if not self.open and self.gateway.idle:
+                    return True
+            now = time.monotonic()
+            # progress is what the queues see: producers retrying on their own are none
+            if self.gateway.events != mark or self.gateway.delivering:
+                mark, quiet_since = self.gateway.events, now
+            elif now - quiet_since >= timeout_s:
+                log.warning(
+                    "sim.stalled", open_jobs=len(self.open), waited_s=timeout_s,
+                    producers_waiting=sum(not task.done() for task in producers),
+                )  # fmt: skip
+                return False
+            if self.gateway.idle:
+                await asyncio.sleep(SETTLE_POLL_S)
+            else:
+                await self.gateway.wait_idle(SETTLE_POLL_S)
+
+
 # -- leaks ----------------------------------------------------------------------------------
 
 
 def lease_keys(rt: Runtime, users: list[UserSettings], models: set[str]) -> list[str]:
     """Every lease key a run with these users and models can touch."""
-    keys = [rt.keys.admission(q.value) for q in QueueId]
-    keys += [rt.keys.running(q.value) for q in QueueId]
+    queues = [q.value for q in QueueId]
+    keys = [rt.keys.admission(q) for q in queues]
+    keys += [rt.keys.user_pending(q, u.id) for q in queues for u in users]
+    keys += [rt.keys.queue_slots(q) for q in queues]
     keys += [rt.keys.model_guard(m, t) for m in sorted(models) for t in TIERS]
     keys += [rt.keys.user_guard(u.id) for u in users]
     return keys
@@ -505,12 +779,16 @@ def _s(value: Any) -> str:
 
 
 async def find_leaks(rt: Runtime, keys: list[str], states: dict[str, dict[str, str]]) -> Leaks:
-    """Live leases on ``keys`` and jobs (of ``states``) not in a terminal state."""
+    """Live leases on ``keys``, jobs the dispatcher still holds (parked, or published and never
+    confirmed) and jobs (of ``states``) not in a terminal state."""
     leaks = Leaks(keys_checked=len(keys))
     for key in keys:
         live = await rt.leases.count(key)
         if live:
             leaks.leases[key] = live
+    parked = await rt.redis.hgetall(rt.keys.parked_counts)
+    leaks.parked = {_s(q): int(n) for q, n in sorted(parked.items()) if int(n)}
+    leaks.dispatching = int(await rt.redis.zcard(rt.keys.dispatching))
     stuck = sorted(j for j, s in states.items() if s.get("status") not in TERMINAL_STATUSES)
     leaks.stuck_jobs = len(stuck)
     leaks.stuck_job_ids = [f"{j} ({states[j].get('status') or 'missing'})" for j in stuck][
@@ -519,13 +797,23 @@ async def find_leaks(rt: Runtime, keys: list[str], states: dict[str, dict[str, s
     return leaks
 
 
-def _counter_value(metrics: Metrics, name: str, labels: dict[str, str]) -> int:
-    return int(metrics.registry.get_sample_value(f"{name}_total", labels) or 0)
+def _counter_by(metrics: Metrics, name: str, label: str | None = None) -> dict[str, int]:
+    """The counter ``name`` summed by one of its labels (over all the others); without
+    ``label``, its total under ``""``."""
+    sums: Counter[str] = Counter()
+    for family in metrics.registry.collect():
+        if family.name != name:
+            continue
+        for sample in family.samples:
+            if sample.name == f"{name}_total":
+                sums[sample.labels.get(label, "") if label else ""] += int(sample.value)
+    return dict(sorted(sums.items()))
 
 
 async def _report(
     rt: Runtime,
-    driver: _Driver,
+    gateway: SimGateway,
+    producers: _Producers,
     wall_s: float,
     *,
     jobs: int,
@@ -534,7 +822,7 @@ async def _report(
     concurrency: int,
     seed: int,
 ) -> SimReport:
-    states = await job_states(rt, driver.job_ids)
+    states = await job_states(rt, producers.job_ids)
     per_queue = {q.value: QueueStats() for q in QueueId}
     run: list[float] = []
     latency: list[float] = []
@@ -554,34 +842,31 @@ async def _report(
                 latency.append(finished - int(state["createdAt"]))
     leaks = await find_leaks(rt, lease_keys(rt, users, models), states)
     m = rt.metrics
-    waits = {g: _counter_value(m, "tierq_guard_waits", {"guard": g}) for g in ("user", "model")}
-    rejections = {
-        g: _counter_value(m, "tierq_guard_rejections", {"guard": g}) for g in ("user", "model")
-    }
-    attempt_failures = sum(
-        _counter_value(m, "tierq_job_attempt_failures", {"queue": q.value}) for q in QueueId
-    )
+    waits = _counter_by(m, "tierq_guard_waits", "guard")
+    parked = _counter_by(m, "tierq_jobs_parked", "reason")
     completed = statuses["completed"]
-    admitted = len(driver.job_ids)
     return SimReport(
         jobs=jobs,
         completed=completed,
         failed=statuses["failed"],
         cancelled=statuses["cancelled"],
-        dead_lettered=driver.dead_lettered,
-        not_admitted=driver.not_admitted,
+        dead_lettered=gateway.dead_lettered,
+        not_admitted=producers.not_admitted,
         wall_s=round(wall_s, 3),
         throughput_jobs_s=round(completed / wall_s, 1) if wall_s > 0 else 0.0,
-        deliveries=driver.deliveries,
-        retries=driver.deliveries - admitted,
-        replies={str(k): v for k, v in sorted(driver.replies.items())},
-        rejections_429=driver.replies[429],
+        dispatched=sum(_counter_by(m, "tierq_jobs_dispatched").values()),
+        deduplicated=gateway.deduplicated,
+        deliveries=gateway.deliveries,
+        retries=gateway.retries,
+        replies={str(k): v for k, v in sorted(gateway.replies.items())},
+        rejections_429=gateway.replies[429],
+        parked=sum(parked.values()),
+        parked_by_reason=parked,
         guard_waits=sum(waits.values()),
         guard_waits_by_guard=waits,
-        guard_rejections=rejections,
-        attempt_failures=attempt_failures,
-        admission_rejections=driver.admission_rejections,
-        delivery_errors=driver.delivery_errors,
+        attempt_failures=sum(_counter_by(m, "tierq_job_attempt_failures").values()),
+        admission_rejections=producers.admission_rejections,
+        delivery_errors=gateway.delivery_errors,
         per_queue=per_queue,
         run_ms=percentiles(run),
         latency_ms=percentiles(latency),
@@ -609,10 +894,12 @@ async def _drop_keys(client: aioredis.Redis, prefix: str) -> None:
 
 
 def sim_settings(settings: Settings, redis_url: str) -> Settings:
-    """The run's settings: dev defaults, this Redis, a key prefix of its own."""
+    """The run's settings: dev defaults, this Redis, a key prefix of its own, no queue
+    paused."""
     prefix = f"{settings.key_prefix}-sim-{secrets.token_hex(4)}"
+    queues = {q: conf.model_copy(update={"paused": False}) for q, conf in settings.queues.items()}
     return settings.with_dev_defaults().model_copy(
-        update={"redis_url": redis_url, "key_prefix": prefix}
+        update={"redis_url": redis_url, "key_prefix": prefix, "queues": queues}
     )
 
 
@@ -629,11 +916,15 @@ async def simulate(
     seed: int,
     metrics: Metrics | None = None,
     keep_keys: bool = False,
+    settle_timeout_s: float | None = None,
 ) -> SimReport:
-    """Run ``jobs`` synthetic jobs through the worker pipeline against ``redis_url``.
+    """Submit ``jobs`` synthetic jobs and run them through the dispatcher and the worker
+    pipeline against ``redis_url``.
 
     Raises :class:`SimError` for bad arguments or settings, :class:`UpstreamError` when Redis
     cannot be reached. Limits, queues, models and services come from ``settings``.
+    ``settle_timeout_s`` (default: :data:`SETTLE_TIMEOUT_S`, or three reconciler periods if
+    longer) is how long the run waits without progress before it reports what is stuck.
     """
     _check_args(jobs, users, concurrency, tokens, token_latency_ms, fail_rate)
     cfg = sim_settings(settings, redis_url)
@@ -649,10 +940,17 @@ async def simulate(
         fail_rate=fail_rate,
         seed=seed,
     )
+    if settle_timeout_s is None:
+        settle_timeout_s = max(SETTLE_TIMEOUT_S, 3 * cfg.dispatch_reconcile_s)
     people = sim_users(users)
     models = {spec.request.model for spec in specs}
-    client = aioredis.Redis.from_url(redis_url)
-    rt = build_runtime(cfg, client, metrics or Metrics())
+    clients = redis_clients(cfg)  # the app's pools: commands wait for a free connection
+    client = clients.commands
+    gateway = SimGateway(cfg, concurrency)
+    rt = build_runtime(
+        cfg, client, metrics or Metrics(), clients.tails, clients.pubsub, gateway=gateway
+    )
+    gateway.attach(rt)
     try:
         try:
             await client.ping()
@@ -660,14 +958,16 @@ async def simulate(
             raise UpstreamError(f"redis at {redis_url} is unreachable: {exc}") from exc
         await rt.cancels.start()
         try:
-            driver = _Driver(rt, concurrency)
+            await gateway.sync_queues()
+            rt.dispatcher.start()  # the reconciler: lost wake-ups are covered, as in the app
+            producers = _Producers(rt, gateway)
             started = time.monotonic()
-            async with asyncio.TaskGroup() as group:
-                for spec in specs:
-                    group.create_task(driver.run_job(spec))
+            await producers.run(specs, settle_timeout_s)
             wall_s = time.monotonic() - started
+            await rt.dispatcher.stop()
+            await gateway.aclose()
             return await _report(
-                rt, driver, wall_s, jobs=jobs, users=people, models=models,
+                rt, gateway, producers, wall_s, jobs=jobs, users=people, models=models,
                 concurrency=concurrency, seed=seed,
             )  # fmt: skip
         finally:
@@ -676,5 +976,6 @@ async def simulate(
             if not keep_keys:
                 await _drop_keys(client, cfg.key_prefix)
     finally:
-        await rt.gateway.qstash.http._client.aclose()
-        await client.aclose()
+        await gateway.aclose()
+        await rt.providers.aclose()
+        await clients.aclose()

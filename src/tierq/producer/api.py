@@ -80,13 +80,11 @@ async def cancel(rt: Runtime, job_id: str, state: dict[str, str]) -> dict[str, A
     result = await rt.jobs.request_cancel(event, rt.keys.cancel_channel, now_ms)
     if result == "cancelled":
         rt.metrics.cancelled.labels(state["queueId"]).inc()
-        queue = state["queueId"]
-        await rt.leases.release_all(
-            [
-                (rt.keys.admission(queue), job_id),
-                (rt.keys.user_pending(queue, state.get("userId", "")), job_id),
-            ]
-        )
+        queue, user = state["queueId"], state.get("userId", "")
+        await rt.dispatcher.release_job(
+            job_id, queue, user, state.get("modelId", ""), state.get("tier", ""),
+            also=[(rt.keys.admission(queue), job_id), (rt.keys.user_pending(queue, user), job_id)],
+        )  # fmt: skip
         if state.get("messageId"):
             # Already delivered or gone is fine: the worker sees the job cancelled and skips it.
             with contextlib.suppress(UpstreamError):

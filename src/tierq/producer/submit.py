@@ -11,7 +11,7 @@ from tierq.contracts import JobRequest, Queued, SubmitResponse, WorkerBody
 from tierq.errors import Busy, ClientError, Forbidden, NotFound, UpstreamError
 from tierq.observability.logging import log_job_event
 from tierq.producer.auth import events_token
-from tierq.queues import Mode, Plan, Tier, queue_for, worker_path
+from tierq.queues import Mode, Plan, Tier, queue_for
 from tierq.runtime import Runtime
 
 
@@ -88,6 +88,8 @@ def new_job_id() -> str:
 
 
 async def submit(rt: Runtime, user: UserSettings, req: JobRequest) -> SubmitResponse:
+    """Admit the job (the user's share of the queue, then the queue's depth), record it, and
+    park it for the dispatcher, which publishes it at once when it can run now."""
     settings = rt.settings
     check_registry(settings, req)
     tier = resolve_tier(req.mode, user.plan)
@@ -111,16 +113,18 @@ async def submit(rt: Runtime, user: UserSettings, req: JobRequest) -> SubmitResp
         await rt.jobs.create(
             job_id, fields, Queued(jobId=job_id, ts=now_ms, queueId=queue, tier=tier)
         )
-        url = settings.public_url.rstrip("/") + worker_path(req.experience, req.service)
-        message_id = await rt.gateway.publish(body, url)
+        parked = await rt.dispatcher.park(
+            body, body.model_dump_json(by_alias=True), dedup_id=job_id
+        )
     except BaseException:
-        await _undo(rt, job_id, [admission_key, rt.keys.user_pending(queue.value, user.id)])
+        await _undo(rt, body, [admission_key, rt.keys.user_pending(queue.value, user.id)])
         raise
-    await rt.jobs.set_fields(job_id, {"messageId": message_id})
     rt.metrics.submitted.labels(queue.value).inc()
+    if not parked.dispatched:
+        await rt.jobs.append(parked.event(job_id), if_queued=True)
     log_job_event(
         "queued", settings.log_sample_rates, job_id=job_id, queue=queue.value, user=user.id,
-        message_id=message_id,
+        parked=parked.reason or None,
     )  # fmt: skip
     return SubmitResponse(
         job_id=job_id,
@@ -133,7 +137,7 @@ async def submit(rt: Runtime, user: UserSettings, req: JobRequest) -> SubmitResp
 
 async def _admit_user(rt: Runtime, user: UserSettings, queue: str, job_id: str) -> None:
     """Take the user's share of the queue (``user_queue_limits`` by plan), or refuse them."""
-    limit = rt.settings.user_queue_limits.for_tier(user.plan)
+    limit = rt.settings.user_queue_limit(user.id, user.plan)
     key = rt.keys.user_pending(queue, user.id)
     if not (await rt.leases.acquire(key, job_id, limit, rt.settings.admission_ttl_s)).acquired:
         rt.metrics.admission_rejections.labels(queue).inc()
@@ -144,10 +148,12 @@ async def _admit_user(rt: Runtime, user: UserSettings, queue: str, job_id: str) 
         )
 
 
-async def _undo(rt: Runtime, job_id: str, lease_keys: list[str]) -> None:
-    """Nothing half-written: drop the job record and give the admission slots back."""
+async def _undo(rt: Runtime, body: WorkerBody, lease_keys: list[str]) -> None:
+    """Nothing half-written: drop the job record, take it out of dispatch and give its slots
+    back (a publish already made finds no job and ends at once)."""
+    job_id = body.job_id
     try:
         await rt.jobs.delete(job_id)
-        await rt.leases.release_all([(key, job_id) for key in lease_keys])
+        await rt.dispatcher.release(body, also=[(key, job_id) for key in lease_keys])
     except UpstreamError:
-        pass  # the admission leases still expire on their own
+        pass  # the leases still expire on their own

@@ -28,7 +28,6 @@ from tierq.worker.steps.route import decide
 from tierq.worker.steps.validate import validate
 
 log = structlog.get_logger("tierq.worker")
-_UNBOUNDED = 1_000_000_000  # the running-jobs set only counts; the guards do the limiting
 
 
 async def _runner_alive(rt: Runtime, body: WorkerBody, state: dict[str, str] | None) -> bool:
@@ -49,7 +48,7 @@ async def run_delivery(
         job_id=body.job_id, queue=body.queue_id.value, user=body.user_id
     )
     try:
-        return await _run(rt, body, message_id, retried)
+        return await _run(rt, body, raw, message_id, retried)
     except UpstreamError as exc:
         log.warning("worker.upstream_error", error=str(exc))
         return error_reply(503, "unavailable", "a dependency is unavailable; retry")
@@ -57,12 +56,14 @@ async def run_delivery(
         structlog.contextvars.unbind_contextvars("job_id", "queue", "user")
 
 
-async def _run(rt: Runtime, body: WorkerBody, message_id: str, retried: int) -> Reply:
+async def _run(rt: Runtime, body: WorkerBody, raw: bytes, message_id: str, retried: int) -> Reply:
     with rt.cancels.watch(body.job_id) as cancel:  # before reading state: no cancel is missed
         state = await rt.jobs.state(body.job_id)
         alive = await _runner_alive(rt, body, state)
         decision = decide(state, message_id, alive, rt.settings.guard_retry_after_s)
         if isinstance(decision, Err):
+            if state is None:  # nobody runs a job that is gone: free what dispatch gave it
+                await rt.dispatcher.release(body)
             return decision.error
         if decision.value.action == "cancel":
             reply = await record_cancelled(rt, body)
@@ -70,35 +71,31 @@ async def _run(rt: Runtime, body: WorkerBody, message_id: str, retried: int) -> 
             return reply
         held: list[tuple[str, str]] = []
         finished = False
+        hands_off = False  # the job is parked again, or another delivery runs it: keep out
         try:
-            guarded = await guard(rt, body, cancel)
+            guarded = await guard(rt, body, raw, message_id)
             if isinstance(guarded, Err):
-                reply, finished = await _refused(rt, body, guarded.error, retried, message_id)
-                return reply
-            held = guarded.value.leases
-            if guarded.value.cancelled:
+                hands_off = True
+                return guarded.error
+            held = guarded.value
+            if cancel.is_set():
                 finished = True
                 return await record_cancelled(rt, body)
-            run = await _start(rt, body, state, decision.value.revive, held)
-            if run is None:  # cancelled (or expired) while we took the guards
+            run = await _start(rt, body, state, decision.value.revive)
+            if run == "taken":  # a concurrent delivery of this job started this run first
+                hands_off = True
+                return done("running_elsewhere")
+            if isinstance(run, str):  # cancelled (or expired) while we took the guards
                 finished = True
                 return done("skipped")
             outcome = await _execute(rt, body, run, held, cancel)
-            reply, finished = await record(rt, body, outcome, retried, message_id)
+            # attempts so far by the job's own count too: a job parked again gets a new message
+            attempt = max(retried, run.number)
+            reply, finished = await record(rt, body, outcome, attempt, message_id)
             return reply
         finally:
-            await cleanup(rt, body, held, finished)
-
-
-async def _refused(
-    rt: Runtime, body: WorkerBody, refusal: Reply, retried: int, message_id: str
-) -> tuple[Reply, bool]:
-    """A full guard's 429 — or, on the last attempt, the end of the job (never queued for ever)."""
-    if retried < body.max_retries:
-        return refusal, False  # QStash delivers it again later
-    error = refusal.body["error"]
-    busy = Outcome("failed", code=error["code"], message=error["message"], retryable=True)
-    return await record(rt, body, busy, retried, message_id)
+            if not hands_off:
+                await cleanup(rt, body, held, finished)
 
 
 @dataclass(frozen=True)
@@ -112,26 +109,22 @@ async def _start(
     body: WorkerBody,
     state: dict[str, str] | None,
     revive: bool,
-    held: list[tuple[str, str]],
-) -> _Run | None:
-    """Log ``started`` and count the job as running (adds that lease to ``held``); ``None`` when
-    the job ended while the guards were taken."""
+) -> _Run | str:
+    """Log ``started``; else why not: ``taken`` (another delivery started this run), or the job
+    ended meanwhile."""
     now = int(time.time() * 1000)
     number = int((state or {}).get("attempts", "0"))
-    started = await rt.jobs.append(
+    started = await rt.jobs.start(
         Started(jobId=body.job_id, ts=now, attempt=number),
-        status="running",
-        fields={"startedAt": str(now), "attempts": str(number + 1)},
+        number,
+        {"startedAt": str(now), "attempts": str(number + 1)},
         revive=revive,
     )
-    if started is None:
-        return None
+    if isinstance(started, str):
+        return started
     queue = body.queue_id.value
     log_job_event("started", rt.settings.log_sample_rates, attempt=number)
     rt.metrics.queue_wait.labels(queue).observe(max(0, now - body.submitted_at_ms) / 1000)
-    running = rt.keys.running(queue)
-    await rt.leases.acquire(running, body.job_id, _UNBOUNDED, rt.settings.lease_ttl_s)
-    held.append((running, body.job_id))
     return _Run(number, now)
 
 

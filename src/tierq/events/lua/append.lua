@@ -1,15 +1,22 @@
 -- Append one event to a job's log and update its state record, atomically.
 -- Rejected when the job is gone or already terminal (so a redelivery never duplicates a terminal
--- event), except that mode "revive" may restart a job whose last state is "failed" (DLQ retry).
+-- event), except that mode "revive" may restart a job whose last state is "failed" (DLQ retry);
+-- mode "queued" appends only while the job is queued (not yet started or finished); mode
+-- "start:<n>" (with "revive" in it too, when reviving) appends only while the job has had n runs:
+-- of two deliveries that start the same run at once, one wins and the other gets "taken".
 -- KEYS: 1 job state hash, 2 job event stream
 -- ARGV: 1 event JSON without its closing brace and without seq, 2 new status or "",
---       3 "1" when this event is terminal, 4 retention ms, 5 mode ("" or "revive"),
+--       3 "1" when this event is terminal, 4 retention ms, 5 mode (see above),
 --       6.. field/value pairs to set on the state record
--- Returns {entry id, seq} when appended, {"", current status or "missing"} when rejected.
+-- Returns {entry id, seq} when appended, {"", current status or "missing" or "taken"} when not.
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return {'', 'missing'} end
 local terminal = status == 'completed' or status == 'failed' or status == 'cancelled'
-if terminal and not (ARGV[5] == 'revive' and status == 'failed') then return {'', status} end
+local revive = string.find(ARGV[5], 'revive', 1, true)
+if terminal and not (revive and status == 'failed') then return {'', status} end
+if ARGV[5] == 'queued' and status ~= 'queued' then return {'', status} end
+local runs = string.match(ARGV[5], 'start:(%d+)')
+if runs and (redis.call('HGET', KEYS[1], 'attempts') or '0') ~= runs then return {'', 'taken'} end
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 local id = redis.call('XADD', KEYS[2], '*', 'e', ARGV[1] .. ',"seq":' .. seq .. '}')
 if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], 'status', ARGV[2]) end

@@ -54,6 +54,7 @@
         ...fact("in flight", "inFlight"),
       ),
       meter("inFlight"),
+      el("dl", { className: "facts" }, ...fact("parked", "parked"), ...fact("most parked", "topParked")),
       el("dl", { className: "facts" }, ...fact("admitted", "admitted")),
       meter("admitted"),
       el(
@@ -98,6 +99,9 @@
     f.inFlight.textContent = `${q.inFlight} / ${q.parallelism}`;
     f.admitted.textContent = `${q.admitted} / ${q.admissionDepth}`;
     f.lag.textContent = String(q.lag);
+    f.parked.textContent = String(q.parked ?? 0);
+    const top = (q.topParked || []).slice(0, 3).map((u) => `${u.userId} (${u.parked})`);
+    f.topParked.textContent = top.length ? top.join(", ") : "—";
     f.dlq.textContent = String(q.dlq);
     f.dlq.classList.toggle("warn", q.dlq > 0);
     setMeter(c.meters.inFlight, q.inFlight, q.parallelism);

@@ -1,6 +1,8 @@
-"""Step 6: give back every lease the delivery held, and the admission slots once finished.
+"""Step 6: give back every lease the delivery held, and the admission slots once finished;
+the dispatcher then publishes whatever that made room for.
 
-Runs on every path out of the pipeline (success, failure, exception, timeout, cancellation).
+Runs on every path out of the pipeline (success, failure, exception, timeout, cancellation),
+except a delivery that parked its job again (it holds nothing).
 """
 
 from __future__ import annotations
@@ -12,10 +14,10 @@ from tierq.runtime import Runtime
 async def cleanup(
     rt: Runtime, body: WorkerBody, held: list[tuple[str, str]], finished: bool
 ) -> None:
-    leases = list(held)
+    dispatch_leases = rt.dispatcher.leases(body)  # released by the dispatcher in any case
+    also = [lease for lease in held if lease not in dispatch_leases]
     if finished:
         queue = body.queue_id.value
-        leases.append((rt.keys.admission(queue), body.job_id))
-        leases.append((rt.keys.user_pending(queue, body.user_id), body.job_id))
-    if leases:
-        await rt.leases.release_all(leases)
+        also.append((rt.keys.admission(queue), body.job_id))
+        also.append((rt.keys.user_pending(queue, body.user_id), body.job_id))
+    await rt.dispatcher.release(body, also=also)

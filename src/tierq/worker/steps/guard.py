@@ -1,75 +1,31 @@
-"""Step 3: take the user lease, then the model+tier lease, waiting (bounded) when full.
+"""Step 3: hold the job's leases — its queue slot, its user's and its model+tier's.
 
-A full guard first makes the job wait inside the delivery, with a ``waiting`` event for the
-user, because a ``429`` holds the queue's FIFO slot for the whole backoff and spends a retry;
-``429`` + ``Retry-After`` is the fallback once ``guard_wait_s`` has passed.
+The dispatcher took them when it published the job, so a delivery normally finds them held by
+its job id. One that arrives without them (a retry after a failed attempt, a DLQ retry, a lease
+that expired while QStash held the message) takes them now, all or none. When one is full the
+job goes back to the front of its user's line, parked, with a ``waiting`` event, and the
+delivery ends (``200 parked``): the dispatcher publishes it again the moment a release makes
+room. Nothing waits inside a delivery, polls, or spends a QStash retry on a full guard.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-import time
-from dataclasses import dataclass, field
-from typing import Literal
-
-from tierq.contracts import Waiting, WorkerBody
+from tierq.contracts import WorkerBody
 from tierq.observability.logging import log_job_event
 from tierq.runtime import Runtime
-from tierq.worker.result import Err, Ok, Reply, Result, error_reply
+from tierq.worker.result import Err, Ok, Reply, Result, done
 
 
-@dataclass
-class Held:
-    leases: list[tuple[str, str]] = field(default_factory=list)
-    cancelled: bool = False
-
-
-GuardName = Literal["user", "model"]
-
-
-def guard_plan(rt: Runtime, body: WorkerBody) -> list[tuple[GuardName, str, int]]:
-    """(guard name, key, limit) in acquisition order."""
-    settings = rt.settings
-    model = settings.models[body.model_id]
-    return [
-        ("user", rt.keys.user_guard(body.user_id), settings.user_limits.for_tier(body.plan)),
-        ("model", rt.keys.model_guard(body.model_id, body.tier), model.limits.for_tier(body.tier)),
-    ]
-
-
-async def _wait(event: asyncio.Event, seconds: float) -> None:
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(event.wait(), max(0.0, seconds))
-
-
-async def guard(rt: Runtime, body: WorkerBody, cancel: asyncio.Event) -> Result[Held, Reply]:
-    settings = rt.settings
-    held = Held()
-    deadline = time.monotonic() + settings.guard_wait_s
-    for name, key, limit in guard_plan(rt, body):
-        announced = False
-        while True:
-            got = await rt.leases.acquire(key, body.job_id, limit, settings.lease_ttl_s)
-            if got.acquired:
-                held.leases.append((key, body.job_id))
-                break
-            if cancel.is_set():
-                held.cancelled = True
-                return Ok(held)
-            if not announced:
-                rt.metrics.guard_waits.labels(name).inc()
-                log_job_event("waiting", rt.settings.log_sample_rates, guard=name, limit=limit)
-                waiting = Waiting(jobId=body.job_id, ts=int(time.time() * 1000), guard=name)
-                await rt.jobs.append(waiting, status="waiting")
-                announced = True
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                rt.metrics.guard_rejections.labels(name).inc()
-                await rt.leases.release_all(held.leases)
-                await rt.jobs.set_fields(body.job_id, {"status": "queued"})
-                retry = str(settings.guard_retry_after_s)
-                message = f"{name} guard full ({limit} running); retry later"
-                return Err(error_reply(429, f"{name}_busy", message, {"Retry-After": retry}))
-            await _wait(cancel, min(settings.guard_poll_s, remaining))
-    return Ok(held)
+async def guard(
+    rt: Runtime, body: WorkerBody, raw: bytes, message_id: str
+) -> Result[list[tuple[str, str]], Reply]:
+    """``Ok(leases held)`` or ``Err(reply)`` once the job is parked again."""
+    full = await rt.dispatcher.claim(body)
+    if full == "ok":
+        return Ok(rt.dispatcher.leases(body))
+    rt.metrics.guard_waits.labels(full).inc()
+    parked = await rt.dispatcher.park(body, raw, dedup_id=f"{body.job_id}.{message_id}", front=True)
+    log_job_event("waiting", rt.settings.log_sample_rates, guard=full, parked=parked.reason)
+    if not parked.dispatched:
+        await rt.jobs.append(parked.event(body.job_id), if_queued=True)
+    return Err(done("parked", guard=full))

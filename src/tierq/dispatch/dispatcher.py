@@ -1,0 +1,379 @@
+"""Decide at dispatch, not at delivery.
+
+A submitted job is parked in Redis, in its user's line (FIFO) of its queue, and published to
+its QStash queue only once it can run: its queue has a free slot (``parallelism`` jobs
+dispatched and not finished), its user is under their running limit, and its model+tier has
+room. Those three leases are taken at dispatch, by job id, so the delivery finds them held.
+The next job is chosen by weighted deficit round robin over the users of the queue, whenever
+something may have freed room: a job parked, a run ended, a queue resumed, and (as a safety
+net for lost wake-ups and dead publishers) every ``dispatch_reconcile_s`` from each process.
+
+Every step is one Lua script over keys that share a hash tag (``AppKeys.sched``); publishes go
+out through the gateway's group commit with a deduplication id, and a job whose publish was
+not confirmed in time (its publisher crashed) goes back to the front of its line: published
+again, QStash recognises it and does not deliver it twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, cast
+
+import orjson
+import redis.asyncio as aioredis
+import structlog
+from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError, RedisError
+
+from tierq.aio import raise_if_cancelled
+from tierq.broker.client import QStashGateway
+from tierq.config import Settings
+from tierq.contracts import Hold, Waiting, WorkerBody
+from tierq.errors import UpstreamError
+from tierq.events.log import JobStore
+from tierq.guards.leases import KEY_GRACE_MS, ttl_ms
+from tierq.keys import AppKeys
+from tierq.observability.metrics import Metrics
+from tierq.queues import QueueId, worker_path
+
+log = structlog.get_logger("tierq.dispatch")
+
+_SCRIPTS = ("park", "release", "claim", "confirm", "requeue", "reconcile", "positions")
+POSITION_RATIO = 0.8
+"""A parked job hears its new position when it fell to this fraction of the last one told (or
+what holds it changed)."""
+POSITIONS_MAX = 1000
+"""Positions looked at per pass (the first ones of each queue's order)."""
+
+
+def _s(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+@dataclass(frozen=True)
+class Parked:
+    """Where a parked job stands: ``reason`` is empty when it was dispatched at once, else what
+    holds it (``paused``, ``user``, ``model`` or ``queue``), with the jobs going before it."""
+
+    reason: str
+    position: int
+
+    @property
+    def dispatched(self) -> bool:
+        return not self.reason
+
+    def event(self, job_id: str) -> Waiting:
+        """The ``waiting`` event that tells the job's followers where it stands."""
+        now = int(time.time() * 1000)
+        return Waiting(jobId=job_id, ts=now, guard=cast(Hold, self.reason), position=self.position)
+
+
+@dataclass(frozen=True)
+class _Out:
+    job_id: str
+    dedup_id: str
+    body: str
+    data: dict[str, Any]
+
+    @classmethod
+    def of(cls, job_id: Any, dedup_id: Any, body: Any) -> _Out:
+        text = _s(body)
+        return cls(_s(job_id), _s(dedup_id), text, orjson.loads(text))
+
+
+def _load(client: aioredis.Redis) -> dict[str, AsyncScript]:
+    lua = resources.files("tierq.dispatch") / "lua"
+    clock = (resources.files("tierq.guards") / "lua" / "_clock.lua").read_text()
+    prelude = clock + (lua / "_lib.lua").read_text()
+    return {n: client.register_script(prelude + (lua / f"{n}.lua").read_text()) for n in _SCRIPTS}
+
+
+class Dispatcher:
+    """The fair dispatcher of one app process (any number of processes may share Redis)."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        keys: AppKeys,
+        settings: Settings,
+        gateway: QStashGateway,
+        metrics: Metrics,
+        jobs: JobStore,
+    ) -> None:
+        self.r = client
+        self.jobs = jobs
+        self.keys = keys
+        self.settings = settings
+        self.gateway = gateway
+        self.metrics = metrics
+        self._scripts = _load(client)
+        self._reconciler: asyncio.Task[None] | None = None
+        queues = ";".join(
+            f"{q.value}={conf.parallelism}={int(conf.paused)}"
+            for q, conf in settings.queues.items()
+        )
+        self._common: list[str | int] = [
+            keys.sched,
+            ttl_ms(settings.lease_ttl_s),
+            KEY_GRACE_MS,
+            ttl_ms(settings.dispatch_confirm_s),
+            settings.dispatch_batch,
+            settings.dispatch_lookahead,
+            settings.dispatch_max_scan,
+            queues,
+        ]
+
+    # -- the job's terms ---------------------------------------------------------------------
+
+    def _job_args(self, body: WorkerBody) -> list[str | int]:
+        s = self.settings
+        return [
+            body.job_id,
+            body.queue_id.value,
+            body.user_id,
+            self.keys.model_guard(body.model_id, body.tier),
+            s.models[body.model_id].limits.for_tier(body.tier),
+            s.user_running_limit(body.user_id, body.plan),
+        ]
+
+    def leases(self, body: WorkerBody) -> list[tuple[str, str]]:
+        """The ``(key, holder)`` leases a dispatched or claimed job holds while it runs."""
+        job = body.job_id
+        return [
+            (self.keys.queue_slots(body.queue_id.value), job),
+            (self.keys.user_guard(body.user_id), job),
+            (self.keys.model_guard(body.model_id, body.tier), job),
+        ]
+
+    async def call_script(self, name: str, extra: Sequence[str | int | bytes]) -> Any:
+        """Run one dispatch script (common arguments first) and return its raw reply; nothing
+        is published (the operations below do that)."""
+        try:
+            return await self._scripts[name](
+                keys=[f"{self.keys.sched}:active"], args=[*self._common, *extra]
+            )
+        except RedisError as exc:
+            raise UpstreamError(f"redis: {exc}") from exc
+
+    def _queue_script(self, pipe: Any, name: str, extra: Sequence[str | int | bytes]) -> None:
+        sha = self._scripts[name].sha
+        pipe.evalsha(sha, 1, f"{self.keys.sched}:active", *self._common, *extra)
+
+    async def _pipeline(self, build: Callable[[Any], None]) -> list[Any]:
+        """One round trip of commands and scripts (the scripts by sha: a pipeline that
+        registers scripts would ask Redis whether they exist on every call). Everything queued
+        is idempotent, so after a Redis restart forgot the scripts it is simply sent again."""
+        for attempt in (0, 1):
+            pipe = self.r.pipeline(transaction=False)
+            build(pipe)
+            try:
+                return list(await pipe.execute())
+            except NoScriptError:
+                if attempt:
+                    raise
+                for script in self._scripts.values():
+                    script.sha = await self.r.script_load(script.script)
+        raise AssertionError("unreachable")
+
+    # -- operations --------------------------------------------------------------------------
+
+    def park_args(
+        self, body: WorkerBody, raw: bytes | str, dedup_id: str, front: bool = False
+    ) -> list[str | int | bytes]:
+        weight = self.settings.user_weight(body.user_id, body.plan)
+        return [*self._job_args(body), weight, dedup_id, "1" if front else "0", raw]
+
+    async def park(
+        self, body: WorkerBody, raw: bytes | str, *, dedup_id: str, front: bool = False
+    ) -> Parked:
+        """Park the job (at the back of its user's line, or at the front when it goes back
+        there) and dispatch its queue; publishes whatever was dispatched before returning."""
+        reply = await self.call_script("park", self.park_args(body, raw, dedup_id, front))
+        reason, position = _s(reply[0]), int(reply[1])
+        if reason:
+            self.metrics.parked.labels(body.queue_id.value, reason).inc()
+        await self._publish(reply[2:])
+        return Parked(reason, position)
+
+    async def claim(self, body: WorkerBody) -> str:
+        """For a delivery: take (or keep) the job's three leases, all or none. ``"ok"``, or the
+        guard that is full (``user``, ``model``, ``queue``)."""
+        fresh = ttl_ms(2 * self.settings.heartbeat_s)
+        return _s(await self.call_script("claim", [*self._job_args(body), fresh]))
+
+    async def release(self, body: WorkerBody, also: Sequence[tuple[str, str]] = ()) -> None:
+        """The job's run ended: give back its leases (and ``also``, e.g. admission, in the same
+        round trip), then publish what the freed room lets through."""
+        await self.release_job(
+            body.job_id, body.queue_id.value, body.user_id, body.model_id, body.tier, also
+        )
+
+    async def release_job(
+        self,
+        job_id: str,
+        queue: str,
+        user_id: str,
+        model_id: str,
+        tier: str,
+        also: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        """:meth:`release` from a job's state record (when no worker body is at hand)."""
+        extra = [job_id, queue, user_id, self.keys.model_guard(model_id, tier)]
+
+        def build(pipe: Any) -> None:
+            for key, holder in also:
+                pipe.zrem(key, holder)
+            self._queue_script(pipe, "release", extra)
+
+        try:
+            replies = await self._pipeline(build)
+        except RedisError as exc:
+            raise UpstreamError(f"redis: {exc}") from exc
+        await self._publish(replies[-1])
+
+    async def kick(self) -> int:
+        """Requeue publishes never confirmed in time, then dispatch every queue (the periodic
+        safety net, and what resume calls). Returns how many jobs were published."""
+        return await self._publish(await self.call_script("reconcile", []))
+
+    # -- operators -----------------------------------------------------------------------------
+
+    async def set_queue(
+        self, queue: str, *, paused: bool | None = None, parallelism: int | None = None
+    ) -> None:
+        """An operator's pause/resume or parallelism for ``queue``: it holds over the
+        configuration (across restarts) until :meth:`clear_queue_overrides`. A paused queue
+        dispatches nothing new; on resume (or more parallelism) its parked jobs go out fairly,
+        at once."""
+        fields: dict[str, str] = {}
+        if paused is not None:
+            fields["paused"] = "1" if paused else "0"
+        if parallelism is not None:
+            fields["parallelism"] = str(parallelism)
+        try:
+            await self.r.hset(self.keys.queue_state(queue), mapping=fields)  # type: ignore[arg-type]
+        except RedisError as exc:
+            raise UpstreamError(f"redis: {exc}") from exc
+        await self.kick()
+
+    async def clear_queue_overrides(self) -> None:
+        """Back to the configuration for every queue (``tierq queues sync``)."""
+        try:
+            await self.r.delete(*(self.keys.queue_state(q.value) for q in self.settings.queues))
+        except RedisError as exc:
+            raise UpstreamError(f"redis: {exc}") from exc
+        await self.kick()
+
+    async def queue_stats(self, queue: str, top: int = 5) -> dict[str, Any]:
+        """What dispatch holds for ``queue``: jobs parked, the users with most of them, and
+        whether it is paused here."""
+        try:
+            pipe = self.r.pipeline(transaction=False)
+            pipe.hget(self.keys.parked_counts, queue)
+            pipe.zrevrange(self.keys.parked_users(queue), 0, top - 1, withscores=True)
+            pipe.hgetall(self.keys.queue_state(queue))
+            parked, users, state = await pipe.execute()
+        except RedisError as exc:
+            raise UpstreamError(f"redis: {exc}") from exc
+        conf = {_s(k): _s(v) for k, v in state.items()}
+        configured = self.settings.queues.get(QueueId(queue))
+        return {
+            "parked": int(parked or 0),
+            "topParked": [{"userId": _s(u), "parked": int(n)} for u, n in users],
+            "dispatchPaused": conf.get("paused", "1" if configured and configured.paused else "0")
+            == "1",
+        }
+
+    # -- publishing --------------------------------------------------------------------------
+
+    async def _publish(self, rows: Sequence[Any]) -> int:
+        """Publish dispatched ``(job, dedup id, body)`` rows together (one group commit); confirm
+        the ones QStash took, put the others back in their lines. Raises nothing for a failed
+        publish: the job waits, parked, for the next attempt."""
+        if not rows:
+            return 0
+        out = [_Out.of(*rows[i : i + 3]) for i in range(0, len(rows), 3)]
+        results = await asyncio.gather(*(self._send(o) for o in out), return_exceptions=True)
+        sent = {o.job_id: r for o, r in zip(out, results, strict=True) if isinstance(r, str)}
+        failed = [o.job_id for o in out if o.job_id not in sent]
+
+        def build(pipe: Any) -> None:
+            for job_id, message_id in sent.items():
+                pipe.hset(self.keys.job(job_id), "messageId", message_id)
+            if sent:
+                self._queue_script(pipe, "confirm", list(sent))
+            if failed:
+                self._queue_script(pipe, "requeue", failed)
+
+        try:
+            await self._pipeline(build)
+        except RedisError as exc:  # the reconciler requeues what was not confirmed
+            log.warning("dispatch.confirm_failed", error=str(exc))
+        for o, result in zip(out, results, strict=True):
+            if isinstance(result, BaseException):
+                self.metrics.publish_failures.inc()
+                log.warning("dispatch.publish_failed", job_id=o.job_id, error=str(result))
+            else:
+                self.metrics.dispatched.labels(o.data["queueId"]).inc()
+        return len(sent)
+
+    async def _send(self, o: _Out) -> str:
+        data = o.data
+        url = self.settings.public_url.rstrip("/") + worker_path(
+            data["experience"], data["service"]
+        )
+        return await self.gateway.publish_raw(
+            data["queueId"], url, o.body, int(data["maxRetries"]), o.dedup_id
+        )
+
+    # -- the safety net ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._reconciler is None or self._reconciler.done():
+            self._reconciler = asyncio.create_task(self._reconcile(), name="tierq-dispatch")
+
+    async def stop(self) -> None:
+        task, self._reconciler = self._reconciler, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    async def _reconcile(self) -> None:
+        every = self.settings.dispatch_reconcile_s
+        loop = asyncio.get_running_loop()
+        next_positions = loop.time()
+        while True:
+            await asyncio.sleep(every)
+            try:
+                await self.kick()
+                if loop.time() >= next_positions:
+                    next_positions = loop.time() + self.settings.waiting_update_s
+                    await self.tell_positions()
+            except UpstreamError as exc:
+                log.warning("dispatch.reconcile_failed", error=str(exc))
+            raise_if_cancelled()  # stop() must end this loop, even through redis-py
+
+    async def tell_positions(self, *, force: bool = False) -> int:
+        """Send parked jobs whose position or hold changed meaningfully a new ``waiting`` event.
+        One process does it per ``waiting_update_s`` (a Redis lock), so with any number of
+        replicas a job hears at most one update per interval. Returns the events written."""
+        lock = f"{self.keys.sched}:poslock"
+        ttl = ttl_ms(self.settings.waiting_update_s)
+        try:
+            if not force and not await self.r.set(lock, "1", nx=True, px=ttl):
+                return 0
+        except RedisError as exc:
+            raise UpstreamError(f"redis: {exc}") from exc
+        rows = await self.call_script("positions", [POSITIONS_MAX, str(POSITION_RATIO)])
+        moved = [
+            Parked(_s(rows[i + 1]), int(rows[i + 2])).event(_s(rows[i]))
+            for i in range(0, len(rows), 3)
+        ]
+        await asyncio.gather(*(self.jobs.append(e, if_queued=True) for e in moved))
+        return len(moved)
