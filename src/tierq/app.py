@@ -22,10 +22,13 @@ from tierq.errors import Busy, ClientError, UpstreamError
 from tierq.events.hub import BLOCK_MS
 from tierq.fastpath import FastRoutes
 from tierq.frontdoor import router as frontdoor_router
+from tierq.frontdoor.errors import OpenAIError
 from tierq.observability.metrics import Metrics
 from tierq.ops.admin import router as admin_router
 from tierq.producer.api import router as producer_router
 from tierq.runtime import Runtime, build_runtime
+from tierq.web.access import SurfaceGuard, Surfaces, gates, surfaces
+from tierq.web.bodies import BodyGuard
 from tierq.web.pages import router as pages_router
 from tierq.worker.legacy import legacy_router
 from tierq.worker.routes import router as worker_router
@@ -45,13 +48,22 @@ async def _client_error(request: Request, exc: Exception) -> Response:
     return _json_error(exc.status, exc.code, exc.message, headers)
 
 
+def _field(loc: tuple[object, ...]) -> str:
+    """``("body", "input", "prompt")`` → ``input.prompt``; the body itself is ``body``."""
+    return ".".join(str(x) for x in loc if x != "body") or "body"
+
+
 async def _validation_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, RequestValidationError)
-    parts = [
-        f"{'.'.join(str(x) for x in err.get('loc', ()) if x != 'body')}: {err.get('msg')}"
-        for err in exc.errors()
-    ]
+    parts = [f"{_field(err.get('loc', ()))}: {err.get('msg')}" for err in exc.errors()]
     return _json_error(422, "invalid_request", "; ".join(parts) or "invalid request")
+
+
+def _body_refused(path: str, status: int, code: str, message: str) -> Response:
+    """A body refused before parsing: in OpenAI's shape on the front door, else in tierq's."""
+    if path.startswith("/v1/"):
+        return OpenAIError(status, message, code=code).response()
+    return _json_error(status, code, message)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -62,7 +74,9 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 async def _upstream_error(request: Request, exc: Exception) -> Response:
     log.warning("app.upstream_error", error=str(exc))
-    return _json_error(503, "unavailable", "a dependency is unavailable; retry shortly")
+    return _json_error(
+        503, "unavailable", "a dependency is unavailable; retry shortly", {"Retry-After": "2"}
+    )
 
 
 @dataclass
@@ -110,6 +124,22 @@ async def _start(rt: Runtime, sync_queues: bool) -> None:
     rt.dispatcher.start()
 
 
+def _mount_routes(app: FastAPI, settings: Settings, served: Surfaces, metrics: Metrics) -> None:
+    """Every router, and /metrics; the pages and /metrics only when they are not off."""
+    app.include_router(producer_router)
+    app.include_router(frontdoor_router)
+    app.include_router(admin_router)
+    if served.pages != "off":
+        app.include_router(pages_router)
+    app.include_router(worker_router)
+    app.include_router(legacy_router(settings.legacy_routes))
+    if served.metrics != "off":
+
+        @app.get("/metrics")
+        async def metrics_endpoint() -> Response:
+            return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
 def create_app(
     settings: Settings, *, sync_queues: bool = True, metrics: Metrics | None = None
 ) -> FastAPI:
@@ -133,23 +163,30 @@ def create_app(
             await rt.gateway.qstash.http._client.aclose()
             await clients.aclose()
 
-    app = FastAPI(title="tierq", lifespan=lifespan)
+    served = surfaces(settings)
+    docs = served.docs != "off"
+    app = FastAPI(
+        title="tierq",
+        lifespan=lifespan,
+        docs_url="/docs" if docs else None,
+        redoc_url="/redoc" if docs else None,
+        openapi_url="/openapi.json" if docs else None,
+    )
     app.add_exception_handler(ClientError, _client_error)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(UpstreamError, _upstream_error)
     app.add_exception_handler(RedisError, _upstream_error)
     app.add_middleware(FastRoutes)
-    app.include_router(producer_router)
-    app.include_router(frontdoor_router)
-    app.include_router(admin_router)
-    app.include_router(pages_router)
-    app.include_router(worker_router)
-    app.include_router(legacy_router(settings.legacy_routes))
-
-    @app.get("/metrics")
-    async def metrics_endpoint() -> Response:
-        return Response(shared_metrics.render(), media_type=CONTENT_TYPE_LATEST)
+    app.add_middleware(
+        BodyGuard,
+        max_bytes=settings.max_body_bytes,
+        max_depth=settings.max_json_depth,
+        reject=_body_refused,
+        size_exempt=("/api/worker/",),
+    )
+    app.add_middleware(SurfaceGuard, gates=gates(settings, served))
+    _mount_routes(app, settings, served, shared_metrics)
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:

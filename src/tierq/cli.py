@@ -8,12 +8,15 @@ import enum
 import sys
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from tierq.cli_ops import register
 from tierq.config import Settings
+
+if TYPE_CHECKING:
+    from tierq.broker.server.credentials import Account
 
 
 class Exit(enum.IntEnum):
@@ -51,25 +54,34 @@ def redis_url_or_embedded(redis_url: str | None, data_dir: Path) -> Iterator[str
         yield embedded.url
 
 
-def broker_banner(url: str, token: str, current: str, nxt: str) -> str:
+def broker_banner(url: str, account: Account, accept_dev: bool, allowed: list[str]) -> str:
+    """What ``tierq broker`` prints at start-up: no secret, only published dev credentials."""
+    from tierq.broker.server.credentials import PUBLIC_VALUES, printable  # noqa: PLC0415
+
     # The first line matches the official dev server's, which tools detect with /runn+ing at/.
-    return "\n".join(
-        [
-            f"tierq QStash-compatible broker is running at {url}",
-            "Point the official SDKs at it with:",
-            "",
-            f"QSTASH_URL={url}",
-            f"QSTASH_TOKEN={token}",
-            f"QSTASH_CURRENT_SIGNING_KEY={current}",
-            f"QSTASH_NEXT_SIGNING_KEY={nxt}",
-            "",
-        ]
-    )
+    lines = [
+        f"tierq QStash-compatible broker is running at {url}",
+        "Point the official SDKs at it with:",
+        "",
+        f"QSTASH_URL={url}",
+        f"QSTASH_TOKEN={printable(account.token)}",
+        f"QSTASH_CURRENT_SIGNING_KEY={printable(account.current_key)}",
+        f"QSTASH_NEXT_SIGNING_KEY={printable(account.next_key)}",
+        "",
+    ]
+    if accept_dev and account.token not in PUBLIC_VALUES:
+        lines += ["The official QStash dev server's public tokens are accepted too.", ""]
+    lines += [f"Deliveries allowed to: {', '.join(allowed) or 'nowhere'}", ""]
+    return "\n".join(lines)
 
 
 def run_broker(settings: Settings, redis_url: str) -> None:
     from tierq.broker.server.app import create_broker_app, serve  # noqa: PLC0415
-    from tierq.broker.server.credentials import DEV_ACCOUNTS, build_accounts  # noqa: PLC0415
+    from tierq.broker.server.credentials import (  # noqa: PLC0415
+        DEV_ACCOUNTS,
+        build_accounts,
+        dev_tokens_accepted,
+    )
 
     broker = settings.broker
     accounts = build_accounts(
@@ -79,10 +91,11 @@ def run_broker(settings: Settings, redis_url: str) -> None:
         next_key=settings.qstash_next_signing_key,
     )
     shown = accounts.get(settings.qstash_token or "") or DEV_ACCOUNTS[0]
+    accept_dev = dev_tokens_accepted(broker.accept_dev_tokens, settings.qstash_token)
     url = f"http://{broker.host}:{broker.port}"
 
     def started() -> None:
-        typer.echo(broker_banner(url, shown.token, shown.current_key, shown.next_key))
+        typer.echo(broker_banner(url, shown, accept_dev, broker.allowed_destinations))
         sys.stdout.flush()
 
     run_server(
@@ -136,7 +149,7 @@ async def run_dev(settings: Settings) -> None:
 
     broker = settings.broker
     accounts = build_accounts(
-        dev_accounts=True,
+        dev_accounts=broker.accept_dev_tokens,  # auto: only while no private token is set
         token=settings.qstash_token,
         current_key=settings.qstash_current_signing_key,
         next_key=settings.qstash_next_signing_key,
@@ -192,7 +205,17 @@ def dev_settings(host: str, port: int, broker_port: int) -> Settings:
             "qstash_token": base.qstash_token or dev.token,
             "qstash_current_signing_key": base.qstash_current_signing_key or dev.current_key,
             "qstash_next_signing_key": base.qstash_next_signing_key or dev.next_key,
-            "broker": base.broker.model_copy(update={"host": host, "port": broker_port})
+            "broker": base.broker.model_copy(
+                update={
+                    "host": host,
+                    "port": broker_port,
+                    # the broker delivers to this app's worker routes, wherever it listens
+                    "allowed_destinations": [
+                        *base.broker.allowed_destinations,
+                        f"http://{host}:{port}/api/worker/",
+                    ],
+                }
+            )
             if own_broker
             else base.broker,
         }

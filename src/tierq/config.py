@@ -36,7 +36,18 @@ class BrokerSettings(BaseModel):
     host: str = "127.0.0.1"
     port: int = 8080
     key_prefix: str = "tqb"
-    accept_dev_tokens: bool = True
+    # The official dev server's public tokens: None (auto) accepts them only while no private
+    # QSTASH_TOKEN is configured; True / False force either way.
+    accept_dev_tokens: bool | None = None
+    # Where deliveries and callbacks may go: hosts ("example.com", "*.example.com",
+    # "10.0.0.5:8000", "[::1]"), URL prefixes ("https://app.example.com/api/"), or "*" for
+    # anywhere. The default keeps a standalone broker to this machine.
+    allowed_destinations: list[str] = Field(
+        default_factory=lambda: ["localhost", "127.0.0.1", "[::1]"]
+    )
+    # A callback reports the destination's response; its body and headers are left out when
+    # the destination answered from a private address (loopback, LAN, link-local), unless True.
+    callback_private_bodies: bool = False
     default_retries: int = 3
     max_retries: int = 20
     max_timeout_s: float = 900.0
@@ -47,12 +58,22 @@ class BrokerSettings(BaseModel):
     http_shards: int = 8
     redis_max_connections: int = 128
     redis_pool_timeout_s: float = 30.0
+    redis_socket_timeout_s: float = 10.0
     claim_batch: int = 200
     poll_interval_s: float = 0.5
-    lease_grace_s: float = 60.0
+    # An attempt holds its message under a lease this long, renewed (every third of it) while
+    # its HTTP request runs; a lease nobody renews lapses and the message is delivered again.
+    attempt_lease_s: float = Field(default=10.0, gt=0)
+    # Recording an attempt's outcome is retried (with backoff) for this long across a Redis
+    # outage; after that the lease lapses and the message is delivered again.
+    finish_retry_s: float = Field(default=30.0, ge=0)
     events_max_len: int = 100_000
     response_body_max_bytes: int = 256 * 1024
     max_body_bytes: int = 1024 * 1024
+    # Request bodies of /v2/batch (others: max_body_bytes), messages per batch, JSON nesting.
+    max_request_bytes: int = 64 * 1024 * 1024
+    max_batch_messages: int = 1000
+    max_json_depth: int = 32
 
 
 class QueueSettings(BaseModel):
@@ -153,7 +174,7 @@ class Settings(BaseSettings):
     key_prefix: str = "tq"
     # Commands share a bounded pool (callers wait up to redis_pool_timeout_s for a connection);
     # SSE streams hold none: one tail hub per process reads for all of them.
-    redis_max_connections: int = 256
+    redis_max_connections: int = 64
     redis_pool_timeout_s: float = 10.0
     redis_socket_timeout_s: float = 10.0
     data_dir: Path = Path(".tierq")
@@ -178,11 +199,22 @@ class Settings(BaseSettings):
         validation_alias=AliasChoices("QSTASH_NEXT_SIGNING_KEY", "TIERQ_QSTASH_NEXT_SIGNING_KEY"),
     )
 
+    # QStash API calls fail after this long (and are not retried by the SDK: dispatch retries)
+    qstash_timeout_s: float = Field(default=5.0, gt=0)
+
     # secrets and identities
     dev_mode: bool = False
     api_keys: dict[str, UserSettings] = Field(default_factory=dict)
     admin_token: str | None = None
     events_secret: str | None = None
+    # Production surfaces (README "Production surfaces"). "auto": open under `tierq dev`; under
+    # `tierq serve` /metrics and the API docs need a token and the pages are off. "token":
+    # /metrics takes metrics_token or the admin token, the docs and pages the admin token
+    # (Bearer, or as the password of HTTP Basic, which a browser asks for); "off": not served.
+    metrics_access: Literal["auto", "open", "token", "off"] = "auto"
+    metrics_token: str | None = Field(default=None, description="unset: the admin token only")
+    docs_access: Literal["auto", "open", "token", "off"] = "auto"
+    pages_access: Literal["auto", "open", "token", "off"] = "auto"
 
     # the six queues: parallelism (QStash) and admission depth (producer backpressure)
     queues: dict[QueueId, QueueSettings] = Field(default_factory=_default_queues)
@@ -211,7 +243,11 @@ class Settings(BaseSettings):
     dispatch_reconcile_s: float = Field(default=2.0, gt=0)
     # a parked job hears where it stands again at most this often (when it moved meaningfully)
     waiting_update_s: float = Field(default=5.0, gt=0)
+    # an admission lease lives while its job does: every admission_sweep_s one process renews
+    # the leases of jobs that exist unfinished and drops the others; admission_ttl_s is only
+    # the safety net for a job whose record vanished
     admission_ttl_s: float = 3600.0
+    admission_sweep_s: float = Field(default=60.0, gt=0)
     admission_retry_after_s: int = 2
 
     # jobs and events
@@ -224,6 +260,9 @@ class Settings(BaseSettings):
     # Last-Event-ID); a write that cannot complete within sse_send_timeout_s ends the stream
     sse_client_buffer_bytes: int = Field(default=256 * 1024, ge=1024)
     sse_send_timeout_s: float = Field(default=30.0, gt=0)
+    # SSE streams one app process serves at once per job and per user (429 over the cap)
+    sse_max_per_job: int = Field(default=16, ge=1)
+    sse_max_per_user: int = Field(default=64, ge=1)
     # streamed text: a job's chunks are coalesced into one delta event per flush tick
     # (its first chunk is written at once); a buffer this large is flushed early
     delta_flush_ms: float = Field(default=25.0, ge=0, le=1000)
@@ -231,6 +270,12 @@ class Settings(BaseSettings):
     legacy_routes: Literal["forward", "hint", "off"] = "forward"
     max_prompt_chars: int = 100_000
     max_images: int = 8
+    # request bodies nested deeper than this (arrays and objects) are refused with 400
+    # before they are parsed (a deep body made the JSON parser recurse until it failed)
+    max_json_depth: int = Field(default=64, ge=2, le=256)
+    # request bodies larger than this are refused with 413: a job is published as one QStash
+    # message, and QStash (Upstash's free plan, the embedded broker) takes 1 MiB at most
+    max_body_bytes: int = Field(default=1_000_000, ge=1024)
 
     # logs: level, JSON (production) or console (dev), sampling rate per job event type
     log_level: str = "info"
@@ -287,7 +332,7 @@ class Settings(BaseSettings):
     def secret_values(self) -> list[str]:
         """Every secret this configuration holds (so logs can mask them)."""
         values = [
-            self.admin_token, self.events_secret, self.qstash_token,
+            self.admin_token, self.metrics_token, self.events_secret, self.qstash_token,
             self.qstash_current_signing_key, self.qstash_next_signing_key, *self.api_keys,
         ]  # fmt: skip
         return [v for v in values if v]

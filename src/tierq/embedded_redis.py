@@ -167,6 +167,19 @@ class EmbeddedRedis:
         with contextlib.suppress(FileNotFoundError):
             (self.data_dir / "redis.url").unlink()
 
+    def kill(self) -> None:
+        """Crash the server (``SIGKILL``: no shutdown, no final AOF flush; what survives is
+        what ``appendfsync`` already wrote). :meth:`start` brings it back on the same port
+        over the same data dir, replaying the AOF. For fault-injection tests."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(timeout=_START_TIMEOUT_S)
+        if proc.stderr:
+            proc.stderr.close()
+
     def __enter__(self) -> EmbeddedRedis:
         self.start()
         return self

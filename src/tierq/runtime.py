@@ -5,12 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import redis.asyncio as aioredis
-from qstash import AsyncQStash, Receiver
+from qstash import Receiver
 
-from tierq.broker.client import QStashGateway
+from tierq.broker.client import QStashGateway, qstash_client
 from tierq.config import Settings
 from tierq.dispatch.dispatcher import Dispatcher
 from tierq.events.cancel import CancelHub
+from tierq.events.caps import StreamCaps
 from tierq.events.deltas import DeltaWriter
 from tierq.events.hub import TailHub
 from tierq.events.log import JobStore
@@ -35,6 +36,7 @@ class Runtime:
     deltas: DeltaWriter
     hub: TailHub
     dispatcher: Dispatcher
+    streams: StreamCaps
 
     async def aclose_streams(self) -> None:
         """Stop dispatching, write pending deltas and stop following logs (at shutdown)."""
@@ -56,8 +58,7 @@ def build_runtime(
     keys = AppKeys(settings.key_prefix)
     jobs = JobStore(client, keys, settings.event_retention_s)
     if gateway is None:
-        qstash = AsyncQStash(settings.qstash_token or "", base_url=settings.qstash_url)
-        gateway = QStashGateway(qstash, settings)
+        gateway = QStashGateway(qstash_client(settings), settings)
     receiver = Receiver(
         current_signing_key=settings.qstash_current_signing_key or "",
         next_signing_key=settings.qstash_next_signing_key or "",
@@ -79,4 +80,5 @@ def build_runtime(
             tail_client or client, client, keys.tail_wake, settings.sse_client_buffer_bytes
         ),
         dispatcher=Dispatcher(client, keys, settings, gateway, metrics, jobs),
+        streams=StreamCaps(settings.sse_max_per_job, settings.sse_max_per_user),
     )

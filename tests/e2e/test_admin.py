@@ -7,6 +7,7 @@ import io
 import json
 from collections.abc import Callable, Iterator
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import pytest
@@ -15,7 +16,9 @@ from qstash import QStash
 
 from helpers import wait_until
 from system import DEV, PAID, System
+from tierq.errors import ClientError
 from tierq.observability.logging import configure_logging
+from tierq.ops.qstash_admin import checked_dlq_id, dlq_path
 from tierq.queues import QueueId
 
 FATAL = {"prompt": "x", "simulate": {"fail": "fatal"}}
@@ -225,6 +228,42 @@ def test_dlq_pages_follow_the_cursor(make_system: Callable[..., System]) -> None
     second = ok(admin(system, "GET", "/dlq", params={"count": "2", "cursor": first["cursor"]}))
     assert "cursor" not in second
     assert {m["dlqId"] for m in first["messages"] + second["messages"]} == ids
+
+
+def test_bad_dlq_cursors_and_ids_are_client_errors(make_system: Callable[..., System]) -> None:
+    """A cursor QStash never gave is a 400 (it was a 503 "dependency unavailable"); a DLQ id
+    that could change the QStash URL it goes into is a 422 before any request (a control
+    character made httpx raise InvalidURL: a 500)."""
+    system = make_system(qstash_retries=0)
+    _, dlq_id = dead_letter(system, FATAL)
+    res = admin(system, "GET", "/dlq", params={"cursor": "zzz"})
+    assert res.status_code == 400, res.text
+    assert res.json()["error"]["code"] == "invalid_cursor"
+    assert admin(system, "GET", "/dlq", params={"cursor": "a\u0001"}).status_code == 422
+    for bad in ("a\u0001b", "\u0000", "..", ".", "a b", "a?b", "a#b", "a%2Fb", "\u00e9", "x" * 201):
+        path = "/dlq/" + quote(bad, safe="").replace(".", "%2E")  # no client-side ".." folding
+        for res in (
+            admin(system, "GET", path),
+            admin(system, "DELETE", path),
+            admin(system, "POST", "/dlq/retry", json={"dlqIds": [dlq_id, bad]}),
+            admin(system, "DELETE", "/dlq", json={"dlqIds": [dlq_id, bad]}),
+        ):
+            assert res.status_code == 422, (bad, res.request.method, res.request.url, res.text)
+            assert res.json()["error"]["code"] == "invalid_request"
+    for empty in ({"dlqIds": []}, {"dlqIds": [""]}):
+        assert admin(system, "DELETE", "/dlq", json=empty).status_code == 422
+    assert [m["dlqId"] for m in dlq(system)] == [dlq_id]  # nothing was retried or deleted
+    assert ok(admin(system, "GET", f"/dlq/{dlq_id}"))["dlqId"] == dlq_id
+
+
+def test_dlq_ids_are_checked_and_escaped_by_the_client() -> None:
+    for good in ("1700000000000-123", "dlq_AbC-9", "a.b:c~d+e=f"):
+        assert checked_dlq_id(good) == good
+        assert dlq_path(good) == "/v2/dlq/" + quote(good, safe="")
+    for bad in ("", ".", "..", "a/b", "a b", "a\u0001", "a%00", "a?b"):
+        with pytest.raises(ClientError) as caught:
+            dlq_path(bad)
+        assert caught.value.status == 422
 
 
 def test_dlq_retry_runs_the_job_again_to_completion(make_system: Callable[..., System]) -> None:

@@ -82,7 +82,9 @@ def test_a_busy_user_does_not_hold_back_another(make_system: Callable[..., Syste
         system.http.delete(f"/api/jobs/{r['jobId']}", headers={"Authorization": "Bearer key-a"})
     wait_until(lambda: system.job(mine[-1]["jobId"], "key-a")["status"] == "completed")
     a_starts = [started_at(system, r["jobId"], "key-a") for r in mine[2:]]
-    assert a_starts == sorted(a_starts)  # A's jobs started in the order A submitted them
+    # A's jobs went out in the order A submitted them, two at a time (A's limit; two deliveries
+    # at once may start either way round: exact order is checked with one slot below)
+    assert max(a_starts[:2]) <= min(a_starts[2:])
 
 
 def test_users_take_turns_by_weight_and_resume_drains_fairly(

@@ -237,6 +237,37 @@ def test_bad_requests_are_openai_400s(make_system: Callable[..., System]) -> Non
     assert res.json()["error"]["message"] == "Invalid URL (GET /v1/embeddings)"
 
 
+def test_hostile_bodies_are_openai_4xx_never_500(system: System) -> None:
+    """Deep nesting made the JSON parser raise RecursionError (a 500); a lone surrogate in the
+    text made the job's validation raise outside the request's checks (a 500); a body larger
+    than a QStash message was admitted, then failed to publish (a 503)."""
+    headers = {"Authorization": f"Bearer {PAID}", "Content-Type": "application/json"}
+    deep = '{"model": "sim", "messages": [{"role": "user", "content": %s}]}'
+    for depth in (990, 100_000):
+        body = deep % ("[" * depth + "]" * depth)
+        res = system.http.post("/v1/chat/completions", content=body, headers=headers)
+        assert res.status_code == 400, res.text[:200]
+        assert res.json()["error"]["code"] == "json_too_deep"
+    surrogate = b'{"model": "sim", "messages": [{"role": "user", "content": "\\udfff"}]}'
+    res = system.http.post("/v1/chat/completions", content=surrogate, headers=headers)
+    assert res.status_code == 400, res.text[:200]
+    assert res.json()["error"]["param"] == "messages"
+    metadata: dict[str, Any] = {}
+    for _ in range(100):
+        metadata = {"a": metadata}
+    with client_for(system) as client:
+        with pytest.raises(openai.BadRequestError) as bad:
+            client.chat.completions.create(
+                model="sim", messages=user("hi"), extra_body={"metadata": metadata}
+            )
+        assert error_of(bad.value)["code"] == "json_too_deep"
+        with pytest.raises(openai.APIStatusError) as large:
+            client.chat.completions.create(model="sim", messages=user("x" * 2_000_000))
+        assert large.value.status_code == 413
+        assert error_of(large.value)["code"] == "body_too_large"
+    assert all(system.slot_count(system.keys.admission(q.value)) == 0 for q in QueueId)
+
+
 def test_tier_routing_follows_the_key(system: System) -> None:
     for key, queue in ((PAID, "q_paid_stream"), (FREE, "q_free_stream")):
         with client_for(system, key) as client:

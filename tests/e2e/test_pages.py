@@ -11,12 +11,13 @@ import json
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 from playwright.sync_api import Browser, ConsoleMessage, Page, expect, sync_playwright
+from playwright.sync_api import Error as PlaywrightError
 from qstash import QStash
 
 from system import FREE, PAID, System
@@ -309,3 +310,38 @@ def test_dashboard_reports_a_wrong_admin_token(page: Page, system: System) -> No
     page.get_by_test_id("admin-token").fill(DEV_ADMIN_TOKEN)
     expect(page.get_by_test_id("poll-status")).to_have_attribute("data-state", "ok")
     assert httpx.get(f"{system.app.url}/api/admin/overview").status_code == 401
+
+
+# -- under tierq serve ------------------------------------------------------------------------
+
+
+def test_pages_under_serve_take_the_admin_token_from_the_browser(
+    browser: Browser, make_system: Callable[..., System]
+) -> None:
+    """``tierq serve`` with ``pages_access = "token"``: the browser is asked for credentials
+    (HTTP Basic, the admin token as the password), then loads the page, its scripts and its
+    config with them; the dashboard then polls the admin API with the token typed in the page
+    (nothing is prefilled outside dev mode)."""
+    system = make_system(dev_mode=False, pages_access="token")
+    url = f"{system.app.url}/ui/dashboard"
+    anonymous = browser.new_context()  # asked, it has nothing to give: no page
+    try:
+        with pytest.raises(PlaywrightError, match="ERR_INVALID_AUTH_CREDENTIALS"):
+            anonymous.new_page().goto(url)
+    finally:
+        anonymous.close()
+    assert httpx.get(url).status_code == 401
+    context = browser.new_context(
+        http_credentials={"username": "operator", "password": DEV_ADMIN_TOKEN}
+    )
+    try:
+        page = context.new_page()
+        res = page.goto(url)
+        assert res is not None
+        assert res.status == 200
+        expect(page.get_by_test_id("admin-token")).to_have_value("")
+        page.get_by_test_id("admin-token").fill(DEV_ADMIN_TOKEN)
+        expect(page.get_by_test_id("poll-status")).to_have_attribute("data-state", "ok")
+        expect(page.locator("#queues > section.queue")).to_have_count(6)
+    finally:
+        context.close()

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -338,3 +339,37 @@ def test_job_status_is_only_visible_to_its_owner(system: System) -> None:
         "/api/jobs/job_does_not_exist/events", headers={"Authorization": f"Bearer {PAID}"}
     )
     assert_error(missing, 404)
+
+
+def test_event_streams_are_capped_per_job_and_per_user(make_system: Callable[..., System]) -> None:
+    system = make_system(sse_max_per_job=2, sse_max_per_user=3)
+    hang = {"prompt": "x", "simulate": {"fail": "hang"}}
+    jobs = [system.submit(PAID, input=hang).json() for _ in range(2)]
+    auth = {"Authorization": f"Bearer {PAID}"}
+
+    def url(job: dict[str, Any]) -> str:
+        return f"/api/jobs/{job['jobId']}/events?token={job['eventsToken']}"
+
+    readers: list[Iterator[str]] = []  # kept: a dropped line iterator closes its response
+    with contextlib.ExitStack() as streams:
+
+        def open_stream(job: dict[str, Any]) -> httpx.Response:
+            res = streams.enter_context(system.http.stream("GET", url(job)))
+            if res.status_code == 200:
+                readers.append(res.iter_lines())
+                next(readers[-1])  # the stream is being served
+            return res
+
+        first = [open_stream(jobs[0]) for _ in range(2)]
+        assert [r.status_code for r in first] == [200, 200]
+        over_job = system.http.get(url(jobs[0]))
+        assert over_job.status_code == 429
+        assert over_job.json()["error"]["code"] == "too_many_streams"
+        assert open_stream(jobs[1]).status_code == 200  # the owner's third
+        over_user = system.http.get(f"/api/jobs/{jobs[1]['jobId']}/events", headers=auth)
+        assert over_user.status_code == 429
+        first[0].close()
+        wait_until(lambda: system.metric("tierq_sse_connections") == 2)
+        assert open_stream(jobs[0]).status_code == 200  # a closed stream gave its place back
+    for job in jobs:
+        system.http.delete(f"/api/jobs/{job['jobId']}", headers=auth)

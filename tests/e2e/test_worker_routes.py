@@ -328,3 +328,50 @@ def test_legacy_route_refuses_a_bad_signature(
     unified = signed_headers(system, STREAM_ROUTE, d.body, d.message_id)
     assert_error(deliver(system, LEGACY_ROUTE, d.body, unified), 401, "bad_signature")
     assert snapshot(system, d.job_id) == before
+
+
+def test_concurrent_copies_of_one_delivery_run_the_job_once(system: System) -> None:
+    d = paused_delivery(system, input={"prompt": "x", "simulate": {"tokens": 4}})
+    headers = signed_headers(system, STREAM_ROUTE, d.body, d.message_id)
+    with ThreadPoolExecutor(5) as pool:
+        replies = list(pool.map(lambda _: deliver(system, STREAM_ROUTE, d.body, headers), range(5)))
+    assert all(r.status_code in (200, 429) for r in replies), [r.text for r in replies]
+    wait_until(lambda: system.job(d.job_id)["status"] == "completed")
+    kinds = event_types(system, d.job_id)
+    assert (kinds.count("started"), kinds.count("completed")) == (1, 1)
+
+
+def test_a_forged_message_id_cannot_run_a_failed_job_again(system: System) -> None:
+    d = paused_delivery(system, input={"prompt": "x", "simulate": {"fail": "fatal"}})
+    first = deliver(system, STREAM_ROUTE, d.body, signed_headers(system, STREAM_ROUTE, d.body,
+                                                                 d.message_id))  # fmt: skip
+    assert first.status_code == 489
+    kinds = event_types(system, d.job_id)
+    forged = signed_headers(system, STREAM_ROUTE, d.body, "msg_forged_by_a_replay")
+    again = deliver(system, STREAM_ROUTE, d.body, forged)
+    assert (again.status_code, again.json()["status"]) == (200, "failed")
+    assert event_types(system, d.job_id) == kinds  # no second run, no second terminal event
+
+
+@pytest.mark.parametrize("retried", ["abc", "-1", "1e3", "0x1", "99999999"])
+def test_a_malformed_retry_count_is_refused(system: System, retried: str) -> None:
+    d = paused_delivery(system)
+    headers = {
+        **signed_headers(system, STREAM_ROUTE, d.body, d.message_id),
+        "Upstash-Retried": retried,
+    }
+    res = deliver(system, STREAM_ROUTE, d.body, headers)
+    assert res.status_code == 400
+    assert res.json()["error"]["code"] == "bad_delivery"
+    assert event_types(system, d.job_id) == ["queued"]
+
+
+def test_a_forged_retry_count_does_not_end_a_job_early(make_system: Callable[..., System]) -> None:
+    system = make_system(qstash_retries=3)
+    d = paused_delivery(system, input={"prompt": "x", "simulate": {"fail": "error"}})
+    headers = signed_headers(system, STREAM_ROUTE, d.body, d.message_id, retried=3)
+    res = deliver(system, STREAM_ROUTE, d.body, headers)
+    assert res.status_code == 500  # a retryable failure on the job's first run: QStash retries
+    failed = [e for e in system.log_events(d.job_id) if e["type"] == "failed"]
+    assert [e["retryable"] for e in failed] == [True]
+    assert system.job(d.job_id)["status"] == "queued"

@@ -651,6 +651,7 @@ def _three_dlq_entries(broker: Broker, destination: Destination, p: str) -> dict
     destination.script(p + "-a", (500, {}, b"a"))
     destination.script(p + "-b", (404, {}, b"b"), (500, {}, b"c"))
     a = qstash.message.publish(url=url_a, body="A", retries=0, label="lab-a").message_id
+    dlq_entry(qstash, a)  # A is dead-lettered first (the order tests rely on it)
     b = qstash.message.enqueue(queue="dq", url=url_b, body="B", retries=0).message_id
     dlq_entry(qstash, b)  # B must take the 404 before C takes the 500
     c = qstash.message.publish(url=url_b, body="C", retries=0).message_id

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Iterator
 
 import pytest
 from qstash import AsyncQStash, QStash
 
-from brokers import Broker
+from brokers import Broker, start_broker
 from helpers import Destination, wait_until
 from tierq.broker.server.credentials import DEV_ACCOUNTS
 
@@ -224,7 +225,19 @@ def test_deduplication(broker: Broker, destination: Destination, path: str) -> N
     assert sorted(r.body for r in destination.requests(path)) == [b"a", b"other", b"same"]
 
 
-def test_callback_and_failure_callback(broker: Broker, destination: Destination, path: str) -> None:
+@pytest.fixture
+def private_bodies_broker(redis_url: str) -> Iterator[Broker]:
+    """A broker whose callbacks may carry answers from private addresses (this machine)."""
+    b = start_broker(redis_url, callback_private_bodies=True)
+    yield b
+    b.close_clients()
+    b.thread.stop()
+
+
+def test_callback_and_failure_callback(
+    private_bodies_broker: Broker, destination: Destination, path: str
+) -> None:
+    broker = private_bodies_broker
     qstash = broker.client()
     ok_url = destination.url + path + "-ok"
     bad_url = destination.url + path + "-bad"

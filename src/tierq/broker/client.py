@@ -10,6 +10,7 @@ import asyncio
 from dataclasses import dataclass
 
 import httpx
+import orjson
 from qstash import AsyncQStash
 from qstash.errors import QStashError
 from qstash.message import BatchRequest
@@ -33,6 +34,15 @@ MAX_BATCH = 100
 MAX_SENDERS = 4
 """Batch requests in flight at once; publishes beyond them wait and go out together."""
 _FAILURES = (QStashError, httpx.HTTPError)
+
+
+def qstash_client(settings: Settings) -> AsyncQStash:
+    """The SDK client tierq uses: no SDK-side retries (a failed publish goes back to its line
+    and dispatch tries again; an API call fails fast instead of backing off for half a minute)
+    and a ``qstash_timeout_s`` timeout on every request."""
+    client = AsyncQStash(settings.qstash_token or "", base_url=settings.qstash_url, retry=False)
+    client.http._client.timeout = httpx.Timeout(settings.qstash_timeout_s)
+    return client
 
 
 class QStashGateway:
@@ -107,15 +117,32 @@ class QStashGateway:
     async def cancel(self, message_id: str) -> None:
         try:
             await self.qstash.message.cancel(message_id)
-        except QStashError as exc:
+        except _FAILURES as exc:
             raise UpstreamError(f"qstash cancel failed: {exc}") from exc
+
+    async def carries_job(self, message_id: str, job_id: str) -> bool:
+        """Whether QStash holds message ``message_id`` and it carries job ``job_id`` (for the
+        rare decisions that must not rest on an unsigned message id). ``False`` when QStash
+        does not know the message; :class:`UpstreamError` when it cannot be asked."""
+        try:
+            message = await self.qstash.message.get(message_id)
+        except QStashError as exc:
+            if "status: 404" in str(exc):  # the SDK keeps the status only in its message
+                return False
+            raise UpstreamError(f"qstash message get failed: {exc}") from exc
+        except httpx.HTTPError as exc:
+            raise UpstreamError(f"qstash message get failed: {exc}") from exc
+        try:
+            return bool(orjson.loads(message.body or "{}").get("jobId") == job_id)
+        except (orjson.JSONDecodeError, AttributeError):
+            return False
 
     async def sync_queue(self, queue: QueueId, conf: QueueSettings) -> None:
         try:
             await self.qstash.queue.upsert(
                 queue.value, parallelism=conf.parallelism, paused=conf.paused
             )
-        except QStashError as exc:
+        except _FAILURES as exc:
             raise UpstreamError(f"qstash queue upsert failed for {queue}: {exc}") from exc
 
     async def sync_queues(self) -> None:
@@ -126,6 +153,6 @@ class QStashGateway:
     async def queue_status(self, queue: str) -> QueueStatus:
         try:
             q = await self.qstash.queue.get(queue)
-        except QStashError as exc:
+        except _FAILURES as exc:
             raise UpstreamError(f"qstash queue get failed for {queue}: {exc}") from exc
         return QueueStatus(q.name, q.parallelism, q.paused, q.lag)

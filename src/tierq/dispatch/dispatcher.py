@@ -33,7 +33,7 @@ from redis.exceptions import NoScriptError, RedisError
 from tierq.aio import raise_if_cancelled
 from tierq.broker.client import QStashGateway
 from tierq.config import Settings
-from tierq.contracts import Hold, Waiting, WorkerBody
+from tierq.contracts import TERMINAL_STATUSES, Hold, Waiting, WorkerBody
 from tierq.errors import UpstreamError
 from tierq.events.log import JobStore
 from tierq.guards.leases import KEY_GRACE_MS, ttl_ms
@@ -189,15 +189,25 @@ class Dispatcher:
         return [*self._job_args(body), weight, dedup_id, "1" if front else "0", raw]
 
     async def park(
-        self, body: WorkerBody, raw: bytes | str, *, dedup_id: str, front: bool = False
+        self,
+        body: WorkerBody,
+        raw: bytes | str,
+        *,
+        dedup_id: str,
+        front: bool = False,
+        must_publish: bool = False,
     ) -> Parked:
         """Park the job (at the back of its user's line, or at the front when it goes back
-        there) and dispatch its queue; publishes whatever was dispatched before returning."""
+        there) and dispatch its queue; publishes whatever was dispatched before returning.
+        With ``must_publish``, a job dispatched at once whose publish failed raises
+        :class:`UpstreamError` (it is back in its line; the caller takes it out)."""
         reply = await self.call_script("park", self.park_args(body, raw, dedup_id, front))
         reason, position = _s(reply[0]), int(reply[1])
         if reason:
             self.metrics.parked.labels(body.queue_id.value, reason).inc()
-        await self._publish(reply[2:])
+        sent = await self._publish(reply[2:])
+        if must_publish and not reason and body.job_id not in sent:
+            raise UpstreamError("qstash is unavailable: the job could not be published")
         return Parked(reason, position)
 
     async def claim(self, body: WorkerBody) -> str:
@@ -239,7 +249,7 @@ class Dispatcher:
     async def kick(self) -> int:
         """Requeue publishes never confirmed in time, then dispatch every queue (the periodic
         safety net, and what resume calls). Returns how many jobs were published."""
-        return await self._publish(await self.call_script("reconcile", []))
+        return len(await self._publish(await self.call_script("reconcile", [])))
 
     # -- operators -----------------------------------------------------------------------------
 
@@ -291,12 +301,13 @@ class Dispatcher:
 
     # -- publishing --------------------------------------------------------------------------
 
-    async def _publish(self, rows: Sequence[Any]) -> int:
+    async def _publish(self, rows: Sequence[Any]) -> dict[str, str]:
         """Publish dispatched ``(job, dedup id, body)`` rows together (one group commit); confirm
         the ones QStash took, put the others back in their lines. Raises nothing for a failed
-        publish: the job waits, parked, for the next attempt."""
+        publish: the job waits, parked, for the next attempt. Returns job id → message id of
+        the ones published."""
         if not rows:
-            return 0
+            return {}
         out = [_Out.of(*rows[i : i + 3]) for i in range(0, len(rows), 3)]
         results = await asyncio.gather(*(self._send(o) for o in out), return_exceptions=True)
         sent = {o.job_id: r for o, r in zip(out, results, strict=True) if isinstance(r, str)}
@@ -320,7 +331,7 @@ class Dispatcher:
                 log.warning("dispatch.publish_failed", job_id=o.job_id, error=str(result))
             else:
                 self.metrics.dispatched.labels(o.data["queueId"]).inc()
-        return len(sent)
+        return sent
 
     async def _send(self, o: _Out) -> str:
         data = o.data
@@ -347,7 +358,7 @@ class Dispatcher:
     async def _reconcile(self) -> None:
         every = self.settings.dispatch_reconcile_s
         loop = asyncio.get_running_loop()
-        next_positions = loop.time()
+        next_positions = next_sweep = loop.time()
         while True:
             await asyncio.sleep(every)
             try:
@@ -355,9 +366,60 @@ class Dispatcher:
                 if loop.time() >= next_positions:
                     next_positions = loop.time() + self.settings.waiting_update_s
                     await self.tell_positions()
+                if loop.time() >= next_sweep:
+                    next_sweep = loop.time() + self.settings.admission_sweep_s
+                    await self.sweep_admission()
             except UpstreamError as exc:
                 log.warning("dispatch.reconcile_failed", error=str(exc))
             raise_if_cancelled()  # stop() must end this loop, even through redis-py
+
+    async def sweep_admission(self, *, force: bool = False) -> int:
+        """Keep each queue's admission count equal to the jobs that exist unfinished: renew the
+        admission lease (and the user's share) of every such job, drop the leases of jobs that
+        ended or vanished. One process per ``admission_sweep_s`` (a Redis lock). Returns how
+        many leases were dropped."""
+        lock = f"{self.keys.sched}:sweeplock"
+        ttl = ttl_ms(self.settings.admission_ttl_s)
+        try:
+            if not force and not await self.r.set(
+                lock, "1", nx=True, px=ttl_ms(self.settings.admission_sweep_s)
+            ):
+                return 0
+            seconds, micros = await self.r.time()
+            expiry = seconds * 1000 + micros // 1000 + ttl
+            dropped = 0
+            for queue in self.settings.queues:
+                dropped += await self._sweep_queue(queue.value, expiry, ttl + KEY_GRACE_MS)
+        except RedisError as exc:
+            raise UpstreamError(f"redis: {exc}") from exc
+        return dropped
+
+    async def _sweep_queue(self, queue: str, expiry: int, key_ttl: int) -> int:
+        admission = self.keys.admission(queue)
+        members = [_s(m) for m in await self.r.zrange(admission, 0, -1)]
+        dropped = 0
+        for start in range(0, len(members), 500):
+            chunk = members[start : start + 500]
+            pipe = self.r.pipeline(transaction=False)
+            for job_id in chunk:
+                pipe.hmget(self.keys.job(job_id), "status", "userId")
+            states = await pipe.execute()
+            pipe = self.r.pipeline(transaction=False)
+            for job_id, (status, user) in zip(chunk, states, strict=True):
+                share = self.keys.user_pending(queue, _s(user)) if user else None
+                if status is None or _s(status) in TERMINAL_STATUSES:
+                    dropped += 1
+                    pipe.zrem(admission, job_id)
+                    if share:
+                        pipe.zrem(share, job_id)
+                    continue
+                pipe.zadd(admission, {job_id: expiry}, xx=True)
+                if share:
+                    pipe.zadd(share, {job_id: expiry}, xx=True)
+                    pipe.pexpire(share, key_ttl)
+            pipe.pexpire(admission, key_ttl)
+            await pipe.execute()
+        return dropped
 
     async def tell_positions(self, *, force: bool = False) -> int:
         """Send parked jobs whose position or hold changed meaningfully a new ``waiting`` event.

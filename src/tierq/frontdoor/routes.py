@@ -359,7 +359,11 @@ async def _cancel_job(rt: Runtime, job_id: str, reason: str) -> None:
 
 
 # Unknown paths under /v1 answer as OpenAI does (after the routes above).
-@router.api_route("/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"])
+# Not in the OpenAPI schema: nothing to document, and one route of five methods would give
+# FastAPI five operations with the same id (a warning on every /openapi.json).
+@router.api_route(
+    "/{path:path}", methods=["GET", "POST", "PUT", "PATCH", "DELETE"], include_in_schema=False
+)
 async def unknown(path: str, request: Request) -> Response:
     message = f"Invalid URL ({request.method} /v1/{path})"
     return OpenAIError(404, message, code="unknown_url").response()

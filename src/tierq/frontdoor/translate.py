@@ -210,10 +210,14 @@ def job_request(settings: Settings, req: ChatRequest) -> JobRequest:
     content = flatten(req.messages)
     experience = experience_of(req, content)
     service = service_for(settings, req.model, experience)
-    return JobRequest(
-        service=service,
-        experience=experience,
-        mode="auto",
-        model=req.model,
-        input=JobInput(prompt=content.prompt, images=content.images),
-    )
+    try:
+        return JobRequest(
+            service=service,
+            experience=experience,
+            mode="auto",
+            model=req.model,
+            input=JobInput(prompt=content.prompt, images=content.images),
+        )
+    except ValidationError as exc:  # e.g. a lone surrogate (``"\udfff"``) in the text
+        first = exc.errors()[0]
+        raise invalid_request(f"messages: {first.get('msg')}", param="messages") from None

@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Iterator
 from typing import Annotated, Any
 
 import httpx
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 from qstash.errors import QStashError
 from qstash.queue import Queue
@@ -25,6 +25,8 @@ from redis.exceptions import RedisError
 from tierq.errors import Forbidden, NotFound, Unauthorized, UpstreamError
 from tierq.observability.logging import audit
 from tierq.ops.qstash_admin import (
+    CURSOR_PATTERN,
+    DLQ_ID_PATTERN,
     DLQ_PAGE_MAX,
     QStashDlq,
     dlq_entry,
@@ -214,18 +216,23 @@ async def set_parallelism(
 # -- dead-letter queue ----------------------------------------------------------------------
 
 
+# DLQ ids are checked where they arrive (422), because they end up in QStash URL paths.
+DlqId = Annotated[str, Field(pattern=DLQ_ID_PATTERN)]
+DlqIdPath = Annotated[str, Path(pattern=DLQ_ID_PATTERN)]
+
+
 class DlqIdsBody(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
-    dlq_ids: list[str] = Field(alias="dlqIds", min_length=1, max_length=DLQ_PAGE_MAX)
+    dlq_ids: list[DlqId] = Field(alias="dlqIds", min_length=1, max_length=DLQ_PAGE_MAX)
 
 
 @router.get("/dlq")
 async def list_dlq(
     dlq: Dlq,
     queue_id: Annotated[str | None, Query(alias="queueId")] = None,
-    cursor: str | None = None,
+    cursor: Annotated[str | None, Query(pattern=CURSOR_PATTERN)] = None,
     count: Annotated[int, Query(ge=1, le=DLQ_PAGE_MAX)] = DLQ_PAGE_MAX,
-    response_status: Annotated[int | None, Query(alias="responseStatus")] = None,
+    response_status: Annotated[int | None, Query(alias="responseStatus", ge=100, le=599)] = None,
 ) -> dict[str, Any]:
     queue = queue_or_404(queue_id).value if queue_id else None
     page = await dlq.page(
@@ -266,7 +273,7 @@ async def delete_many_dlq(body: DlqIdsBody, dlq: Dlq) -> dict[str, Any]:
 
 
 @router.get("/dlq/{dlq_id}")
-async def get_dlq(dlq_id: str, dlq: Dlq) -> dict[str, Any]:
+async def get_dlq(dlq_id: DlqIdPath, dlq: Dlq) -> dict[str, Any]:
     raw = await dlq.get(dlq_id)
     if raw is None:
         raise NotFound(f"dlq entry {dlq_id} not found", code="dlq_not_found")
@@ -274,7 +281,7 @@ async def get_dlq(dlq_id: str, dlq: Dlq) -> dict[str, Any]:
 
 
 @router.delete("/dlq/{dlq_id}")
-async def delete_dlq(dlq_id: str, dlq: Dlq) -> dict[str, Any]:
+async def delete_dlq(dlq_id: DlqIdPath, dlq: Dlq) -> dict[str, Any]:
     with audited("dlq.delete", dlq_ids=[dlq_id]) as out:
         out["deleted"] = int(await dlq.delete(dlq_id))
         if not out["deleted"]:

@@ -1,9 +1,11 @@
 """QStash's dead-letter queue over its REST API (the Python SDK cannot retry a DLQ entry).
 
 One small client, ``QStashDlq``, over an ``httpx.AsyncClient``: list (one page or all pages),
-get, delete, retry. A missing entry is ``None``/``False``, never an exception; every transport
-failure or unexpected answer becomes :class:`UpstreamError`. The same calls work against
-Upstash and the embedded broker. ``dlq_entry`` turns QStash's DLQ message into the admin API's
+get, delete, retry. A missing entry is ``None``/``False``, never an exception; a DLQ id that is
+not one (:data:`DLQ_ID_PATTERN`) is a :class:`ClientError` before any request, and QStash's 400
+or 422 on what we sent (a cursor it does not know) is one too; every transport failure or other
+unexpected answer becomes :class:`UpstreamError`. The same calls work against Upstash and the
+embedded broker. ``dlq_entry`` turns QStash's DLQ message into the admin API's
 ``DlqEntry`` (pure).
 """
 
@@ -15,6 +17,7 @@ import json
 import re
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 from qstash.errors import QStashError
@@ -23,6 +26,13 @@ from tierq.errors import ClientError, UpstreamError
 
 UPSTASH_URL = "https://qstash.upstash.io"
 DLQ_PAGE_MAX = 100
+# What a DLQ id may be: it goes into a URL path, so no "/", "?", "#", "%", whitespace or control
+# characters, and no leading "." (a "." or ".." segment would name another path).
+DLQ_ID_PATTERN = r"^[A-Za-z0-9_~+=:-][A-Za-z0-9_.~+=:-]{0,199}$"
+# A cursor is QStash's, opaque: printable ASCII without spaces (empty: the first page).
+CURSOR_PATTERN = r"^[!-~]{0,1024}$"
+_DLQ_ID = re.compile(DLQ_ID_PATTERN)
+_REFUSED = frozenset({400, 422})
 _STATUS = re.compile(r"status: (\d{3})")
 
 
@@ -95,6 +105,24 @@ def sdk_error(exc: QStashError, what: str) -> Exception:
     return UpstreamError(f"{what}: {exc}")
 
 
+class QStashRefused(ClientError):
+    """QStash answered 400 or 422: what we sent it (from the caller) was wrong."""
+
+    code = "qstash_rejected"
+
+
+def checked_dlq_id(dlq_id: str) -> str:
+    """``dlq_id``, or a :class:`ClientError` (422) when it is not a DLQ id."""
+    if not _DLQ_ID.fullmatch(dlq_id):
+        raise ClientError(f"invalid DLQ id {dlq_id!r}", status=422, code="invalid_dlq_id")
+    return dlq_id
+
+
+def dlq_path(dlq_id: str, prefix: str = "/v2/dlq/") -> str:
+    """The URL path of one DLQ entry (the id checked, and escaped all the same)."""
+    return prefix + quote(checked_dlq_id(dlq_id), safe="")
+
+
 class QStashDlq:
     """The DLQ of one QStash account. ``client`` is owned by the caller."""
 
@@ -115,8 +143,10 @@ class QStashDlq:
             res = await self.client.request(
                 method, self.base_url + path, params=params, json=body, headers=self.headers
             )
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
             raise UpstreamError(f"qstash {method} {path}: {exc}") from exc
+        if res.status_code in _REFUSED:
+            raise QStashRefused(f"qstash refused {method} {path}: {res.text[:200]}")
         if res.status_code >= 300 and res.status_code != 404:
             raise UpstreamError(f"qstash {method} {path}: {res.status_code} {res.text[:200]}")
         return res
@@ -145,7 +175,16 @@ class QStashDlq:
         ):
             if value is not None:
                 params[name] = str(value)
-        data = self._json(await self._call("GET", "/v2/dlq", params=params))
+        try:
+            res = await self._call("GET", "/v2/dlq", params=params)
+        except QStashRefused as exc:
+            if cursor is None:
+                raise
+            raise ClientError(
+                f"invalid cursor {cursor!r}: not one QStash gave ({exc.message})",
+                code="invalid_cursor",
+            ) from None
+        data = self._json(res)
         return DlqPage(list(data.get("messages") or []), data.get("cursor") or None)
 
     async def all(self, *, queue: str | None = None) -> list[dict[str, Any]]:
@@ -160,7 +199,7 @@ class QStashDlq:
             cursor = page.cursor
 
     async def get(self, dlq_id: str) -> dict[str, Any] | None:
-        res = await self._call("GET", f"/v2/dlq/{dlq_id}")
+        res = await self._call("GET", dlq_path(dlq_id))
         if res.status_code == 404:
             return None
         data: dict[str, Any] = self._json(res)
@@ -169,14 +208,15 @@ class QStashDlq:
 
     async def delete(self, dlq_id: str) -> bool:
         """``False`` when the entry was already gone."""
-        res = await self._call("DELETE", f"/v2/dlq/{dlq_id}")
+        res = await self._call("DELETE", dlq_path(dlq_id))
         return res.status_code != 404
 
     async def delete_many(self, dlq_ids: list[str]) -> int:
         """How many of ``dlq_ids`` were deleted (missing ones are skipped)."""
         if not dlq_ids:
             return 0
-        res = await self._call("DELETE", "/v2/dlq", body={"dlqIds": dlq_ids})
+        ids = [checked_dlq_id(d) for d in dlq_ids]
+        res = await self._call("DELETE", "/v2/dlq", body={"dlqIds": ids})
         if res.status_code == 404:
             return 0
         return int(self._json(res).get("deleted", 0))
@@ -184,7 +224,7 @@ class QStashDlq:
     async def retry(self, dlq_id: str) -> str | None:
         """Publish the entry again as a new message (consuming the entry); its new message id,
         or ``None`` when the entry was gone."""
-        res = await self._call("POST", f"/v2/dlq/retry/{dlq_id}")
+        res = await self._call("POST", dlq_path(dlq_id, "/v2/dlq/retry/"))
         if res.status_code == 404:
             return None
         return str(self._json(res)["messageId"])

@@ -115,24 +115,27 @@ async def open_job_events(rt: Runtime, request: Request, job_id: str) -> JobEven
     if token:
         if not events_token_valid(rt.settings.events_secret or "", job_id, token):
             raise Unauthorized("invalid events token")
-        if await rt.jobs.state(job_id) is None:
+        state = await rt.jobs.state(job_id)
+        if state is None:
             raise NotFound(f"job {job_id} not found", code="job_not_found")
     else:
         user = authenticate_user(request, rt.settings) if bearer(request) else None
         if user is None:
             raise Unauthorized("send ?token=<eventsToken> or Authorization: Bearer <key>")
-        await _owned_state(rt, user, job_id)
+        state = await _owned_state(rt, user, job_id)
     last_id = request.headers.get("last-event-id") or request.query_params.get("lastEventId")
     if last_id and not _STREAM_ID.fullmatch(last_id):
         raise ClientError(
             "Last-Event-ID must be an event id this stream sent", code="invalid_last_event_id"
         )
+    owner = state.get("userId", "")
+    rt.streams.take(job_id, owner)  # 429 over the caps; given back when the stream closes
     follower = JobFollower(rt.jobs, rt.hub, job_id, last_id, rt.settings.sse_ping_s)
     return JobEventsResponse(
         follower,
         send_timeout_s=rt.settings.sse_send_timeout_s,
         on_open=lambda: _sse_opened(rt),
-        on_close=lambda f: _sse_closed(rt, f),
+        on_close=lambda f: _sse_closed(rt, f, owner),
     )
 
 
@@ -141,7 +144,8 @@ def _sse_opened(rt: Runtime) -> None:
     rt.metrics.sse_open.inc()
 
 
-def _sse_closed(rt: Runtime, follower: JobFollower) -> None:
+def _sse_closed(rt: Runtime, follower: JobFollower, owner: str) -> None:
+    rt.streams.give(follower.job_id, owner)
     rt.metrics.sse_open.dec()
     if follower.dropped:
         rt.metrics.sse_dropped.inc()

@@ -114,7 +114,7 @@ async def submit(rt: Runtime, user: UserSettings, req: JobRequest) -> SubmitResp
             job_id, fields, Queued(jobId=job_id, ts=now_ms, queueId=queue, tier=tier)
         )
         parked = await rt.dispatcher.park(
-            body, body.model_dump_json(by_alias=True), dedup_id=job_id
+            body, body.model_dump_json(by_alias=True), dedup_id=job_id, must_publish=True
         )
     except BaseException:
         await _undo(rt, body, [admission_key, rt.keys.user_pending(queue.value, user.id)])

@@ -3,6 +3,8 @@
 Plain HTML, CSS and vanilla JS shipped as package data under ``tierq/web/static`` — no build
 step, nothing fetched from a CDN. ``/ui/config.json`` tells the pages what they need: the
 service/model registry and, only in dev mode, the dev API keys and admin token to prefill.
+Who may load them (open under ``tierq dev``; off, or behind the admin token, under ``tierq
+serve``) is decided by :mod:`tierq.web.access`, not here.
 """
 
 from __future__ import annotations

@@ -65,6 +65,9 @@ async def _run(rt: Runtime, body: WorkerBody, raw: bytes, message_id: str, retri
             if state is None:  # nobody runs a job that is gone: free what dispatch gave it
                 await rt.dispatcher.release(body)
             return decision.error
+        if decision.value.revive and not await rt.gateway.carries_job(message_id, body.job_id):
+            log.warning("worker.revive_refused", message_id=message_id)
+            return done("failed")  # a failed job runs again only from a real new message
         if decision.value.action == "cancel":
             reply = await record_cancelled(rt, body)
             await cleanup(rt, body, [], finished=True)
@@ -89,9 +92,9 @@ async def _run(rt: Runtime, body: WorkerBody, raw: bytes, message_id: str, retri
                 finished = True
                 return done("skipped")
             outcome = await _execute(rt, body, run, held, cancel)
-            # attempts so far by the job's own count too: a job parked again gets a new message
-            attempt = max(retried, run.number)
-            reply, finished = await record(rt, body, outcome, attempt, message_id)
+            # attempts by the job's own run count: QStash's retry header is not signed, and a job
+            # parked again goes out as a new message
+            reply, finished = await record(rt, body, outcome, run.number, message_id)
             return reply
         finally:
             if not hands_off:

@@ -7,7 +7,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from qstash.errors import SignatureError
 
-from tierq.errors import Unauthorized
+from tierq.errors import ClientError, Unauthorized
 from tierq.queues import WorkerKind
 from tierq.runtime import Runtime
 from tierq.worker.pipeline import run_delivery
@@ -41,11 +41,24 @@ def to_response(reply: Reply) -> Response:
     return JSONResponse(reply.body, status_code=reply.status, headers=reply.headers)
 
 
+def delivery_facts(request: Request) -> tuple[str, int]:
+    """The message id and retry count QStash sends beside the body. They are not signed, so
+    nothing relies on them alone: the job's own run count decides when a failure is final,
+    and a message id that would run a failed job again is checked with QStash first. Malformed
+    ones are refused (400)."""
+    message_id = request.headers.get("upstash-message-id", "")
+    retried = request.headers.get("upstash-retried", "0") or "0"
+    if not retried.isascii() or not retried.isdigit() or len(retried) > 6:
+        raise ClientError("Upstash-Retried must be a small whole number", code="bad_delivery")
+    if len(message_id) > 200 or not message_id.isprintable():
+        raise ClientError("Upstash-Message-Id is malformed", code="bad_delivery")
+    return message_id, int(retried)
+
+
 async def handle(request: Request, route: WorkerKind, service: str) -> Response:
     rt = runtime(request)
     raw = await verified_body(rt, request)
-    retried = int(request.headers.get("upstash-retried", "0") or 0)
-    message_id = request.headers.get("upstash-message-id", "")
+    message_id, retried = delivery_facts(request)
     return to_response(await run_delivery(rt, raw, route, service, message_id, retried))
 
 

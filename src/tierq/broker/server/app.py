@@ -9,8 +9,11 @@ from http.cookiejar import CookieJar, DefaultCookiePolicy
 
 import httpx
 import redis.asyncio as aioredis
+import structlog
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -20,12 +23,15 @@ from starlette.responses import Response
 from tierq.broker.server import routes_dlq, routes_messages, routes_queues
 from tierq.broker.server.context import BrokerContext, error, ok
 from tierq.broker.server.credentials import Account
+from tierq.broker.server.destinations import AllowList
 from tierq.broker.server.dispatcher import Dispatcher
 from tierq.broker.server.keyring import KeyRing
 from tierq.broker.server.store import BrokerStore
 from tierq.config import BrokerSettings
 from tierq.errors import ClientError
 from tierq.observability.metrics import Metrics
+
+log = structlog.get_logger("tierq.broker")
 
 
 async def _client_error(request: Request, exc: Exception) -> Response:
@@ -39,6 +45,7 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 
 async def _redis_error(request: Request, exc: Exception) -> Response:
+    log.warning("broker.storage_error", path=request.url.path, error=f"{type(exc).__name__}: {exc}")
     return error("broker storage (Redis) is unavailable, try again", 503)
 
 
@@ -71,6 +78,7 @@ def create_broker_app(
     metrics: Metrics | None = None,
 ) -> Starlette:
     shared_metrics = metrics or Metrics()
+    allow = AllowList(settings.allowed_destinations)  # a bad entry fails here, at start-up
 
     async def metrics_endpoint(request: Request) -> Response:
         return Response(shared_metrics.render(), media_type=CONTENT_TYPE_LATEST)
@@ -82,6 +90,12 @@ def create_broker_app(
             redis_url,
             max_connections=settings.redis_max_connections,
             timeout=settings.redis_pool_timeout_s,
+            # A Redis that stops answering (not only refusing) must fail calls, not hang them.
+            socket_timeout=settings.redis_socket_timeout_s,
+            socket_connect_timeout=settings.redis_socket_timeout_s,
+            # A pooled connection left over from before a Redis restart fails its first use:
+            # reconnect and send once more (every script is safe to repeat; accept.lua notes how).
+            retry=Retry(NoBackoff(), 1),
         )
         client = aioredis.Redis.from_pool(pool)  # owns (and closes) the pool
         store = BrokerStore(client, settings)
@@ -95,7 +109,7 @@ def create_broker_app(
             http,
             on_attempt=lambda _m, o: shared_metrics.broker_attempt(o),
         )
-        app.state.broker = BrokerContext(settings, store, dispatcher, keyring, accounts)
+        app.state.broker = BrokerContext(settings, store, dispatcher, keyring, accounts, allow)
         task = asyncio.create_task(dispatcher.run(), name="tierq-broker-dispatcher")
         try:
             yield

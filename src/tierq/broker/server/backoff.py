@@ -120,3 +120,13 @@ def next_delay_s(*, retried: int, expression: str | None, response_wait_s: float
     if expression:
         return expression_delay_s(expression, retried)
     return default_delay_s(retried + 1)
+
+
+STORAGE_RETRY_FIRST_S = 0.05
+STORAGE_RETRY_MAX_S = 1.0
+
+
+def storage_retry_delay_s(failures: int) -> float:
+    """Wait before writing to Redis again after ``failures`` failed tries (1 for the first):
+    doubling from 50 ms, at most 1 s, so a write lands within a second of Redis's return."""
+    return min(STORAGE_RETRY_MAX_S, STORAGE_RETRY_FIRST_S * 2.0 ** max(0, failures - 1))

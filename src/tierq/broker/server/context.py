@@ -12,6 +12,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
 from tierq.broker.server.credentials import Account
+from tierq.broker.server.destinations import AllowList
 from tierq.broker.server.dispatcher import Dispatcher
 from tierq.broker.server.keyring import KeyRing
 from tierq.broker.server.store import BrokerStore
@@ -26,6 +27,7 @@ class BrokerContext:
     dispatcher: Dispatcher
     keyring: KeyRing
     accounts: dict[str, Account]
+    allow: AllowList
 
 
 def now_ms() -> int:
@@ -59,15 +61,57 @@ def error(message: str, status: int) -> Response:
     return JSONResponse({"error": message}, status_code=status)
 
 
-async def json_body(request: Request) -> Any:
-    """The request's JSON, ``None`` when empty; 400 when it is not JSON."""
-    raw = await request.body()
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body; 413 as soon as it is known to be larger than ``limit`` bytes (it is
+    never read whole first)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ClientError(f"request body is larger than {limit} bytes", status=413)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ClientError(f"request body is larger than {limit} bytes", status=413)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def json_depth(value: Any) -> int:
+    """How deeply arrays and objects nest in a parsed JSON value (iterative: no recursion)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, list):
+            deepest = max(deepest, depth)
+            stack.extend((child, depth + 1) for child in item)
+    return deepest
+
+
+def parse_json(raw: bytes, max_depth: int) -> Any:
+    """JSON bytes → value, ``None`` when empty; 400 when not JSON or nested too deeply."""
     if not raw.strip():
         return None
+    too_deep = ClientError(f"request body nests JSON deeper than {max_depth} levels")
     try:
-        return json.loads(raw)
+        value = json.loads(raw)
+    except RecursionError:  # deeper than the interpreter's own limit
+        raise too_deep from None
     except ValueError:
         raise ClientError("request body is not valid JSON") from None
+    if json_depth(value) > max_depth:
+        raise too_deep
+    return value
+
+
+async def json_body(request: Request, limit: int | None = None) -> Any:
+    """The request's JSON, ``None`` when empty; 400 when it is not JSON or nests too deeply,
+    413 when larger than ``limit`` (default: ``max_body_bytes``)."""
+    settings = ctx(request).settings
+    raw = await read_body(request, settings.max_body_bytes if limit is None else limit)
+    return parse_json(raw, settings.max_json_depth)
 
 
 def query_list(request: Request, name: str) -> list[str]:

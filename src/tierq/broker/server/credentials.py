@@ -2,8 +2,9 @@
 
 The official QStash dev server's four users, tokens and key pairs are public, fixed and
 documented; we accept them so tools built for that server (the TS SDK's dev mode, its health
-check on ``GET /v2/keys``) work against ours unchanged. A configured ``QSTASH_TOKEN`` adds one
-more user whose keys come from configuration.
+check on ``GET /v2/keys``) work against ours unchanged — but, being public, only while no private
+``QSTASH_TOKEN`` is configured (unless explicitly told otherwise). A configured ``QSTASH_TOKEN``
+adds one more user whose keys come from configuration.
 """
 
 from __future__ import annotations
@@ -51,6 +52,17 @@ DEV_ACCOUNTS: tuple[Account, ...] = (
 DEV_TOKEN = DEV_ACCOUNTS[0].token
 DEV_CURRENT_SIGNING_KEY = DEV_ACCOUNTS[0].current_key
 DEV_NEXT_SIGNING_KEY = DEV_ACCOUNTS[0].next_key
+DEV_TOKENS = frozenset(a.token for a in DEV_ACCOUNTS)
+PUBLIC_VALUES = frozenset(
+    value for a in DEV_ACCOUNTS for value in (a.token, a.current_key, a.next_key)
+)
+"""Every published dev credential: safe to print, worthless as a secret."""
+
+
+def printable(value: str) -> str:
+    """``value`` when it is a published dev credential; otherwise a placeholder (a secret is
+    never printed, not even in part)."""
+    return value if value in PUBLIC_VALUES else "<as configured; not shown>"
 
 
 def user_of_token(token: str) -> str:
@@ -63,15 +75,24 @@ def user_of_token(token: str) -> str:
     return str(user) if user else "configured"
 
 
+def dev_tokens_accepted(flag: bool | None, token: str | None) -> bool:
+    """``flag`` when set; otherwise only while no private token is configured."""
+    if flag is not None:
+        return flag
+    return not token or token in DEV_TOKENS
+
+
 def build_accounts(
     *,
-    dev_accounts: bool,
+    dev_accounts: bool | None,
     token: str | None,
     current_key: str | None,
     next_key: str | None,
 ) -> dict[str, Account]:
-    """Token → account. A configured token without keys gets the default dev pair."""
-    accounts = {a.token: a for a in DEV_ACCOUNTS} if dev_accounts else {}
+    """Token → account. The dev accounts as :func:`dev_tokens_accepted` decides (``None``:
+    automatically); a configured token without keys gets the default dev pair."""
+    accept_dev = dev_tokens_accepted(dev_accounts, token)
+    accounts = {a.token: a for a in DEV_ACCOUNTS} if accept_dev else {}
     if token:
         accounts[token] = Account(
             user_of_token(token),

@@ -1,9 +1,14 @@
 """The scheduler: claims due messages, delivers them over HTTP, records each outcome.
 
-One loop claims batches of due messages under a lease (one Redis round trip per batch) and
-starts a task per delivery, never more than ``max_in_flight`` at once. Each delivery ends with
-one script that records its outcome. Shutdown cancels deliveries still running: they stay
-in flight in Redis and are delivered again at the next start (at-least-once).
+One loop claims batches of due messages (one Redis round trip per batch) and starts a task per
+delivery, never more than ``max_in_flight`` at once. Each claim is an attempt holding its
+message under a short lease (``attempt_lease_s``); a keeper task renews the leases of the
+attempts running here, all in one round trip, and makes lapsed leases due again. Each delivery
+ends with one script that records its outcome, retried with backoff across a Redis outage
+(``finish_retry_s``). So a message whose attempt ended without being recorded, or whose broker
+lost track of it, is delivered again within a lease of Redis being reachable (at-least-once).
+A delivery task never raises: whatever breaks during the HTTP attempt is a failed attempt.
+Shutdown cancels deliveries still running; they are delivered again at the next start.
 """
 
 from __future__ import annotations
@@ -11,16 +16,18 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import functools
 import itertools
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import httpx
 import structlog
 from redis.exceptions import RedisError
 
-from tierq.broker.server.backoff import next_delay_s
+from tierq.broker.server.backoff import next_delay_s, storage_retry_delay_s
+from tierq.broker.server.destinations import is_private_address
 from tierq.broker.server.durations import parse_response_wait
 from tierq.broker.server.keyring import KeyRing
 from tierq.broker.server.model import AttemptResponse, FollowUp, StoredMessage, log_event
@@ -35,8 +42,8 @@ WAIT_HEADERS = (
     "x-ratelimit-reset-requests",
     "x-ratelimit-reset-tokens",
 )
-RECLAIM_EVERY_S = 10.0
 REDIS_RETRY_S = 1.0
+LEASE_RETRY_S = 0.25
 log = structlog.get_logger("tierq.broker")
 
 
@@ -154,6 +161,32 @@ def delivery_headers(msg: StoredMessage, retried: int, signature: str) -> list[t
     return headers
 
 
+def peer_is_private(resp: httpx.Response) -> bool:
+    """Whether the answer came from a non-global address; unknown counts as private."""
+    stream = resp.extensions.get("network_stream")
+    try:
+        addr = stream.get_extra_info("server_addr") if stream is not None else None
+    except Exception:  # a transport without the information: assume the worst
+        addr = None
+    if not isinstance(addr, tuple) or not addr:
+        return True
+    return is_private_address(str(addr[0]))
+
+
+async def read_capped(resp: httpx.Response, cap: int) -> bytes:
+    """At most ``cap`` bytes of the body; the rest is never read."""
+    body = bytearray()
+    chunks = resp.aiter_bytes()
+    try:
+        async for chunk in chunks:
+            body += chunk[: cap - len(body)]
+            if len(body) >= cap:
+                break
+    finally:
+        await chunks.aclose()  # type: ignore[attr-defined] # an async generator at runtime
+    return bytes(body)
+
+
 class Dispatcher:
     def __init__(
         self,
@@ -169,8 +202,11 @@ class Dispatcher:
         self._clients = itertools.cycle(http)
         self._on_attempt = on_attempt
         self._wake = asyncio.Event()
+        self._stop = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._running: set[tuple[str, int]] = set()  # (message id, attempt) leases held here
         self._stopping = False
+        self._started = False
 
     def wake(self) -> None:
         """Something became due now (a publish, a freed queue slot): look at once."""
@@ -178,24 +214,29 @@ class Dispatcher:
 
     @property
     def lease_ms(self) -> int:
-        return int((self.settings.max_timeout_s + self.settings.lease_grace_s) * 1000)
+        return int(self.settings.attempt_lease_s * 1000)
 
     async def run(self) -> None:
         """Deliver until stopped; a Redis outage pauses the loop instead of ending it."""
-        await self.store.reclaim(None, now_ms())  # what a previous run had in flight
-        while not self._stopping:
-            try:
-                await self._loop()
-            except RedisError as exc:
-                log.warning("broker.redis_unavailable", error=str(exc))
-                await asyncio.sleep(REDIS_RETRY_S)
+        keeper = asyncio.create_task(self._keep_leases(), name="tierq-broker-leases")
+        try:
+            while not self._stopping:
+                try:
+                    await self._loop()
+                except RedisError as exc:
+                    log.warning("broker.redis_unavailable", error=str(exc))
+                    await self._pause(REDIS_RETRY_S)
+        finally:
+            keeper.cancel()
+            await asyncio.gather(keeper, return_exceptions=True)
 
     async def _loop(self) -> None:
-        last_reclaim = time.monotonic()
+        if not self._started:
+            # One broker process owns a key prefix: what is in flight now, a previous run of
+            # it left behind, so it is due again at once rather than when its lease lapses.
+            await self.store.reclaim(None, now_ms())
+            self._started = True
         while not self._stopping:
-            if time.monotonic() - last_reclaim > RECLAIM_EVERY_S:
-                await self.store.reclaim(now_ms(), now_ms())
-                last_reclaim = time.monotonic()
             free = self.settings.max_in_flight - len(self._tasks)
             claimed: list[Claimed] = []
             if free > 0:
@@ -203,6 +244,7 @@ class Dispatcher:
                 limit = min(free, self.settings.claim_batch)
                 claimed = await self.store.claim(now_ms(), limit, self.lease_ms)
                 for item in claimed:
+                    self._running.add((item.msg.id, item.attempt))
                     task = asyncio.create_task(self._deliver(item))
                     self._tasks.add(task)
                     task.add_done_callback(self._tasks.discard)
@@ -219,8 +261,30 @@ class Dispatcher:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._wake.wait(), timeout)
 
+    async def _pause(self, seconds: float) -> None:
+        """Sleep, or less when the dispatcher is stopped meanwhile."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), seconds)
+
+    async def _keep_leases(self) -> None:
+        """Every third of a lease (and as soon as Redis answers again after an outage): renew
+        the leases of attempts running here, then make lapsed leases due again."""
+        period = self.settings.attempt_lease_s / 3
+        while not self._stopping:
+            try:
+                now = now_ms()
+                await self.store.renew(sorted(self._running), now + self.lease_ms)
+                if await self.store.reclaim(now, now):
+                    self.wake()
+                wait = period
+            except RedisError as exc:
+                log.warning("broker.lease_renewal_failed", error=str(exc))
+                wait = min(period, LEASE_RETRY_S)
+            await self._pause(wait)
+
     async def stop(self, grace_s: float = 5.0) -> None:
         self._stopping = True
+        self._stop.set()
         self._wake.set()
         if self._tasks:
             _, pending = await asyncio.wait(set(self._tasks), timeout=grace_s)
@@ -229,43 +293,57 @@ class Dispatcher:
             await asyncio.gather(*pending, return_exceptions=True)
 
     async def _attempt(self, item: Claimed) -> AttemptResponse:
-        msg = item.msg
-        signature = sign(self.keyring.current(msg.user), msg.url, item.body, int(time.time()))
-        timeout = msg.timeout_s or self.settings.max_timeout_s
-        cap = self.settings.response_body_max_bytes
+        """One HTTP attempt. Whatever fails in it (no answer, a timeout, a URL the client
+        refuses) is an attempt with status 0: it takes the retry/DLQ path like any other."""
+        timeout = item.msg.timeout_s or self.settings.max_timeout_s
         try:
             async with asyncio.timeout(timeout):
-                resp = await next(self._clients).request(
-                    msg.method,
-                    msg.url,
-                    content=item.body or None,
-                    headers=delivery_headers(msg, item.retried, signature),
-                )
+                return await self._request(item)
         except TimeoutError:
             return AttemptResponse(status=0, error=f"timeout after {timeout:g}s")
-        except httpx.HTTPError as exc:
+        except Exception as exc:  # httpx.HTTPError, InvalidURL, ...: all are outcomes
             return AttemptResponse(status=0, error=f"{type(exc).__name__}: {exc}")
+
+    async def _request(self, item: Claimed) -> AttemptResponse:
+        msg = item.msg
+        signature = sign(self.keyring.current(msg.user), msg.url, item.body, int(time.time()))
+        async with next(self._clients).stream(
+            msg.method,
+            msg.url,
+            content=item.body or None,
+            headers=delivery_headers(msg, item.retried, signature),
+        ) as resp:
+            body = await read_capped(resp, self.settings.response_body_max_bytes)
+            private = peer_is_private(resp)
         headers: dict[str, list[str]] = {}
         for name, value in resp.headers.multi_items():
             headers.setdefault(canonical_header(name), []).append(value)
-        return AttemptResponse(status=resp.status_code, headers=headers, body=resp.content[:cap])
+        return AttemptResponse(
+            status=resp.status_code, headers=headers, body=body, private_peer=private
+        )
 
     async def _deliver(self, item: Claimed) -> None:
+        """Attempt, then record; never raises (nobody awaits this task)."""
         try:
-            await self._deliver_once(item)
-        except RedisError as exc:
-            # The outcome is lost; the lease expires and the message is delivered again.
-            log.warning("broker.finish_failed", message_id=item.msg.id, error=str(exc))
+            response = await self._attempt(item)
+            await self._record(item, response)
+        except Exception:  # a bug, not an outcome: the lease lapses, the message comes again
+            log.exception("broker.delivery_crashed", message_id=item.msg.id)
+        finally:
+            self._running.discard((item.msg.id, item.attempt))
+        self.wake()
 
-    async def _deliver_once(self, item: Claimed) -> None:
+    async def _record(self, item: Claimed, response: AttemptResponse) -> None:
         msg = item.msg
-        response = await self._attempt(item)
         at = now_ms()
         outcome = classify(response, item.retried, msg.max_retries)
         if self._on_attempt is not None:
             self._on_attempt(msg, outcome)
         dlq_id = self.store.new_dlq_id(at) if outcome == "failed" else ""
-        followups = followup_messages(msg, item.body, response, item.retried, outcome, dlq_id, at)
+        reported = response
+        if response.private_peer and not self.settings.callback_private_bodies:
+            reported = response.without_content()
+        followups = followup_messages(msg, item.body, reported, item.retried, outcome, dlq_id, at)
         next_due = 0
         if outcome == "retry":
             wait = next_delay_s(
@@ -281,14 +359,39 @@ class Dispatcher:
         else:
             state = "DELIVERED" if outcome == "delivered" else "FAILED"
             events = [log_event(msg, state, at, response=response)]
-        await self.store.finish(
+        await self._finish_durably(
             item,
-            outcome=outcome,
-            now_ms=at,
-            next_due_ms=next_due,
-            events=events,
-            response=response,
-            dlq_id=dlq_id,
-            followups=followups,
+            functools.partial(
+                self.store.finish,
+                item,
+                outcome=outcome,
+                now_ms=at,
+                next_due_ms=next_due,
+                events=events,
+                response=response,
+                dlq_id=dlq_id,
+                followups=followups,
+            ),
         )
-        self.wake()
+
+    async def _finish_durably(self, item: Claimed, write: Callable[[], Awaitable[bool]]) -> None:
+        """Record the outcome, retrying across a Redis outage for up to ``finish_retry_s``
+        (the write is idempotent: a retry after a lost reply changes nothing)."""
+        deadline = time.monotonic() + self.settings.finish_retry_s
+        for failures in itertools.count(1):
+            try:
+                if not await write():
+                    log.info("broker.finish_stale", message_id=item.msg.id)
+                return
+            except RedisError as exc:
+                wait = storage_retry_delay_s(failures)
+                if time.monotonic() + wait > deadline:
+                    # The lease lapses now that nothing renews it: delivered again.
+                    log.warning(
+                        "broker.finish_failed",
+                        message_id=item.msg.id,
+                        tries=failures,
+                        error=str(exc),
+                    )
+                    return
+                await asyncio.sleep(wait)

@@ -56,6 +56,12 @@ class AttemptResponse(BaseModel):
     headers: dict[str, list[str]] = Field(default_factory=dict)
     body: bytes = b""
     error: str | None = None
+    # The answer came from a non-global address (or one that could not be told); not stored.
+    private_peer: bool = Field(default=False, exclude=True)
+
+    def without_content(self) -> AttemptResponse:
+        """The status only: what a callback may learn of a private destination's answer."""
+        return AttemptResponse(status=self.status, error=self.error)
 
 
 def _redacted(value: bytes) -> str:

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from tierq.broker.server.backoff import compile_expression
+from tierq.broker.server.destinations import AllowList, InvalidDestinationError, parse_url
 from tierq.broker.server.durations import parse_duration
 from tierq.broker.server.model import FollowUp, StoredMessage
 from tierq.config import BrokerSettings
@@ -57,6 +58,10 @@ def _is_setting_param(name: str) -> bool:
 
 def check_destination(dest: str) -> None:
     if _URL.fullmatch(dest):
+        try:
+            parse_url(dest)
+        except InvalidDestinationError as exc:
+            raise ClientError(f"invalid destination url: {exc}") from None
         return
     if _GROUP_NAME.fullmatch(dest) and "." not in dest:
         raise NotSupported("URL groups (topics) are not supported by the tierq broker yet")
@@ -70,6 +75,21 @@ def check_queue_name(name: str) -> None:
         raise ClientError(
             f"invalid queue name {name!r}: use 1-100 letters, digits, '-', '.' or '_'"
         )
+
+
+def check_allowed(msg: StoredMessage, allow: AllowList) -> None:
+    """400 unless the destination and any callback URL are on the broker's allow-list."""
+    targets = [("destination url", msg.url)]
+    if msg.callback is not None:
+        targets.append(("Upstash-Callback header", msg.callback.url))
+    if msg.failure_callback is not None:
+        targets.append(("Upstash-Failure-Callback header", msg.failure_callback.url))
+    for what, url in targets:
+        if not allow.allows(parse_url(url)):
+            raise ClientError(
+                f"invalid {what}: {url} is not among the broker's allowed destinations "
+                "(BrokerSettings.allowed_destinations)"
+            )
 
 
 @dataclass
@@ -172,6 +192,10 @@ def _followup(settings: dict[str, str], kind: str, limits: BrokerSettings) -> Fo
         raise ClientError(
             f"invalid {canonical_header(prefix)} header: {url!r} is not an http(s) URL"
         )
+    try:
+        parse_url(url)
+    except InvalidDestinationError as exc:
+        raise ClientError(f"invalid {canonical_header(prefix)} header: {exc}") from None
     headers: dict[str, list[str]] = {}
     for name, value in settings.items():
         if not name.startswith(prefix + "-"):

@@ -21,7 +21,7 @@ from tierq.broker.server.context import (
 )
 from tierq.broker.server.credentials import Account
 from tierq.broker.server.model import dlq_wire
-from tierq.broker.server.requests import build_message, split_headers
+from tierq.broker.server.requests import build_message, check_allowed, split_headers
 from tierq.broker.server.routes_messages import incoming_of
 from tierq.broker.server.signing import random_id
 from tierq.broker.server.store import DlqEntry
@@ -165,6 +165,7 @@ async def _retry(
             caller_ip=entry.msg.caller_ip,
             limits=context.settings,
         )
+        check_allowed(msg, context.allow)
         items.append((msg, entry.body, now))
         consumed.append(dlq_id)
     if not items:

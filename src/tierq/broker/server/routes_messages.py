@@ -16,12 +16,14 @@ from tierq.broker.server.context import (
     now_ms,
     ok,
     query_list,
+    read_body,
 )
 from tierq.broker.server.credentials import Account
 from tierq.broker.server.model import StoredMessage, message_wire
 from tierq.broker.server.requests import (
     Incoming,
     build_message,
+    check_allowed,
     destination_from_raw,
     split_headers,
 )
@@ -59,7 +61,7 @@ async def _accept_one(
 async def _publish(request: Request, queue: str | None, rest: str) -> Response:
     context, account = authenticate(request)
     dest = destination_from_raw(rest, request.scope.get("query_string", b"").decode("latin-1"))
-    body = await request.body()
+    body = await read_body(request, context.settings.max_body_bytes)
     now = now_ms()
     incoming = split_headers(request.headers.items(), request.query_params.multi_items())
     msg, _ = build_message(
@@ -73,6 +75,7 @@ async def _publish(request: Request, queue: str | None, rest: str) -> Response:
         caller_ip=_caller_ip(request),
         limits=context.settings,
     )
+    check_allowed(msg, context.allow)
     return await _accept_one(context, msg, body, now)
 
 
@@ -113,14 +116,17 @@ def _batch_item(
         caller_ip=ip,
         limits=context.settings,
     )
+    check_allowed(msg, context.allow)
     return msg, raw_body
 
 
 async def batch(request: Request) -> Response:
     context, account = authenticate(request)
-    items = await json_body(request)
+    items = await json_body(request, context.settings.max_request_bytes)
     if not isinstance(items, list) or not items:
         raise ClientError("batch body must be a non-empty JSON array of messages")
+    if len(items) > context.settings.max_batch_messages:
+        raise ClientError(f"a batch holds at most {context.settings.max_batch_messages} messages")
     now, ip = now_ms(), _caller_ip(request)
     built: list[tuple[StoredMessage, bytes] | ClientError] = []
     for item in items:

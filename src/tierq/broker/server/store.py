@@ -26,7 +26,9 @@ def _s(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-_SCRIPTS = ("accept", "claim", "finish", "reclaim", "cancel", "queue_update", "queue_delete")
+_SCRIPTS = (
+    "accept", "claim", "finish", "renew", "reclaim", "cancel", "queue_update", "queue_delete",
+)  # fmt: skip
 
 
 def _load_scripts(client: aioredis.Redis) -> dict[str, AsyncScript]:
@@ -43,6 +45,7 @@ class Claimed:
     msg: StoredMessage
     body: bytes
     retried: int
+    attempt: int  # which claim of the message this is: the owner of its lease
 
 
 @dataclass
@@ -154,8 +157,13 @@ class BrokerStore:
             args=[now_ms, limit, lease_ms, k.msg_prefix, self.settings.events_max_len],
         )
         return [
-            Claimed(StoredMessage.model_validate_json(flat[i + 1]), flat[i + 2], int(flat[i + 3]))
-            for i in range(0, len(flat), 4)
+            Claimed(
+                StoredMessage.model_validate_json(flat[i + 1]),
+                flat[i + 2],
+                int(flat[i + 3]),
+                int(flat[i + 4]),
+            )
+            for i in range(0, len(flat), 5)
         ]
 
     async def finish(
@@ -170,7 +178,8 @@ class BrokerStore:
         dlq_id: str = "",
         followups: list[FollowUpMessage] | None = None,
     ) -> bool:
-        """Apply an attempt's outcome; ``False`` when this broker no longer held the lease."""
+        """Apply an attempt's outcome; ``False`` when the attempt no longer held the lease.
+        Idempotent: repeating a call whose reply was lost changes nothing."""
         msg, k = claimed.msg, self.keys
         queue = msg.queue or ""
         keys = [
@@ -192,6 +201,7 @@ class BrokerStore:
             dlq_id,
             response.model_dump_json() if response else "",
             msg.user,
+            claimed.attempt,
             len(events),
             *events,
         ]
@@ -206,6 +216,16 @@ class BrokerStore:
                 f.due_ms,
             ]
         return bool(await self._scripts["finish"](keys=keys, args=args))
+
+    async def renew(self, attempts: Sequence[tuple[str, int]], until_ms: int) -> int:
+        """Extend the leases of these (message id, attempt) pairs where they still hold them;
+        returns how many were renewed."""
+        if not attempts:
+            return 0
+        args: list[Any] = [until_ms, self.keys.msg_prefix]
+        for message_id, attempt in attempts:
+            args += [message_id, attempt]
+        return int(await self._scripts["renew"](keys=[self.keys.inflight], args=args))
 
     async def reclaim(self, cutoff_ms: int | None, now_ms: int) -> int:
         """Make in-flight messages due again: those whose lease ended, or all (``None``)."""

@@ -6,8 +6,9 @@
 --       8 dedup ttl ms ("0": no dedup), 9 event base (JSON without its closing brace),
 --       10 events maxlen, 11 url, 12 dlq id to consume or "", 13 max queues
 -- Returns {1, id} stored; {0, existing id} duplicate; {-1, dlq id} DLQ entry gone; {-2, ""} queue
--- limit reached.
+-- limit reached. Safe to repeat (ids are fresh per request): a message already stored is {1, id}.
 local id = ARGV[1]
+if redis.call('EXISTS', KEYS[1]) == 1 then return {1, id} end
 if ARGV[12] ~= '' then
   if redis.call('ZREM', KEYS[10], ARGV[12]) == 0 then return {-1, ARGV[12]} end
   redis.call('DEL', KEYS[11])
