@@ -95,13 +95,18 @@ class RedisClients:
             await client.aclose()
 
 
+REDIS_CLIENT_NAME = "tierq-app"
+
+
 def redis_clients(settings: Settings) -> RedisClients:
     url = settings.redis_url or "redis://127.0.0.1:6379/0"
+    name = REDIS_CLIENT_NAME  # every connection says who it is (CLIENT LIST)
     pool = aioredis.BlockingConnectionPool.from_url(
         url,
         max_connections=settings.redis_max_connections,
         timeout=settings.redis_pool_timeout_s,
         socket_timeout=settings.redis_socket_timeout_s,
+        client_name=name,
     )
     return RedisClients(
         commands=aioredis.Redis.from_pool(pool),  # the client owns (and closes) the pool
@@ -109,8 +114,11 @@ def redis_clients(settings: Settings) -> RedisClients:
             url,
             max_connections=2,
             socket_timeout=BLOCK_MS / 1000 + settings.redis_socket_timeout_s,
+            client_name=name,
         ),
-        pubsub=aioredis.Redis.from_url(url, socket_timeout=None, health_check_interval=30),
+        pubsub=aioredis.Redis.from_url(
+            url, socket_timeout=None, health_check_interval=30, client_name=name
+        ),
     )
 
 

@@ -107,10 +107,11 @@ def test_worker_killed_mid_job_leaks_nothing(
 ) -> None:
     port = free_port()
     prefix = f"crash{os.getpid()}"
+    # 10 retries a second apart: room for a slow restart on a busy machine
     env = app_env(
         redis_url, prefix, port, broker_thread.url,
         TIERQ_LEASE_TTL_S="2", TIERQ_HEARTBEAT_S="0.5", TIERQ_QSTASH_RETRIES="10",
-        TIERQ_QSTASH_RETRY_DELAY="300", TIERQ_GUARD_RETRY_AFTER_S="1",
+        TIERQ_QSTASH_RETRY_DELAY="1000", TIERQ_GUARD_RETRY_AFTER_S="1",
     )  # fmt: skip
     app = AppProcess(env, port, tmp_path / "app.log")
     keys = AppKeys(prefix)

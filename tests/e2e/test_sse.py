@@ -15,6 +15,7 @@ import httpx
 
 from helpers import wait_until
 from system import FREE, PAID, System
+from tierq.app import REDIS_CLIENT_NAME
 
 ENTRY_ID = re.compile(r"^\d+-\d+$")
 TERMINAL = {"completed", "failed", "cancelled"}
@@ -373,3 +374,26 @@ def test_event_streams_are_capped_per_job_and_per_user(make_system: Callable[...
         assert open_stream(jobs[0]).status_code == 200  # a closed stream gave its place back
     for job in jobs:
         system.http.delete(f"/api/jobs/{job['jobId']}", headers=auth)
+
+
+def test_event_streams_hold_no_redis_connection(make_system: Callable[..., System]) -> None:
+    system = make_system(redis_max_connections=8)
+    job = system.submit(PAID, input={"prompt": "x", "simulate": {"fail": "hang"}}).json()
+    url = f"/api/jobs/{job['jobId']}/events?token={job['eventsToken']}"
+
+    def app_connections() -> int:
+        return sum(c.get("name") == REDIS_CLIENT_NAME for c in system.redis.client_list())
+
+    readers: list[Iterator[str]] = []
+    with contextlib.ExitStack() as streams:
+        for _ in range(12):  # the per-job cap (16) allows them
+            res = streams.enter_context(system.http.stream("GET", url))
+            assert res.status_code == 200
+            readers.append(res.iter_lines())
+            next(readers[-1])
+        # 12 streams open at once, served by one tail hub: the pool's 8, plus the hub's and
+        # the cancel subscription's connections, at most
+        assert app_connections() <= 8 + 3
+    wait_until(lambda: system.metric("tierq_sse_connections") == 0)
+    assert app_connections() <= 8 + 3
+    system.http.delete(f"/api/jobs/{job['jobId']}", headers={"Authorization": f"Bearer {PAID}"})
