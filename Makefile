@@ -87,4 +87,4 @@ bench: install
 	$(BIN)/python bench/broker.py
 
 clean:
-	rm -rf $(VENV) .tierq .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .tierq .pytest_cache .mypy_cache .ruff_cache .hypothesis

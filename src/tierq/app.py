@@ -60,7 +60,8 @@ async def _validation_error(request: Request, exc: Exception) -> Response:
 
 
 def _body_refused(path: str, status: int, code: str, message: str) -> Response:
-    """A body refused before parsing: in OpenAI's shape on the front door, else in tierq's."""
+    """A request refused before a route ran (a bad body, a method not allowed): in OpenAI's
+    shape on the front door, else in tierq's."""
     if path.startswith("/v1/"):
         return OpenAIError(status, message, code=code).response()
     return _json_error(status, code, message)
@@ -69,7 +70,7 @@ def _body_refused(path: str, status: int, code: str, message: str) -> Response:
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-    return _json_error(exc.status_code, code, str(exc.detail))
+    return _body_refused(request.url.path, exc.status_code, code, str(exc.detail))
 
 
 async def _upstream_error(request: Request, exc: Exception) -> Response:

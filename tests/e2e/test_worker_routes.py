@@ -236,7 +236,8 @@ def test_a_redelivery_while_the_job_runs_is_refused_with_retry_after(system: Sys
         wait_until(lambda: system.job(d.job_id)["status"] == "running")
         again = deliver(system, STREAM_ROUTE, d.body, {**headers, "Upstash-Retried": "1"})
         assert_error(again, 429, "already_running")
-        assert again.headers["Retry-After"] == str(system.settings.guard_retry_after_s)
+        ttl = system.settings.lease_ttl_s  # back when the run would count as dead
+        assert ttl - 2 <= int(again.headers["Retry-After"]) <= ttl + 1
         assert snapshot(system, d.job_id)[2:] == (1, 1)  # still one lease each, not two
         first = running.result(timeout=30)
     assert first.status_code == 200, first.text
@@ -375,3 +376,29 @@ def test_a_forged_retry_count_does_not_end_a_job_early(make_system: Callable[...
     failed = [e for e in system.log_events(d.job_id) if e["type"] == "failed"]
     assert [e["retryable"] for e in failed] == [True]
     assert system.job(d.job_id)["status"] == "queued"
+
+
+def test_a_dead_run_is_taken_over_despite_the_leases_dispatch_took(system: System) -> None:
+    d = paused_delivery(system, input={"prompt": "x", "simulate": {"tokens": 2}})
+    assert snapshot(system, d.job_id)[2:] == (1, 1)  # held by dispatch, for this delivery
+    stale = int(time.time() * 1000) - int(system.settings.lease_ttl_s * 1000) - 1000
+    # as a run that crashed: status running, its last beat older than a lease
+    system.redis.hset(system.keys.job(d.job_id), mapping={"status": "running",
+                                                          "startedAt": str(stale)})  # fmt: skip
+    res = deliver(system, STREAM_ROUTE, d.body, signed_headers(system, STREAM_ROUTE, d.body,
+                                                               d.message_id))  # fmt: skip
+    assert res.status_code == 200, res.text
+    assert system.job(d.job_id)["status"] == "completed"
+
+
+def test_a_live_run_sends_the_redelivery_back_when_it_would_count_as_dead(system: System) -> None:
+    d = paused_delivery(system)
+    now = int(time.time() * 1000)
+    system.redis.hset(system.keys.job(d.job_id), mapping={"status": "running",
+                                                          "startedAt": str(now)})  # fmt: skip
+    res = deliver(system, STREAM_ROUTE, d.body, signed_headers(system, STREAM_ROUTE, d.body,
+                                                               d.message_id))  # fmt: skip
+    assert res.status_code == 429
+    assert res.json()["error"]["code"] == "already_running"
+    ttl = system.settings.lease_ttl_s
+    assert ttl - 2 <= int(res.headers["Retry-After"]) <= ttl + 1

@@ -176,7 +176,7 @@ class Dispatcher:
             except NoScriptError:
                 if attempt:
                     raise
-                for script in self._scripts.values():
+                for script in [*self._scripts.values(), *self.jobs.scripts()]:
                     script.sha = await self.r.script_load(script.script)
         raise AssertionError("unreachable")
 
@@ -314,8 +314,8 @@ class Dispatcher:
         failed = [o.job_id for o in out if o.job_id not in sent]
 
         def build(pipe: Any) -> None:
-            for job_id, message_id in sent.items():
-                pipe.hset(self.keys.job(job_id), "messageId", message_id)
+            for job_id, message_id in sent.items():  # never re-creates a taken-back job
+                self.jobs.queue_set_if_exists(pipe, job_id, {"messageId": message_id})
             if sent:
                 self._queue_script(pipe, "confirm", list(sent))
             if failed:
@@ -390,6 +390,7 @@ class Dispatcher:
             dropped = 0
             for queue in self.settings.queues:
                 dropped += await self._sweep_queue(queue.value, expiry, ttl + KEY_GRACE_MS)
+                dropped += await self._sweep_shares(queue.value)
         except RedisError as exc:
             raise UpstreamError(f"redis: {exc}") from exc
         return dropped
@@ -402,12 +403,20 @@ class Dispatcher:
             chunk = members[start : start + 500]
             pipe = self.r.pipeline(transaction=False)
             for job_id in chunk:
-                pipe.hmget(self.keys.job(job_id), "status", "userId")
-            states = await pipe.execute()
+                pipe.hmget(self.keys.job(job_id), "status", "userId", "messageId", "createdAt")
+                pipe.hexists(f"{self.keys.sched}:jobs", job_id)
+            replies = await pipe.execute()
+            states = [(*replies[i], replies[i + 1]) for i in range(0, len(replies), 2)]
             pipe = self.r.pipeline(transaction=False)
-            for job_id, (status, user) in zip(chunk, states, strict=True):
+            for job_id, (status, user, message, created, in_dispatch) in zip(
+                chunk, states, strict=True
+            ):
                 share = self.keys.user_pending(queue, _s(user)) if user else None
-                if status is None or _s(status) in TERMINAL_STATUSES:
+                stranded = self._never_parked(status, message, created, in_dispatch)
+                if stranded:
+                    pipe.delete(self.keys.job(job_id), self.keys.job_events(job_id))
+                    log.warning("dispatch.stranded_job_taken_back", job_id=job_id)
+                if stranded or status is None or _s(status) in TERMINAL_STATUSES:
                     dropped += 1
                     pipe.zrem(admission, job_id)
                     if share:
@@ -420,6 +429,41 @@ class Dispatcher:
             pipe.pexpire(admission, key_ttl)
             await pipe.execute()
         return dropped
+
+    async def _sweep_shares(self, queue: str) -> int:
+        """Drop users' shares held by jobs that have no record and no admission slot (a submit
+        that failed or died between taking the share and recording the job)."""
+        admission = self.keys.admission(queue)
+        dropped = 0
+        pattern = self.keys.user_pending(queue, "*")
+        async for raw_key in self.r.scan_iter(match=pattern, count=500):
+            key = _s(raw_key)
+            members = [_s(m) for m in await self.r.zrange(key, 0, -1)]
+            if not members:
+                continue
+            pipe = self.r.pipeline(transaction=False)
+            for job_id in members:
+                pipe.exists(self.keys.job(job_id))
+                pipe.zscore(admission, job_id)
+            found = await pipe.execute()
+            orphans = [
+                job_id
+                for i, job_id in enumerate(members)
+                if not found[2 * i] and found[2 * i + 1] is None
+            ]
+            if orphans:
+                dropped += len(orphans)
+                await self.r.zrem(key, *orphans)
+        return dropped
+
+    def _never_parked(self, status: Any, message: Any, created: Any, in_dispatch: Any) -> bool:
+        """A job recorded by a submit that died before parking it (its process was killed, or
+        Redis failed in between): queued, never published, not parked or being published, and
+        older than a publish may take. Nobody heard a 202 for it; it is taken back."""
+        if status is None or _s(status) != "queued" or message is not None or in_dispatch:
+            return False
+        age_ms = time.time() * 1000 - int(_s(created or "0"))
+        return age_ms > ttl_ms(self.settings.dispatch_confirm_s) + 5000
 
     async def tell_positions(self, *, force: bool = False) -> int:
         """Send parked jobs whose position or hold changed meaningfully a new ``waiting`` event.

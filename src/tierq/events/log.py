@@ -56,8 +56,11 @@ class JobStore:
         lua = resources.files("tierq.events") / "lua"
         self._scripts: dict[str, AsyncScript] = {
             name: client.register_script((lua / f"{name}.lua").read_text())
-            for name in ("create", "append", "cancel", "append_deltas")
+            for name in ("create", "append", "cancel", "append_deltas", "set_if_exists")
         }
+
+    def scripts(self) -> list[AsyncScript]:
+        return list(self._scripts.values())
 
     def _job_keys(self, job_id: str) -> list[str]:
         return [self.keys.job(job_id), self.keys.job_events(job_id)]
@@ -151,6 +154,22 @@ class JobStore:
 
     async def set_fields(self, job_id: str, fields: dict[str, str]) -> None:
         await self.r.hset(self.keys.job(job_id), mapping=fields)  # type: ignore[arg-type]
+
+    async def set_if_exists(self, job_id: str, fields: dict[str, str]) -> bool:
+        """Set ``fields`` on the job's record unless it is gone (then ``False``)."""
+        try:
+            done = await self._scripts["set_if_exists"](
+                keys=[self.keys.job(job_id)], args=_flatten(fields)
+            )
+        except RedisError as exc:
+            raise UpstreamError(f"redis: {exc}") from exc
+        return bool(done)
+
+    def queue_set_if_exists(self, pipe: Any, job_id: str, fields: dict[str, str]) -> None:
+        """:meth:`set_if_exists` queued on a pipeline (by sha; the script must be loaded)."""
+        pipe.evalsha(
+            self._scripts["set_if_exists"].sha, 1, self.keys.job(job_id), *_flatten(fields)
+        )
 
     async def delete(self, job_id: str) -> None:
         await self.r.delete(*self._job_keys(job_id))

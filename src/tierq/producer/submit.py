@@ -3,6 +3,7 @@ it and publish it to its named queue — or leave nothing behind."""
 
 from __future__ import annotations
 
+import contextlib
 import secrets
 import time
 
@@ -97,10 +98,16 @@ async def submit(rt: Runtime, user: UserSettings, req: JobRequest) -> SubmitResp
     job_id = new_job_id()
     admission_key = rt.keys.admission(queue.value)
     await _admit_user(rt, user, queue.value, job_id)
+    share_key = rt.keys.user_pending(queue.value, user.id)
     depth = settings.queues[queue].admission_depth
-    admitted = await rt.leases.acquire(admission_key, job_id, depth, settings.admission_ttl_s)
+    try:
+        admitted = await rt.leases.acquire(admission_key, job_id, depth, settings.admission_ttl_s)
+    except BaseException:
+        with contextlib.suppress(UpstreamError):  # else it expires with admission_ttl_s
+            await rt.leases.release(share_key, job_id)
+        raise
     if not admitted.acquired:
-        await rt.leases.release(rt.keys.user_pending(queue.value, user.id), job_id)
+        await rt.leases.release(share_key, job_id)
         rt.metrics.admission_rejections.labels(queue.value).inc()
         raise Busy(
             f"queue {queue.value} is full ({depth} jobs admitted); retry later",

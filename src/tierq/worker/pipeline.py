@@ -7,11 +7,13 @@ success, failure, exception, timeout and cancellation (of the job or of the requ
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from dataclasses import dataclass
 
 import structlog
 
+from tierq.aio import raise_if_cancelled
 from tierq.contracts import Started, WorkerBody
 from tierq.errors import UpstreamError
 from tierq.events.cancel import poll_cancel_flag
@@ -30,11 +32,16 @@ from tierq.worker.steps.validate import validate
 log = structlog.get_logger("tierq.worker")
 
 
-async def _runner_alive(rt: Runtime, body: WorkerBody, state: dict[str, str] | None) -> bool:
+def _runner_alive_for(rt: Runtime, state: dict[str, str] | None) -> int:
+    """Seconds until a running job's runner counts as dead (0: not running, or dead already).
+    A run beats on the job record (``beatAt``, every ``heartbeat_s``); it is alive while its
+    last beat is younger than ``lease_ttl_s``. (Its leases can't tell: dispatch takes them too,
+    for the next delivery of the same job.)"""
     if state is None or state.get("status") not in ("running", "waiting"):
-        return False
-    key = rt.keys.model_guard(body.model_id, body.tier)
-    return body.job_id in await rt.leases.holders(key)
+        return 0
+    beat = max(int(state.get("beatAt", "0") or 0), int(state.get("startedAt", "0") or 0))
+    left_ms = beat + rt.settings.lease_ttl_s * 1000 - time.time() * 1000
+    return max(0, math.ceil(left_ms / 1000))
 
 
 async def run_delivery(
@@ -59,8 +66,9 @@ async def run_delivery(
 async def _run(rt: Runtime, body: WorkerBody, raw: bytes, message_id: str, retried: int) -> Reply:
     with rt.cancels.watch(body.job_id) as cancel:  # before reading state: no cancel is missed
         state = await rt.jobs.state(body.job_id)
-        alive = await _runner_alive(rt, body, state)
-        decision = decide(state, message_id, alive, rt.settings.guard_retry_after_s)
+        alive_s = _runner_alive_for(rt, state)
+        # a redelivery while the run is alive comes back once the run would count as dead
+        decision = decide(state, message_id, alive_s > 0, alive_s + 1)
         if isinstance(decision, Err):
             if state is None:  # nobody runs a job that is gone: free what dispatch gave it
                 await rt.dispatcher.release(body)
@@ -131,6 +139,17 @@ async def _start(
     return _Run(number, now)
 
 
+async def _beat(rt: Runtime, job_id: str, every_s: float) -> None:
+    """Tell later deliveries this run is alive (``beatAt`` on the job record)."""
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            await rt.jobs.set_if_exists(job_id, {"beatAt": str(int(time.time() * 1000))})
+        except UpstreamError as exc:
+            log.warning("worker.beat_failed", error=str(exc))
+        raise_if_cancelled()
+
+
 async def _execute(
     rt: Runtime, body: WorkerBody, run: _Run, held: list[tuple[str, str]], cancel: asyncio.Event
 ) -> Outcome:
@@ -139,6 +158,7 @@ async def _execute(
     siblings = [
         asyncio.create_task(heartbeat(rt.leases, held, rt.settings.lease_ttl_s, every)),
         asyncio.create_task(poll_cancel_flag(rt.jobs, body.job_id, cancel, every)),
+        asyncio.create_task(_beat(rt, body.job_id, every)),
     ]
     try:
         outcome = await execute(rt, body, run.number, cancel)
