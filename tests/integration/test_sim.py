@@ -9,7 +9,7 @@ import asyncio
 import itertools
 import json
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any, cast
 
 import pytest
@@ -142,11 +142,9 @@ async def test_a_full_queue_or_user_share_is_retried_until_every_job_is_admitted
     assert report.admission_rejections > 0
 
 
-async def test_jobs_whose_share_is_held_for_good_are_given_up_and_the_lease_reported(
-    redis_url: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A lease no job of the run holds fills q_free_vision: its jobs are not admitted (nothing
-    could free the share), the others complete, and the lease is reported."""
+def pin_sim_settings(monkeypatch: pytest.MonkeyPatch) -> Callable[[Settings, str], Settings]:
+    """Make every sim run use the settings of the first one (so a test can prepare its keys
+    before the run); returns the pinned ``sim_settings``."""
     real = sim_module.sim_settings
     chosen: list[Settings] = []
 
@@ -156,6 +154,15 @@ async def test_jobs_whose_share_is_held_for_good_are_given_up_and_the_lease_repo
         return chosen[0]
 
     monkeypatch.setattr(sim_module, "sim_settings", fixed)
+    return fixed
+
+
+async def test_jobs_whose_share_is_held_for_good_are_given_up_and_the_lease_reported(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lease no job of the run holds fills q_free_vision: its jobs are not admitted (nothing
+    could free the share), the others complete, and the lease is reported."""
+    fixed = pin_sim_settings(monkeypatch)
     queues = {q: QueueSettings(parallelism=2, admission_depth=1) for q in QueueId}
     cfg = fixed(Settings(queues=queues), redis_url)
     client = aioredis.Redis.from_url(redis_url)
@@ -180,15 +187,7 @@ async def test_jobs_stuck_parked_are_reported_once_nothing_moves(
     """A model guard filled by a lease no job of the run holds: the free tier's jobs stay
     parked (and, one job admitted per queue, the next ones wait for admission); the run stops
     waiting after its settle timeout, and reports them."""
-    real = sim_module.sim_settings
-    chosen: list[Settings] = []
-
-    def fixed(settings: Settings, url: str) -> Settings:
-        if not chosen:
-            chosen.append(real(settings, url))
-        return chosen[0]
-
-    monkeypatch.setattr(sim_module, "sim_settings", fixed)
+    fixed = pin_sim_settings(monkeypatch)
     settings = Settings(
         models={"sim": ModelSettings(limits=TierLimits(paid=4, free=1))},
         queues={q: QueueSettings(parallelism=2, admission_depth=1) for q in QueueId},
