@@ -321,8 +321,13 @@ def test_a_full_model_makes_the_stream_wait_not_fail(make_system: Callable[..., 
 
         answer = pool.submit(chat)
         [job_id] = wait_until(lambda: system.redis.lrange(parked, 0, -1))  # parked: model full
-        waiting = [e for e in system.log_events(job_id.decode()) if e["type"] == "waiting"]
-        assert [e["guard"] for e in waiting] == ["model"]
+
+        def waiting() -> list[str]:  # written just after parking
+            return [
+                e["guard"] for e in system.log_events(job_id.decode()) if e["type"] == "waiting"
+            ]
+
+        assert wait_until(waiting) == ["model"]
         cancel = system.http.delete(
             f"/api/jobs/{hog_id}", headers={"Authorization": f"Bearer {PAID}"}
         )
