@@ -1,7 +1,7 @@
 """/ui/sse and /ui/dashboard in a real browser (Debian's Chromium, driven by Playwright) against
 the whole system on real HTTP.
 
-Chromium is required: without it these tests fail (``.ci/run`` installs it). With
+Chromium is required: without it these tests fail (``make test`` installs it). With
 ``TIERQ_SCREENSHOTS=1`` they also write docs/img/sse.png and docs/img/dashboard.png.
 """
 
@@ -44,7 +44,7 @@ expect.set_options(timeout=WAIT_MS)
 def browser() -> Iterator[Browser]:
     executable = shutil.which("chromium") or shutil.which("chromium-browser")
     if executable is None:
-        pytest.fail("chromium is not installed (apt-get install chromium; .ci/run does this)")
+        pytest.fail("chromium is not installed (apt-get install chromium; make test does this)")
     with sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS, timeout=30_000)
         yield browser
