@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
-import redis.asyncio as aioredis
 import structlog
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -19,14 +17,13 @@ from starlette.exceptions import HTTPException
 from tierq.config import Settings
 from tierq.contracts import error_body
 from tierq.errors import Busy, ClientError, UpstreamError
-from tierq.events.hub import BLOCK_MS
 from tierq.fastpath import FastRoutes
 from tierq.frontdoor import router as frontdoor_router
 from tierq.frontdoor.errors import OpenAIError
 from tierq.observability.metrics import Metrics
 from tierq.ops.admin import router as admin_router
 from tierq.producer.api import router as producer_router
-from tierq.runtime import Runtime, build_runtime
+from tierq.runtime import Runtime, build_runtime, redis_clients
 from tierq.web.access import SurfaceGuard, Surfaces, gates, surfaces
 from tierq.web.bodies import BodyGuard
 from tierq.web.pages import router as pages_router
@@ -77,49 +74,6 @@ async def _upstream_error(request: Request, exc: Exception) -> Response:
     log.warning("app.upstream_error", error=str(exc))
     return _json_error(
         503, "unavailable", "a dependency is unavailable; retry shortly", {"Retry-After": "2"}
-    )
-
-
-@dataclass
-class RedisClients:
-    """Three pools, because blocking reads must not starve commands (nor time out):
-    ``commands`` (bounded; callers wait for a free connection), ``tails`` (the tail hub's one
-    blocking ``XREAD`` for every SSE stream), ``pubsub`` (the cancel subscription, no read
-    timeout)."""
-
-    commands: aioredis.Redis
-    tails: aioredis.Redis
-    pubsub: aioredis.Redis
-
-    async def aclose(self) -> None:
-        for client in (self.commands, self.tails, self.pubsub):
-            await client.aclose()
-
-
-REDIS_CLIENT_NAME = "tierq-app"
-
-
-def redis_clients(settings: Settings) -> RedisClients:
-    url = settings.redis_url or "redis://127.0.0.1:6379/0"
-    name = REDIS_CLIENT_NAME  # every connection says who it is (CLIENT LIST)
-    pool = aioredis.BlockingConnectionPool.from_url(
-        url,
-        max_connections=settings.redis_max_connections,
-        timeout=settings.redis_pool_timeout_s,
-        socket_timeout=settings.redis_socket_timeout_s,
-        client_name=name,
-    )
-    return RedisClients(
-        commands=aioredis.Redis.from_pool(pool),  # the client owns (and closes) the pool
-        tails=aioredis.Redis.from_url(
-            url,
-            max_connections=2,
-            socket_timeout=BLOCK_MS / 1000 + settings.redis_socket_timeout_s,
-            client_name=name,
-        ),
-        pubsub=aioredis.Redis.from_url(
-            url, socket_timeout=None, health_check_interval=30, client_name=name
-        ),
     )
 
 

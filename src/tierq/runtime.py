@@ -13,12 +13,55 @@ from tierq.dispatch.dispatcher import Dispatcher
 from tierq.events.cancel import CancelHub
 from tierq.events.caps import StreamCaps
 from tierq.events.deltas import DeltaWriter
-from tierq.events.hub import TailHub
+from tierq.events.hub import BLOCK_MS, TailHub
 from tierq.events.log import JobStore
 from tierq.guards.leases import Leases
 from tierq.keys import AppKeys
 from tierq.observability.metrics import Metrics
 from tierq.providers.registry import ProviderRegistry
+
+
+@dataclass
+class RedisClients:
+    """Three pools, because blocking reads must not starve commands (nor time out):
+    ``commands`` (bounded; callers wait for a free connection), ``tails`` (the tail hub's one
+    blocking ``XREAD`` for every SSE stream), ``pubsub`` (the cancel subscription, no read
+    timeout)."""
+
+    commands: aioredis.Redis
+    tails: aioredis.Redis
+    pubsub: aioredis.Redis
+
+    async def aclose(self) -> None:
+        for client in (self.commands, self.tails, self.pubsub):
+            await client.aclose()
+
+
+REDIS_CLIENT_NAME = "tierq-app"
+
+
+def redis_clients(settings: Settings) -> RedisClients:
+    url = settings.redis_url or "redis://127.0.0.1:6379/0"
+    name = REDIS_CLIENT_NAME  # every connection says who it is (CLIENT LIST)
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url,
+        max_connections=settings.redis_max_connections,
+        timeout=settings.redis_pool_timeout_s,
+        socket_timeout=settings.redis_socket_timeout_s,
+        client_name=name,
+    )
+    return RedisClients(
+        commands=aioredis.Redis.from_pool(pool),  # the client owns (and closes) the pool
+        tails=aioredis.Redis.from_url(
+            url,
+            max_connections=2,
+            socket_timeout=BLOCK_MS / 1000 + settings.redis_socket_timeout_s,
+            client_name=name,
+        ),
+        pubsub=aioredis.Redis.from_url(
+            url, socket_timeout=None, health_check_interval=30, client_name=name
+        ),
+    )
 
 
 @dataclass

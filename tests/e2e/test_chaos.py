@@ -10,14 +10,12 @@ crash may drop the last second of acknowledged writes, e.g. a ``completed`` even
 Redis's durability setting, not tierq's behaviour under test). The restarted Redis replays the
 AOF on the same port and data dir. The broker's Redis is not killed here.
 
-The three tierq bugs this suite found have deterministic reproductions below, now regression
-tests (they were ``xfail(strict=True)`` until fixed): a submit killed between recording and
+The three tierq bugs this suite found have deterministic reproductions below, kept as
+regression tests: a submit killed between recording and
 parking its job, a Redis error at the admission acquire, a publish that lands while a failed
 submit undoes its job. Two need the app to stop or wait at one exact line: a *failpoint*, a
 ``sitecustomize`` module on the app's ``PYTHONPATH`` that wraps one tierq function for jobs
-with one special prompt (test code only, written to ``tmp_path``). An open known bug would be
-listed in ``chaos.KNOWN_BUGS`` with its own strict xfail test; a chaos run whose only problems
-are exactly such signatures is reported as xfail with the evidence (none are open now).
+with one special prompt (test code only, written to ``tmp_path``).
 
 The sizes are small (a minute or so): the long run is ``bench/chaos.py``.
 """
@@ -46,7 +44,6 @@ from chaos import (
     Plan,
     Report,
     api_key,
-    known_bug_reasons,
     violations,
 )
 from helpers import wait_until
@@ -86,9 +83,6 @@ async def test_jobs_survive_kills_of_app_broker_and_redis(tmp_path: Path) -> Non
     assert c["kills_app"] == c["kills_broker"] == c["kills_redis"] == 1, report.kills
     assert c["admitted"] >= PLAN.jobs, explain(report, chaos)
     assert not violations(report), explain(report, chaos)
-    if report.known_bugs:  # the run hit only known bugs' windows: see their strict tests below
-        print(explain(report, chaos))
-        pytest.xfail(known_bug_reasons(report))
 
 
 # -- the known bugs, deterministically ------------------------------------------------------

@@ -15,7 +15,7 @@ import httpx
 
 from helpers import wait_until
 from system import FREE, PAID, System
-from tierq.app import REDIS_CLIENT_NAME
+from tierq.runtime import REDIS_CLIENT_NAME
 
 ENTRY_ID = re.compile(r"^\d+-\d+$")
 TERMINAL = {"completed", "failed", "cancelled"}

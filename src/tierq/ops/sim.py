@@ -71,7 +71,6 @@ import structlog
 from qstash import AsyncQStash
 from redis.exceptions import RedisError
 
-from tierq.app import redis_clients
 from tierq.broker.client import QStashGateway, QueueStatus
 from tierq.config import QueueSettings, Settings, UserSettings
 from tierq.contracts import TERMINAL_STATUSES, JobInput, JobRequest, Simulate
@@ -79,7 +78,7 @@ from tierq.errors import Busy, ClientError, UpstreamError
 from tierq.observability.metrics import Metrics
 from tierq.producer.submit import check_registry, resolve_tier, submit
 from tierq.queues import EXPERIENCES, TIERS, Experience, Mode, QueueId, WorkerKind, queue_for
-from tierq.runtime import Runtime, build_runtime
+from tierq.runtime import Runtime, build_runtime, redis_clients
 from tierq.worker.pipeline import run_delivery
 from tierq.worker.result import Reply, error_reply
 
