@@ -452,6 +452,8 @@ def serve_env(
         "QSTASH_TOKEN": dev.token,
         "QSTASH_CURRENT_SIGNING_KEY": dev.current_key,
         "QSTASH_NEXT_SIGNING_KEY": dev.next_key,
+        # one bench user follows every job: the per-user SSE cap would refuse most of them
+        "TIERQ_SSE_MAX_PER_USER": "1000000",
         **extra,
     }
 

@@ -99,9 +99,10 @@ class AppKeys:
     - ``job(id)``: hash, the job's state record (status, owner, queue, result, …); expires
       ``event_retention_s`` after the terminal event
     - ``job_events(id)``: stream, the job's append-only event log; same expiry
-    - ``admission(queue)``: zset job id → lease expiry ms (producer backpressure)
+    - ``admission(queue)``: zset job id → lease expiry ms (producer backpressure), under
+      ``sched``: a submit admits and parks a job in one script
     - ``user_pending(queue, user)``: zset job id → lease expiry ms: the user's share of the
-      queue's admission (taken and given back with the admission lease)
+      queue's admission (taken and given back with the admission lease), under ``sched``
     - ``sched``: the prefix of the fair dispatcher's keys, one hash tag for all of them (its
       scripts touch a queue's lines, the guards and the job's lease together; on Redis Cluster
       they all live in one slot). Under it (names built by ``dispatch/lua/_lib.lua`` too):
@@ -130,7 +131,7 @@ class AppKeys:
         return f"{self.prefix}:job:{{{job_id}}}:events"
 
     def admission(self, queue_id: str) -> str:
-        return f"{self.prefix}:admission:{queue_id}"
+        return f"{self.sched}:admission:{queue_id}"
 
     @property
     def sched(self) -> str:
@@ -167,7 +168,7 @@ class AppKeys:
         return f"{self.sched}:dispatching"
 
     def user_pending(self, queue_id: str, user_id: str) -> str:
-        return f"{self.prefix}:pending:{queue_id}:{user_id}"
+        return f"{self.sched}:pending:{queue_id}:{user_id}"
 
     @property
     def cancel_channel(self) -> str:

@@ -87,24 +87,25 @@ async def test_jobs_survive_kills_of_app_broker_and_redis(tmp_path: Path) -> Non
 
 # -- the known bugs, deterministically ------------------------------------------------------
 
-DIE_BEFORE_PARK = "die before park"
-PARK_FAILPOINT = f'''"""Test failpoint (tests/e2e/test_chaos.py): the app dies (SIGKILL) right after
-writing the record of a job whose prompt is {DIE_BEFORE_PARK!r}, before parking it."""
+DIE_BEFORE_RECORD = "die before record"
+RECORD_FAILPOINT = f'''"""Test failpoint (tests/e2e/test_chaos.py): the app dies (SIGKILL) right after
+admitting (and dispatching) a job whose prompt is {DIE_BEFORE_RECORD!r}, before recording it."""
 import os
 import signal
 
 from tierq.dispatch.dispatcher import Dispatcher
 
-_park = Dispatcher.park
+_admit = Dispatcher.admit
 
 
-async def park(self, body, raw, **kwargs):
-    if body.input.prompt == {DIE_BEFORE_PARK!r}:
+async def admit(self, body, raw, **kwargs):
+    admission = await _admit(self, body, raw, **kwargs)
+    if body.input.prompt == {DIE_BEFORE_RECORD!r}:
         os.kill(os.getpid(), signal.SIGKILL)
-    return await _park(self, body, raw, **kwargs)
+    return admission
 
 
-Dispatcher.park = park
+Dispatcher.admit = admit
 '''
 
 
@@ -185,28 +186,39 @@ async def started(system: ChaosSystem) -> AsyncIterator[redis.Redis]:
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
-async def test_app_killed_between_record_and_park_strands_no_job(tmp_path: Path) -> None:
-    system = ChaosSystem(tmp_path, app_extra_env=with_failpoints(tmp_path, PARK_FAILPOINT))
+async def test_app_killed_between_admit_and_record_strands_no_job(tmp_path: Path) -> None:
+    """A submit admits and dispatches a job in one script, then records it: killed in between,
+    the job has leases and a place in dispatch but no record. Nobody heard a 202 for it; it
+    must go away: its unconfirmed publish is made again, the delivery finds no record and
+    gives the leases back, and the admission sweep drops its admission and share."""
+    system = ChaosSystem(tmp_path, app_extra_env=with_failpoints(tmp_path, RECORD_FAILPOINT))
     keys = AppKeys(APP_PREFIX)
-    holds = [keys.admission("q_paid_stream"), keys.user_pending("q_paid_stream", "cp1")]
+    holds = [
+        keys.admission("q_paid_stream"),
+        keys.user_pending("q_paid_stream", "cp1"),
+        keys.queue_slots("q_paid_stream"),
+        keys.user_guard("cp1"),
+        keys.model_guard("sim", "paid"),
+    ]
     async with started(system) as client:
         auth = {"Authorization": f"Bearer {api_key('cp1')}"}
         async with httpx.AsyncClient(base_url=system.app_url, timeout=10) as http:
             with pytest.raises(httpx.HTTPError):  # the app died inside the request
-                await http.post("/api/jobs", json=job_body(DIE_BEFORE_PARK), headers=auth)
+                await http.post("/api/jobs", json=job_body(DIE_BEFORE_RECORD), headers=auth)
         await system.restart("app")
-        [job_id] = job_ids(client)
+        assert not job_ids(client)  # never recorded
+        [job_id] = live_members(client, keys.admission("q_paid_stream"))
+        assert client.hexists(f"{keys.sched}:jobs", job_id)  # dispatched, publish unconfirmed
 
         def recovered() -> bool:
-            status = client.hget(keys.job(job_id), "status")
-            ended = status is None or status in TERMINAL
-            return ended and not any(job_id in live_members(client, k) for k in holds)
+            in_dispatch = client.hexists(f"{keys.sched}:jobs", job_id)
+            return not in_dispatch and not any(job_id in live_members(client, k) for k in holds)
 
         with contextlib.suppress(AssertionError):
             await asyncio.to_thread(wait_until, recovered, RECOVERY_S, 0.2)
-        state = client.hgetall(keys.job(job_id))
         held = {k: live_members(client, k) for k in holds}
-        assert recovered(), f"job {job_id} stranded after {RECOVERY_S}s: {state}, holds {held}"
+        assert recovered(), f"job {job_id} stranded after {RECOVERY_S}s: holds {held}"
+        assert not job_ids(client)  # and no record came back
 
 
 @pytest.mark.slow

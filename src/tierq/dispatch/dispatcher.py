@@ -44,6 +44,8 @@ from tierq.queues import QueueId, worker_path
 log = structlog.get_logger("tierq.dispatch")
 
 _SCRIPTS = ("park", "release", "claim", "confirm", "requeue", "reconcile", "positions")
+_APPENDED = {"admit": "park"}
+"""Scripts made of two files: ``admit`` runs ``park`` once the job is admitted."""
 POSITION_RATIO = 0.8
 """A parked job hears its new position when it fell to this fraction of the last one told (or
 what holds it changed)."""
@@ -74,6 +76,17 @@ class Parked:
 
 
 @dataclass(frozen=True)
+class Admission:
+    """What :meth:`Dispatcher.admit` decided: ``refused`` (``user``: the user's share of the
+    queue is full; ``queue``: its admission depth) or where the job stands, with the rows of the
+    jobs dispatched meanwhile (this one, when it goes at once), to publish once it is recorded."""
+
+    refused: str
+    parked: Parked
+    rows: Sequence[Any]
+
+
+@dataclass(frozen=True)
 class _Out:
     job_id: str
     dedup_id: str
@@ -90,7 +103,10 @@ def _load(client: aioredis.Redis) -> dict[str, AsyncScript]:
     lua = resources.files("tierq.dispatch") / "lua"
     clock = (resources.files("tierq.guards") / "lua" / "_clock.lua").read_text()
     prelude = clock + (lua / "_lib.lua").read_text()
-    return {n: client.register_script(prelude + (lua / f"{n}.lua").read_text()) for n in _SCRIPTS}
+    scripts = {n: prelude + (lua / f"{n}.lua").read_text() for n in _SCRIPTS}
+    for name, then in _APPENDED.items():
+        scripts[name] = prelude + (lua / f"{name}.lua").read_text() + scripts[then][len(prelude) :]
+    return {name: client.register_script(text) for name, text in scripts.items()}
 
 
 class Dispatcher:
@@ -164,7 +180,7 @@ class Dispatcher:
         sha = self._scripts[name].sha
         pipe.evalsha(sha, 1, f"{self.keys.sched}:active", *self._common, *extra)
 
-    async def _pipeline(self, build: Callable[[Any], None]) -> list[Any]:
+    async def run_pipeline(self, build: Callable[[Any], None]) -> list[Any]:
         """One round trip of commands and scripts (the scripts by sha: a pipeline that
         registers scripts would ask Redis whether they exist on every call). Everything queued
         is idempotent, so after a Redis restart forgot the scripts it is simply sent again."""
@@ -210,17 +226,75 @@ class Dispatcher:
             raise UpstreamError("qstash is unavailable: the job could not be published")
         return Parked(reason, position)
 
+    async def admit(
+        self, body: WorkerBody, raw: bytes | str, *, depth: int, share: int
+    ) -> Admission:
+        """Admit a new job (its user's ``share`` of the queue, then the queue's ``depth``) and
+        park it, in one script; nothing is published yet (:meth:`publish` does, once the job's
+        record exists). A refused job leaves nothing behind."""
+        args = [
+            *self.park_args(body, raw, body.job_id),
+            depth,
+            share,
+            ttl_ms(self.settings.admission_ttl_s),
+        ]
+        reply = await self.call_script("admit", args)
+        if _s(reply[0]) == "full":
+            return Admission(_s(reply[1]), Parked("", 0), ())
+        reason, position = _s(reply[0]), int(reply[1])
+        if reason:
+            self.metrics.parked.labels(body.queue_id.value, reason).inc()
+        return Admission("", Parked(reason, position), reply[2:])
+
+    async def publish(self, admission: Admission, job_id: str, *, skip: bool = False) -> None:
+        """Publish what :meth:`admit` dispatched (without ``job_id`` when ``skip``). Raises
+        :class:`UpstreamError` when ``job_id`` was to go at once and could not be published (it
+        is back in its line; the caller takes it out)."""
+        rows = admission.rows
+        if skip:
+            rows = [
+                x for i in range(0, len(rows), 3) if _s(rows[i]) != job_id for x in rows[i : i + 3]
+            ]
+        sent = await self._publish(rows)
+        if not skip and admission.parked.dispatched and job_id not in sent:
+            raise UpstreamError("qstash is unavailable: the job could not be published")
+
+    def _claim_args(self, body: WorkerBody) -> list[str | int]:
+        return [*self._job_args(body), ttl_ms(2 * self.settings.heartbeat_s)]
+
     async def claim(self, body: WorkerBody) -> str:
         """For a delivery: take (or keep) the job's three leases, all or none. ``"ok"``, or the
         guard that is full (``user``, ``model``, ``queue``)."""
-        fresh = ttl_ms(2 * self.settings.heartbeat_s)
-        return _s(await self.call_script("claim", [*self._job_args(body), fresh]))
+        return _s(await self.call_script("claim", self._claim_args(body)))
 
-    async def release(self, body: WorkerBody, also: Sequence[tuple[str, str]] = ()) -> None:
+    async def claim_with_state(self, body: WorkerBody) -> tuple[dict[str, str] | None, str]:
+        """The job's state record and :meth:`claim`'s answer, in one round trip. The claim is
+        made before the state is known: a delivery that must not run gives the leases back
+        (:meth:`release`) unless the job runs elsewhere (they are that run's own leases)."""
+
+        def build(pipe: Any) -> None:
+            pipe.hgetall(self.keys.job(body.job_id))
+            self._queue_script(pipe, "claim", self._claim_args(body))
+
+        try:
+            raw, full = await self.run_pipeline(build)
+        except RedisError as exc:
+            raise UpstreamError(f"redis: {exc}") from exc
+        state = {_s(k): _s(v) for k, v in raw.items()} or None
+        return state, _s(full)
+
+    async def release(
+        self,
+        body: WorkerBody,
+        also: Sequence[tuple[str, str]] = (),
+        before: Callable[[Any], None] | None = None,
+    ) -> list[Any]:
         """The job's run ended: give back its leases (and ``also``, e.g. admission, in the same
-        round trip), then publish what the freed room lets through."""
-        await self.release_job(
-            body.job_id, body.queue_id.value, body.user_id, body.model_id, body.tier, also
+        round trip, after what ``before`` queues first: e.g. the job's terminal event), then
+        publish what the freed room lets through. Returns the replies to ``before``'s
+        commands."""
+        return await self.release_job(
+            body.job_id, body.queue_id.value, body.user_id, body.model_id, body.tier, also, before
         )
 
     async def release_job(
@@ -231,20 +305,27 @@ class Dispatcher:
         model_id: str,
         tier: str,
         also: Sequence[tuple[str, str]] = (),
-    ) -> None:
+        before: Callable[[Any], None] | None = None,
+    ) -> list[Any]:
         """:meth:`release` from a job's state record (when no worker body is at hand)."""
         extra = [job_id, queue, user_id, self.keys.model_guard(model_id, tier)]
+        first = 0
 
         def build(pipe: Any) -> None:
+            nonlocal first
+            if before is not None:
+                before(pipe)
+                first = len(pipe.command_stack)
             for key, holder in also:
                 pipe.zrem(key, holder)
             self._queue_script(pipe, "release", extra)
 
         try:
-            replies = await self._pipeline(build)
+            replies = await self.run_pipeline(build)
         except RedisError as exc:
             raise UpstreamError(f"redis: {exc}") from exc
         await self._publish(replies[-1])
+        return replies[:first]
 
     async def kick(self) -> int:
         """Requeue publishes never confirmed in time, then dispatch every queue (the periodic
@@ -322,7 +403,7 @@ class Dispatcher:
                 self._queue_script(pipe, "requeue", failed)
 
         try:
-            await self._pipeline(build)
+            await self.run_pipeline(build)
         except RedisError as exc:  # the reconciler requeues what was not confirmed
             log.warning("dispatch.confirm_failed", error=str(exc))
         for o, result in zip(out, results, strict=True):

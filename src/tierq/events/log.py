@@ -65,11 +65,19 @@ class JobStore:
     def _job_keys(self, job_id: str) -> list[str]:
         return [self.keys.job(job_id), self.keys.job_events(job_id)]
 
-    async def create(self, job_id: str, fields: dict[str, str], first: WorkerEvent) -> bool:
-        """Create the job with its first event; ``False`` when it already exists."""
+    async def create(
+        self,
+        job_id: str,
+        fields: dict[str, str],
+        first: WorkerEvent,
+        then: WorkerEvent | None = None,
+    ) -> bool:
+        """Create the job with its first event (and ``then`` after it, in the same call);
+        ``False`` when it already exists."""
+        second = event_prefix(then) if then is not None else ""
         try:
             result = await self._scripts["create"](
-                keys=self._job_keys(job_id), args=[event_prefix(first), *_flatten(fields)]
+                keys=self._job_keys(job_id), args=[event_prefix(first), second, *_flatten(fields)]
             )
         except RedisError as exc:
             raise UpstreamError(f"redis: {exc}") from exc
@@ -100,25 +108,43 @@ class JobStore:
         mode = ("revive-" if revive else "") + f"start:{runs}"
         return await self._append(event, "running", fields, mode)
 
+    def _append_args(
+        self, event: WorkerEvent, status: str | None, fields: dict[str, str] | None, mode: str
+    ) -> list[str | int]:
+        terminal = is_terminal(event)
+        return [
+            event_prefix(event),
+            status or "",
+            "1" if terminal else "0",
+            self.retention_ms,
+            mode,
+            *_flatten(fields),
+        ]
+
     async def _append(
         self, event: WorkerEvent, status: str | None, fields: dict[str, str] | None, mode: str
     ) -> Appended | str:
-        terminal = is_terminal(event)
         try:
-            entry, second = await self._scripts["append"](
+            reply = await self._scripts["append"](
                 keys=self._job_keys(event.job_id),
-                args=[
-                    event_prefix(event),
-                    status or "",
-                    "1" if terminal else "0",
-                    self.retention_ms,
-                    mode,
-                    *_flatten(fields),
-                ],
+                args=self._append_args(event, status, fields, mode),
             )
         except RedisError as exc:
             raise UpstreamError(f"redis: {exc}") from exc
-        return Appended(_s(entry), int(second)) if _s(entry) else _s(second)
+        return appended(reply)
+
+    def queue_append(
+        self,
+        pipe: Any,
+        event: WorkerEvent,
+        *,
+        status: str | None = None,
+        fields: dict[str, str] | None = None,
+    ) -> None:
+        """:meth:`append` queued on a pipeline (by sha; the script must be loaded); its reply
+        reads with :func:`appended`."""
+        args = self._append_args(event, status, fields, "")
+        pipe.evalsha(self._scripts["append"].sha, 2, *self._job_keys(event.job_id), *args)
 
     async def append_deltas(self, items: Sequence[tuple[str, bytes]]) -> list[int]:
         """Append one ``delta`` event per job (``(job id, delta_prefix(...))``) in one round
@@ -184,6 +210,12 @@ class JobStore:
             self.keys.job_events(job_id), min=start, max=until or "+", count=count
         )
         return [(_s(i), _s(f[b"e"] if b"e" in f else f["e"])) for i, f in rows]
+
+
+def appended(reply: Any) -> Appended | str:
+    """The append script's reply: where the event went, or why it was not appended."""
+    entry, second = reply
+    return Appended(_s(entry), int(second)) if _s(entry) else _s(second)
 
 
 def is_final(state: dict[str, str] | None, seq: int) -> bool:

@@ -6,13 +6,14 @@ from __future__ import annotations
 import contextlib
 import secrets
 import time
+from typing import NoReturn
 
 from tierq.config import Settings, UserSettings
 from tierq.contracts import JobRequest, Queued, SubmitResponse, WorkerBody
 from tierq.errors import Busy, ClientError, Forbidden, NotFound, UpstreamError
 from tierq.observability.logging import log_job_event
 from tierq.producer.auth import events_token
-from tierq.queues import Mode, Plan, Tier, queue_for
+from tierq.queues import Mode, Plan, QueueId, Tier, queue_for
 from tierq.runtime import Runtime
 
 
@@ -89,46 +90,42 @@ def new_job_id() -> str:
 
 
 async def submit(rt: Runtime, user: UserSettings, req: JobRequest) -> SubmitResponse:
-    """Admit the job (the user's share of the queue, then the queue's depth), record it, and
-    park it for the dispatcher, which publishes it at once when it can run now."""
+    """Admit the job (the user's share of the queue, then the queue's depth) and park it for
+    the dispatcher (one script), record it, then publish it when it may run now. A job that
+    cannot be recorded or published leaves nothing behind."""
     settings = rt.settings
     check_registry(settings, req)
     tier = resolve_tier(req.mode, user.plan)
     queue = queue_for(tier, req.experience)
     job_id = new_job_id()
-    admission_key = rt.keys.admission(queue.value)
-    await _admit_user(rt, user, queue.value, job_id)
-    share_key = rt.keys.user_pending(queue.value, user.id)
-    depth = settings.queues[queue].admission_depth
-    try:
-        admitted = await rt.leases.acquire(admission_key, job_id, depth, settings.admission_ttl_s)
-    except BaseException:
-        with contextlib.suppress(UpstreamError):  # else it expires with admission_ttl_s
-            await rt.leases.release(share_key, job_id)
-        raise
-    if not admitted.acquired:
-        await rt.leases.release(share_key, job_id)
-        rt.metrics.admission_rejections.labels(queue.value).inc()
-        raise Busy(
-            f"queue {queue.value} is full ({depth} jobs admitted); retry later",
-            retry_after_s=settings.admission_retry_after_s,
-            code="queue_full",
-        )
     now_ms = int(time.time() * 1000)
     body, fields = job_records(job_id, user, tier, req, now_ms, settings.qstash_retries)
+    admission = await rt.dispatcher.admit(
+        body,
+        body.model_dump_json(by_alias=True),
+        depth=settings.queues[queue].admission_depth,
+        share=settings.user_queue_limit(user.id, user.plan),
+    )
+    if admission.refused:
+        _refuse(rt, user, queue.value, admission.refused)
+    parked = admission.parked
+    waiting = None if parked.dispatched else parked.event(job_id)
+    lease_keys = [rt.keys.admission(queue.value), rt.keys.user_pending(queue.value, user.id)]
     try:
         await rt.jobs.create(
-            job_id, fields, Queued(jobId=job_id, ts=now_ms, queueId=queue, tier=tier)
-        )
-        parked = await rt.dispatcher.park(
-            body, body.model_dump_json(by_alias=True), dedup_id=job_id, must_publish=True
+            job_id, fields, Queued(jobId=job_id, ts=now_ms, queueId=queue, tier=tier), waiting
         )
     except BaseException:
-        await _undo(rt, body, [admission_key, rt.keys.user_pending(queue.value, user.id)])
+        await _undo(rt, body, lease_keys)
+        with contextlib.suppress(UpstreamError):  # the others dispatched meanwhile still go
+            await rt.dispatcher.publish(admission, job_id, skip=True)
+        raise
+    try:
+        await rt.dispatcher.publish(admission, job_id)
+    except BaseException:
+        await _undo(rt, body, lease_keys)
         raise
     rt.metrics.submitted.labels(queue.value).inc()
-    if not parked.dispatched:
-        await rt.jobs.append(parked.event(job_id), if_queued=True)
     log_job_event(
         "queued", settings.log_sample_rates, job_id=job_id, queue=queue.value, user=user.id,
         parked=parked.reason or None,
@@ -142,17 +139,23 @@ async def submit(rt: Runtime, user: UserSettings, req: JobRequest) -> SubmitResp
     )
 
 
-async def _admit_user(rt: Runtime, user: UserSettings, queue: str, job_id: str) -> None:
-    """Take the user's share of the queue (``user_queue_limits`` by plan), or refuse them."""
-    limit = rt.settings.user_queue_limit(user.id, user.plan)
-    key = rt.keys.user_pending(queue, user.id)
-    if not (await rt.leases.acquire(key, job_id, limit, rt.settings.admission_ttl_s)).acquired:
-        rt.metrics.admission_rejections.labels(queue).inc()
+def _refuse(rt: Runtime, user: UserSettings, queue: str, full: str) -> NoReturn:
+    """429: the user's share of the queue (``user``) or the queue's admission depth is full."""
+    rt.metrics.admission_rejections.labels(queue).inc()
+    settings = rt.settings
+    if full == "user":
+        limit = settings.user_queue_limit(user.id, user.plan)
         raise Busy(
             f"you have {limit} jobs admitted to {queue} already; retry later",
-            retry_after_s=rt.settings.admission_retry_after_s,
+            retry_after_s=settings.admission_retry_after_s,
             code="user_queue_full",
         )
+    depth = settings.queues[QueueId(queue)].admission_depth
+    raise Busy(
+        f"queue {queue} is full ({depth} jobs admitted); retry later",
+        retry_after_s=settings.admission_retry_after_s,
+        code="queue_full",
+    )
 
 
 async def _undo(rt: Runtime, body: WorkerBody, lease_keys: list[str]) -> None:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import structlog
 
 from tierq.aio import raise_if_cancelled
-from tierq.contracts import Started, WorkerBody
+from tierq.contracts import TERMINAL_STATUSES, Started, WorkerBody
 from tierq.errors import UpstreamError
 from tierq.events.cancel import poll_cancel_flag
 from tierq.guards.heartbeat import heartbeat
@@ -23,7 +23,7 @@ from tierq.queues import WorkerKind
 from tierq.runtime import Runtime
 from tierq.worker.result import Err, Reply, done, error_reply
 from tierq.worker.steps.cleanup import cleanup
-from tierq.worker.steps.events import record, record_cancelled
+from tierq.worker.steps.events import record_cancelled, settle
 from tierq.worker.steps.execute import Outcome, execute
 from tierq.worker.steps.guard import guard
 from tierq.worker.steps.route import decide
@@ -65,16 +65,19 @@ async def run_delivery(
 
 async def _run(rt: Runtime, body: WorkerBody, raw: bytes, message_id: str, retried: int) -> Reply:
     with rt.cancels.watch(body.job_id) as cancel:  # before reading state: no cancel is missed
-        state = await rt.jobs.state(body.job_id)
+        # the claim goes with the read (one round trip); a delivery that must not run gives
+        # back what it took, unless the job runs elsewhere (then they are that run's leases)
+        state, full = await rt.dispatcher.claim_with_state(body)
         alive_s = _runner_alive_for(rt, state)
         # a redelivery while the run is alive comes back once the run would count as dead
         decision = decide(state, message_id, alive_s > 0, alive_s + 1)
         if isinstance(decision, Err):
-            if state is None:  # nobody runs a job that is gone: free what dispatch gave it
-                await rt.dispatcher.release(body)
+            if state is None or state.get("status") in TERMINAL_STATUSES:
+                await rt.dispatcher.release(body)  # nobody runs a job that is gone or ended
             return decision.error
         if decision.value.revive and not await rt.gateway.carries_job(message_id, body.job_id):
             log.warning("worker.revive_refused", message_id=message_id)
+            await rt.dispatcher.release(body)
             return done("failed")  # a failed job runs again only from a real new message
         if decision.value.action == "cancel":
             reply = await record_cancelled(rt, body)
@@ -84,7 +87,7 @@ async def _run(rt: Runtime, body: WorkerBody, raw: bytes, message_id: str, retri
         finished = False
         hands_off = False  # the job is parked again, or another delivery runs it: keep out
         try:
-            guarded = await guard(rt, body, raw, message_id)
+            guarded = await guard(rt, body, raw, message_id, full)
             if isinstance(guarded, Err):
                 hands_off = True
                 return guarded.error
@@ -101,9 +104,13 @@ async def _run(rt: Runtime, body: WorkerBody, raw: bytes, message_id: str, retri
                 return done("skipped")
             outcome = await _execute(rt, body, run, held, cancel)
             # attempts by the job's own run count: QStash's retry header is not signed, and a job
-            # parked again goes out as a new message
-            reply, finished = await record(rt, body, outcome, run.number, message_id)
-            return reply
+            # parked again goes out as a new message; the outcome is written in the round trip
+            # that gives the leases back
+            ending = settle(rt, body, outcome, run.number, message_id)
+            finished = ending.finished
+            hands_off = True  # cleaned up here
+            await cleanup(rt, body, held, finished, ending.write)
+            return ending.reply
         finally:
             if not hands_off:
                 await cleanup(rt, body, held, finished)

@@ -14,6 +14,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
 
 from tierq.broker.server.model import AttemptResponse, StoredMessage, event_base_json
 from tierq.config import BrokerSettings
@@ -95,15 +96,16 @@ class BrokerStore:
 
     # -- messages ---------------------------------------------------------------------------
 
-    async def _accept_call(
+    def _queue_accept(
         self,
         msg: StoredMessage,
         body: bytes,
         due_ms: int,
         now_ms: int,
         consume_dlq: str | None,
-        client: Any,
+        pipe: Any,
     ) -> None:
+        """The accept script queued on ``pipe`` by sha (see :meth:`accept_many`)."""
         k = self.keys
         queue = msg.queue or ""
         dedup_ttl = int(self.settings.dedup_window_s * 1000) if msg.dedup_id else 0
@@ -133,7 +135,7 @@ class BrokerStore:
             consume_dlq or "",
             self.settings.max_queues,
         ]
-        await self._scripts["accept"](keys=keys, args=args, client=client)
+        pipe.evalsha(self._scripts["accept"].sha, len(keys), *keys, *args)
 
     async def accept_many(
         self,
@@ -143,12 +145,24 @@ class BrokerStore:
     ) -> list[tuple[int, str]]:
         """Store messages in one round trip. Per item: (1, id) stored, (0, id) duplicate of id,
         (-1, dlq id) DLQ entry already gone, (-2, "") queue limit reached."""
-        pipe = self.r.pipeline(transaction=False)
-        for i, (msg, body, due_ms) in enumerate(items):
-            dlq_id = consume_dlq[i] if consume_dlq else None
-            await self._accept_call(msg, body, due_ms, now_ms, dlq_id, pipe)
-        results = await pipe.execute()
-        return [(int(code), raw.decode()) for code, raw in results]
+        script = self._scripts["accept"]
+        for attempt in (0, 1):
+            # by sha: a pipeline of registered scripts asks Redis whether they exist first (one
+            # more round trip per call); a Redis that forgot the script gets it again, and the
+            # whole batch is sent again (nothing ran: every call failed alike)
+            pipe = self.r.pipeline(transaction=False)
+            for i, (msg, body, due_ms) in enumerate(items):
+                dlq_id = consume_dlq[i] if consume_dlq else None
+                self._queue_accept(msg, body, due_ms, now_ms, dlq_id, pipe)
+            try:
+                results = await pipe.execute()
+            except NoScriptError:
+                if attempt:
+                    raise
+                script.sha = await self.r.script_load(script.script)
+                continue
+            return [(int(code), raw.decode()) for code, raw in results]
+        raise AssertionError("unreachable")
 
     async def claim(self, now_ms: int, limit: int, lease_ms: int) -> list[Claimed]:
         k = self.keys

@@ -17,6 +17,7 @@ for q, par, paused in string.gmatch(ARGV[8], '([^=;]+)=(%d+)=(%d)') do
   DEFAULTS[q] = {tonumber(par), paused == '1'}
 end
 local NOW = now_ms()
+local ADMITTING = false  -- admit.lua: the job is new (park.lua runs after it)
 local ACTIVE, JOBS = P .. ':active', P .. ':jobs'  -- JOBS: <job> meta, <job>:b worker body
 local DISPATCHING, PARKED_N = P .. ':dispatching', P .. ':parked'
 local POS = P .. ':pos'  -- hash job -> "position\treason\t" last told to its followers
@@ -180,11 +181,12 @@ end
 -- limit or its models' passes its turn (keeping what is left of it); a queue without a free
 -- slot (or paused) sends nothing. Appends {job, dedup id, body} triples to out.
 local function dispatch_queue(q, out)
+  local rr, credits = rr_key(q), credit_key(q)
+  local users = redis.call('LLEN', rr)
+  if users == 0 then return end  -- nobody parked here
   local par, paused = queue_conf(q)
   if paused then return end
   local free = par - live(slots_key(q))
-  local rr, credits = rr_key(q), credit_key(q)
-  local users = redis.call('LLEN', rr)
   local idle, scanned = 0, 0
   while free > 0 and BUDGET > 0 and idle < users and scanned < MAX_SCAN do
     scanned = scanned + 1

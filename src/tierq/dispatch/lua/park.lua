@@ -5,7 +5,7 @@
 -- else what holds it ("paused", "user", "model", "queue") and how many jobs go before it.
 local job, q, u, model_key = ARGV[9], ARGV[10], ARGV[11], ARGV[12]
 local model_limit, user_limit, weight = ARGV[13], ARGV[14], ARGV[15]
-forget(job)
+if not ADMITTING then forget(job) end  -- a job just admitted is new to dispatch
 remember(job, q, u, model_key, model_limit, ARGV[16], ARGV[18])
 local out = {'', 0}
 local par, paused = queue_conf(q)

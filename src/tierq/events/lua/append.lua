@@ -9,20 +9,24 @@
 --       3 "1" when this event is terminal, 4 retention ms, 5 mode (see above),
 --       6.. field/value pairs to set on the state record
 -- Returns {entry id, seq} when appended, {"", current status or "missing" or "taken"} when not.
-local status = redis.call('HGET', KEYS[1], 'status')
+local state = redis.call('HMGET', KEYS[1], 'status', 'attempts')
+local status = state[1]
 if not status then return {'', 'missing'} end
 local terminal = status == 'completed' or status == 'failed' or status == 'cancelled'
 local revive = string.find(ARGV[5], 'revive', 1, true)
 if terminal and not (revive and status == 'failed') then return {'', status} end
 if ARGV[5] == 'queued' and status ~= 'queued' then return {'', status} end
 local runs = string.match(ARGV[5], 'start:(%d+)')
-if runs and (redis.call('HGET', KEYS[1], 'attempts') or '0') ~= runs then return {'', 'taken'} end
+if runs and (state[2] or '0') ~= runs then return {'', 'taken'} end
 local seq = redis.call('HINCRBY', KEYS[1], 'seq', 1)
 local id = redis.call('XADD', KEYS[2], '*', 'e', ARGV[1] .. ',"seq":' .. seq .. '}')
-if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], 'status', ARGV[2]) end
-if #ARGV >= 6 then redis.call('HSET', KEYS[1], unpack(ARGV, 6)) end
+-- one HSET for the new status, the fields and (terminal) the terminal event's seq
+local set = {}
+for i = 6, #ARGV do set[#set + 1] = ARGV[i] end
+if ARGV[2] ~= '' then set[#set + 1] = 'status'; set[#set + 1] = ARGV[2] end
+if ARGV[3] == '1' then set[#set + 1] = 'terminalSeq'; set[#set + 1] = seq end
+if #set > 0 then redis.call('HSET', KEYS[1], unpack(set)) end
 if ARGV[3] == '1' then
-  redis.call('HSET', KEYS[1], 'terminalSeq', seq)
   redis.call('PEXPIRE', KEYS[1], ARGV[4])
   redis.call('PEXPIRE', KEYS[2], ARGV[4])
 elseif terminal then

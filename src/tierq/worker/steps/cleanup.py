@@ -7,17 +7,26 @@ except a delivery that parked its job again (it holds nothing).
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from tierq.contracts import WorkerBody
 from tierq.runtime import Runtime
 
 
 async def cleanup(
-    rt: Runtime, body: WorkerBody, held: list[tuple[str, str]], finished: bool
+    rt: Runtime,
+    body: WorkerBody,
+    held: list[tuple[str, str]],
+    finished: bool,
+    write: Callable[[Any], None] | None = None,
 ) -> None:
+    """``write`` (the attempt's outcome, see :func:`~tierq.worker.steps.events.settle`) goes
+    first, in the same round trip."""
     dispatch_leases = rt.dispatcher.leases(body)  # released by the dispatcher in any case
     also = [lease for lease in held if lease not in dispatch_leases]
     if finished:
         queue = body.queue_id.value
         also.append((rt.keys.admission(queue), body.job_id))
         also.append((rt.keys.user_pending(queue, body.user_id), body.job_id))
-    await rt.dispatcher.release(body, also=also)
+    await rt.dispatcher.release(body, also=also, before=write)

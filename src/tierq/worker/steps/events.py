@@ -10,8 +10,14 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
-from tierq.contracts import Cancelled, Completed, Failed, Usage, WorkerBody
+from redis.exceptions import RedisError
+
+from tierq.contracts import Cancelled, Completed, Failed, Usage, WorkerBody, WorkerEvent
+from tierq.errors import UpstreamError
 from tierq.observability.logging import log_job_event
 from tierq.runtime import Runtime
 from tierq.worker.result import Reply, done, error_reply, non_retryable
@@ -36,31 +42,62 @@ async def _cancelled(rt: Runtime, body: WorkerBody) -> Reply:
     return done("cancelled")
 
 
-async def record(
+@dataclass(frozen=True)
+class Ending:
+    """How an attempt ended: the reply, whether the job is now finished (terminal), and
+    ``write``, which queues the event (and state) that says so on a pipeline."""
+
+    reply: Reply
+    finished: bool
+    write: Callable[[Any], None]
+
+
+def settle(
     rt: Runtime, body: WorkerBody, outcome: Outcome, attempt: int, message_id: str
-) -> tuple[Reply, bool]:
-    """The reply, and whether the job is now finished (terminal)."""
-    reply, finished = await _record(rt, body, outcome, attempt, message_id)
+) -> Ending:
+    """What the attempt's outcome means (counted and logged here); writing it is the caller's
+    (:func:`tierq.worker.steps.cleanup.cleanup` does, in the round trip that frees the leases)."""
+    ending = _settle(rt, body, outcome, attempt, message_id)
     queue = body.queue_id.value
     log_job_event(
-        outcome.kind, rt.settings.log_sample_rates, terminal=finished, code=outcome.code or None,
-        attempt=attempt, status=reply.status,
+        outcome.kind, rt.settings.log_sample_rates, terminal=ending.finished,
+        code=outcome.code or None, attempt=attempt, status=ending.reply.status,
     )  # fmt: skip
     counter = {"completed": rt.metrics.completed, "cancelled": rt.metrics.cancelled}
-    if finished:
+    if ending.finished:
         counter.get(outcome.kind, rt.metrics.failed).labels(queue).inc()
     elif outcome.kind == "failed":
         rt.metrics.attempt_failures.labels(queue).inc()
-    return reply, finished
+    return ending
 
 
-async def _record(
+async def record(
     rt: Runtime, body: WorkerBody, outcome: Outcome, attempt: int, message_id: str
 ) -> tuple[Reply, bool]:
+    """:func:`settle` and write it at once: the reply, and whether the job is now finished."""
+    ending = settle(rt, body, outcome, attempt, message_id)
+    try:
+        await rt.dispatcher.run_pipeline(ending.write)
+    except RedisError as exc:
+        raise UpstreamError(f"redis: {exc}") from exc
+    return ending.reply, ending.finished
+
+
+def _settle(
+    rt: Runtime, body: WorkerBody, outcome: Outcome, attempt: int, message_id: str
+) -> Ending:
     now = _now_ms()
     job = body.job_id
+    jobs = rt.jobs
+
+    def write(event: WorkerEvent, status: str, fields: dict[str, str]) -> Callable[[Any], None]:
+        return lambda pipe: jobs.queue_append(pipe, event, status=status, fields=fields)
+
     if outcome.kind == "cancelled":
-        return await _cancelled(rt, body), True
+        cancelled = Cancelled(jobId=job, ts=now)
+        return Ending(
+            done("cancelled"), True, write(cancelled, "cancelled", {"finishedAt": str(now)})
+        )
     if outcome.kind == "completed":
         usage = outcome.usage or Usage()
         event = Completed(jobId=job, ts=now, result=outcome.result, usage=usage)
@@ -69,17 +106,16 @@ async def _record(
             "usage": usage.model_dump_json(),
             "finishedAt": str(now),
         }
-        await rt.jobs.append(event, status="completed", fields=fields)
-        return done("completed"), True
+        return Ending(done("completed"), True, write(event, "completed", fields))
     last = not outcome.retryable or attempt >= body.max_retries
     failed = Failed(jobId=job, ts=now, code=outcome.code, message=outcome.message,
                     retryable=not last)  # fmt: skip
     error = json.dumps({"code": outcome.code, "message": outcome.message, "retryable": not last})
     if last:
         fields = {"error": error, "finishedAt": str(now), "failedMessageId": message_id}
-        await rt.jobs.append(failed, status="failed", fields=fields)
+        how = write(failed, "failed", fields)
     else:
-        await rt.jobs.append(failed, status="queued", fields={"error": error})
+        how = write(failed, "queued", {"error": error})
     if not outcome.retryable:
-        return non_retryable(outcome.code, outcome.message), True
-    return error_reply(500, outcome.code, outcome.message), last
+        return Ending(non_retryable(outcome.code, outcome.message), True, how)
+    return Ending(error_reply(500, outcome.code, outcome.message), last, how)

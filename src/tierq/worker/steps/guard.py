@@ -17,10 +17,12 @@ from tierq.worker.result import Err, Ok, Reply, Result, done
 
 
 async def guard(
-    rt: Runtime, body: WorkerBody, raw: bytes, message_id: str
+    rt: Runtime, body: WorkerBody, raw: bytes, message_id: str, full: str | None = None
 ) -> Result[list[tuple[str, str]], Reply]:
-    """``Ok(leases held)`` or ``Err(reply)`` once the job is parked again."""
-    full = await rt.dispatcher.claim(body)
+    """``Ok(leases held)`` or ``Err(reply)`` once the job is parked again; ``full`` is what the
+    delivery's claim answered (:meth:`Dispatcher.claim_with_state`), else it claims now."""
+    if full is None:
+        full = await rt.dispatcher.claim(body)
     if full == "ok":
         return Ok(rt.dispatcher.leases(body))
     rt.metrics.guard_waits.labels(full).inc()
