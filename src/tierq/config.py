@@ -267,7 +267,13 @@ class Settings(BaseSettings):
     # (its first chunk is written at once); a buffer this large is flushed early
     delta_flush_ms: float = Field(default=25.0, ge=0, le=1000)
     delta_flush_max_chars: int = Field(default=4096, ge=1)
-    legacy_routes: Literal["forward", "hint", "off"] = "forward"
+    # the six old per-tier worker routes: "forward" (served like the unified ones), "redirect"
+    # (308 to the unified route), "hint" (410 naming it) or "off" (not mounted)
+    legacy_routes: Literal["forward", "redirect", "hint", "off"] = "forward"
+    # gradual rollout: the share of jobs (0-100 %, chosen per job id, deterministically) whose
+    # deliveries go to the unified routes; the others go to their legacy route (which must then
+    # be "forward"). 100: everything on the unified routes
+    unified_share: int = Field(default=100, ge=0, le=100)
     max_prompt_chars: int = 100_000
     max_images: int = 8
     # request bodies nested deeper than this (arrays and objects) are refused with 400
@@ -288,6 +294,15 @@ class Settings(BaseSettings):
     def _heartbeat_inside_ttl(self) -> Settings:
         if not 0 < self.heartbeat_s < self.lease_ttl_s:
             raise ValueError("heartbeat_s must be positive and shorter than lease_ttl_s")
+        return self
+
+    @model_validator(mode="after")
+    def _legacy_share_served(self) -> Settings:
+        if self.unified_share < 100 and self.legacy_routes != "forward":
+            raise ValueError(
+                f"unified_share {self.unified_share} sends some deliveries to the legacy routes: "
+                f'legacy_routes must be "forward" (it is "{self.legacy_routes}")'
+            )
         return self
 
     @classmethod

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+import zlib
 from typing import Literal
 
 Tier = Literal["paid", "free"]
@@ -39,6 +40,21 @@ def worker_path(experience: Experience, service: str) -> str:
 
 def legacy_path(tier: Tier, experience: Experience, service: str) -> str:
     return f"/api/worker/{tier}/{experience}/{service}"
+
+
+def unified_bucket(job_id: str) -> int:
+    """The job's rollout bucket, 0-99: the same for a job wherever and whenever it is asked."""
+    return zlib.crc32(job_id.encode()) % 100
+
+
+def delivery_path(
+    job_id: str, tier: Tier, experience: Experience, service: str, unified_share: int
+) -> str:
+    """Where the job's deliveries go: the unified route of its experience for a job whose
+    bucket is under ``unified_share`` (percent), else the legacy route of its tier."""
+    if unified_bucket(job_id) < unified_share:
+        return worker_path(experience, service)
+    return legacy_path(tier, experience, service)
 
 
 def parse_queue(queue_id: QueueId) -> tuple[Tier, Experience]:

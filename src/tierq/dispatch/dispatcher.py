@@ -39,7 +39,7 @@ from tierq.events.log import JobStore
 from tierq.guards.leases import KEY_GRACE_MS, ttl_ms
 from tierq.keys import AppKeys
 from tierq.observability.metrics import Metrics
-from tierq.queues import QueueId, worker_path
+from tierq.queues import QueueId, delivery_path
 
 log = structlog.get_logger("tierq.dispatch")
 
@@ -416,9 +416,14 @@ class Dispatcher:
 
     async def _send(self, o: _Out) -> str:
         data = o.data
-        url = self.settings.public_url.rstrip("/") + worker_path(
-            data["experience"], data["service"]
+        path = delivery_path(
+            o.job_id,
+            data["tier"],
+            data["experience"],
+            data["service"],
+            self.settings.unified_share,
         )
+        url = self.settings.public_url.rstrip("/") + path
         return await self.gateway.publish_raw(
             data["queueId"], url, o.body, int(data["maxRetries"]), o.dedup_id
         )

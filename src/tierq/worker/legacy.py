@@ -1,7 +1,10 @@
 """Thin adapters for the six old per-tier routes ``/api/worker/{tier}/{experience}/{service}``.
 
 ``forward``: verify the signature, then hand the request to the same handler as the unified
-routes. ``hint``: verify, then answer 410 naming the unified route. ``off``: not mounted.
+routes. ``redirect``: verify, then answer 308 to the unified route (a caller that follows it
+sends the same signed request there, and the unified route accepts a signature made for the
+legacy route of the same kind and service). ``hint``: verify, then answer 410 naming the
+unified route. ``off``: not mounted.
 """
 
 from __future__ import annotations
@@ -20,6 +23,10 @@ def _adapter(experience: Experience, mode: str):  # type: ignore[no-untyped-def]
             return await handle(request, worker_kind(experience), service)
         await verified_body(runtime(request), request)
         unified = worker_path(experience, service)
+        if mode == "redirect":
+            location = unified + (f"?{request.url.query}" if request.url.query else "")
+            moved = f"this route moved to {unified}"
+            return to_response(error_reply(308, "route_moved", moved, {"Location": location}))
         return to_response(error_reply(410, "route_moved", f"this route is gone: use {unified}"))
 
     return adapter

@@ -3,12 +3,14 @@ raw body (current and next signing key) before anything else happens."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 from qstash.errors import SignatureError
 
 from tierq.errors import ClientError, Unauthorized
-from tierq.queues import WorkerKind
+from tierq.queues import EXPERIENCES, TIERS, WorkerKind, legacy_path, worker_kind
 from tierq.runtime import Runtime
 from tierq.worker.pipeline import run_delivery
 from tierq.worker.result import Reply
@@ -21,20 +23,41 @@ def runtime(request: Request) -> Runtime:
     return rt
 
 
-async def verified_body(rt: Runtime, request: Request) -> bytes:
-    """The raw body, once its ``Upstash-Signature`` checks out for this URL; else 401."""
+async def verified_body(rt: Runtime, request: Request, also: Sequence[str] = ()) -> bytes:
+    """The raw body, once its ``Upstash-Signature`` checks out for this URL (or one of the
+    paths ``also`` names: a delivery redirected here from a legacy route was signed for that
+    one); else 401."""
     raw = await request.body()
     signature = request.headers.get("upstash-signature")
     if not signature:
         raise Unauthorized("missing Upstash-Signature", code="bad_signature")
-    url = rt.settings.public_url.rstrip("/") + request.url.path
-    if request.url.query:
-        url += "?" + request.url.query
+    base = rt.settings.public_url.rstrip("/")
+    query = "?" + request.url.query if request.url.query else ""
     try:
-        rt.receiver.verify(signature=signature, body=raw.decode(), url=url)
-    except (SignatureError, UnicodeDecodeError) as exc:
+        text = raw.decode()
+    except UnicodeDecodeError as exc:
         raise Unauthorized(f"invalid signature: {exc}", code="bad_signature") from None
-    return raw
+    failure: SignatureError | None = None
+    for path in (request.url.path, *also):
+        try:
+            rt.receiver.verify(signature=signature, body=text, url=base + path + query)
+        except SignatureError as exc:
+            failure = failure or exc  # the error for this route's own URL is the one to tell
+            continue
+        return raw
+    raise Unauthorized(f"invalid signature: {failure}", code="bad_signature") from None
+
+
+def redirected_from(rt: Runtime, route: WorkerKind, service: str) -> tuple[str, ...]:
+    """The legacy paths whose deliveries reach this unified route by a 308 (``redirect``)."""
+    if rt.settings.legacy_routes != "redirect":
+        return ()
+    return tuple(
+        legacy_path(tier, experience, service)
+        for tier in TIERS
+        for experience in EXPERIENCES
+        if worker_kind(experience) == route
+    )
 
 
 def to_response(reply: Reply) -> Response:
@@ -57,7 +80,7 @@ def delivery_facts(request: Request) -> tuple[str, int]:
 
 async def handle(request: Request, route: WorkerKind, service: str) -> Response:
     rt = runtime(request)
-    raw = await verified_body(rt, request)
+    raw = await verified_body(rt, request, redirected_from(rt, route, service))
     message_id, retried = delivery_facts(request)
     return to_response(await run_delivery(rt, raw, route, service, message_id, retried))
 
