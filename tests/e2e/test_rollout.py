@@ -9,9 +9,6 @@ from collections.abc import Callable
 import pytest
 from pydantic import ValidationError
 from qstash import QStash
-
-from helpers import wait_until
-from system import DEV, PAID, System
 from test_worker_routes import (
     BATCH_ROUTE,
     LEGACY_ROUTE,
@@ -22,6 +19,9 @@ from test_worker_routes import (
     signed_headers,
     snapshot,
 )
+
+from helpers import wait_until
+from system import DEV, PAID, System
 from tierq.config import ModelSettings, Settings, TierLimits
 from tierq.queues import delivery_path, legacy_path, unified_bucket, worker_path
 

@@ -118,3 +118,10 @@ def log_job_event(event_type: str, rates: Mapping[str, float], **fields: Any) ->
     rate = rates.get(event_type, 1.0)
     if rate >= 1.0 or random.random() < rate:
         _job_log.info("job.event", type=event_type, **fields)
+
+
+def track_job(outcome: str, **fields: Any) -> None:
+    """The job's lifecycle record (``trackEvent``), written once when it ends — completed,
+    failed for good, or cancelled — on the audit stream, never sampled: who, where, how long it
+    waited and ran, how many attempts, its usage and how it ended."""
+    audit("job.track", outcome=outcome, **fields)

@@ -16,6 +16,7 @@ from tierq.contracts import Cancelled, JobRequest
 from tierq.errors import ClientError, NotFound, Unauthorized, UpstreamError
 from tierq.events.response import JobEventsResponse
 from tierq.events.sse import JobFollower
+from tierq.observability.logging import track_job
 from tierq.producer.auth import authenticate_user, bearer, events_token_valid
 from tierq.producer.submit import submit
 from tierq.runtime import Runtime
@@ -80,6 +81,12 @@ async def cancel(rt: Runtime, job_id: str, state: dict[str, str]) -> dict[str, A
     result = await rt.jobs.request_cancel(event, rt.keys.cancel_channel, now_ms)
     if result == "cancelled":
         rt.metrics.cancelled.labels(state["queueId"]).inc()
+        track_job(
+            "cancelled", job_id=job_id, queue=state["queueId"], tier=state.get("tier"),
+            model=state.get("modelId"), user=state.get("userId"), service=state.get("service"),
+            experience=state.get("experience"),
+            total_ms=max(0, now_ms - int(state.get("createdAt", now_ms))),
+        )  # fmt: skip
         queue, user = state["queueId"], state.get("userId", "")
         await rt.dispatcher.release_job(
             job_id, queue, user, state.get("modelId", ""), state.get("tier", ""),

@@ -18,7 +18,7 @@ from tierq.contracts import TERMINAL_STATUSES, Started, WorkerBody
 from tierq.errors import UpstreamError
 from tierq.events.cancel import poll_cancel_flag
 from tierq.guards.heartbeat import heartbeat
-from tierq.observability.logging import log_job_event
+from tierq.observability.logging import log_job_event, track_job
 from tierq.queues import WorkerKind
 from tierq.runtime import Runtime
 from tierq.worker.result import Err, Reply, done, error_reply
@@ -82,6 +82,7 @@ async def _run(rt: Runtime, body: WorkerBody, raw: bytes, message_id: str, retri
         if decision.value.action == "cancel":
             reply = await record_cancelled(rt, body)
             await cleanup(rt, body, [], finished=True)
+            _track(body, "cancelled")
             return reply
         held: list[tuple[str, str]] = []
         finished = False
@@ -94,6 +95,7 @@ async def _run(rt: Runtime, body: WorkerBody, raw: bytes, message_id: str, retri
             held = guarded.value
             if cancel.is_set():
                 finished = True
+                _track(body, "cancelled")
                 return await record_cancelled(rt, body)
             run = await _start(rt, body, state, decision.value.revive)
             if run == "taken":  # a concurrent delivery of this job started this run first
@@ -110,6 +112,8 @@ async def _run(rt: Runtime, body: WorkerBody, raw: bytes, message_id: str, retri
             finished = ending.finished
             hands_off = True  # cleaned up here
             await cleanup(rt, body, held, finished, ending.write)
+            if finished:
+                _track(body, outcome.kind, run, outcome)
             return ending.reply
         finally:
             if not hands_off:
@@ -120,6 +124,33 @@ async def _run(rt: Runtime, body: WorkerBody, raw: bytes, message_id: str, retri
 class _Run:
     number: int  # how many runs this job had before (0 for the first)
     started_ms: int
+
+
+def _track(
+    body: WorkerBody, kind: str, run: _Run | None = None, outcome: Outcome | None = None
+) -> None:
+    """The job ended here: its lifecycle record (see :func:`track_job`)."""
+    now = int(time.time() * 1000)
+    fields: dict[str, object] = {
+        "job_id": body.job_id,
+        "queue": body.queue_id.value,
+        "tier": body.tier,
+        "model": body.model_id,
+        "user": body.user_id,
+        "service": body.service,
+        "experience": body.experience,
+        "total_ms": max(0, now - body.submitted_at_ms),
+    }
+    if run is not None:
+        fields["wait_ms"] = max(0, run.started_ms - body.submitted_at_ms)
+        fields["run_ms"] = max(0, now - run.started_ms)
+        fields["attempts"] = run.number + 1
+    if outcome is not None:
+        if outcome.code:
+            fields["code"] = outcome.code
+        if outcome.usage is not None:
+            fields["usage"] = outcome.usage.model_dump(mode="json")
+    track_job(kind, **fields)
 
 
 async def _start(
