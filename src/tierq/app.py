@@ -21,6 +21,7 @@ from tierq.fastpath import FastRoutes
 from tierq.frontdoor import router as frontdoor_router
 from tierq.frontdoor.errors import OpenAIError
 from tierq.observability.metrics import Metrics
+from tierq.observability.tracing import setup_tracing
 from tierq.ops.admin import router as admin_router
 from tierq.producer.api import router as producer_router
 from tierq.runtime import Runtime, build_runtime, redis_clients
@@ -107,6 +108,7 @@ def create_app(
     settings: Settings, *, sync_queues: bool = True, metrics: Metrics | None = None
 ) -> FastAPI:
     shared_metrics = metrics or Metrics()
+    setup_tracing(settings.otel_endpoint, settings.otel_service_name)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

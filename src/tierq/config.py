@@ -284,6 +284,10 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=1_000_000, ge=1024)
 
     # logs: level, JSON (production) or console (dev), sampling rate per job event type
+    # OpenTelemetry: spans are exported by OTLP (http/protobuf) to this endpoint, or to the
+    # standard OTEL_EXPORTER_OTLP_(TRACES_)ENDPOINT; with neither, nothing is traced
+    otel_endpoint: str | None = None
+    otel_service_name: str = "tierq"
     log_level: str = "info"
     log_json: bool = True
     log_sample_rates: dict[str, float] = Field(default_factory=dict)

@@ -56,6 +56,10 @@ class WorkerBody(_Strict):
     input: JobInput
     submitted_at_ms: int = Field(alias="submittedAt")
     max_retries: int = Field(alias="maxRetries", ge=0)
+    # the submit's trace (W3C), for dispatch to publish the job in it (absent: not traced)
+    traceparent: str | None = Field(
+        default=None, pattern=r"^00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$"
+    )
 
 
 class SubmitResponse(BaseModel):

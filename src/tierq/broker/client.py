@@ -66,7 +66,13 @@ class QStashGateway:
         )
 
     async def publish_raw(
-        self, queue: str, url: str, body: str, retries: int, dedup_id: str | None = None
+        self,
+        queue: str,
+        url: str,
+        body: str,
+        retries: int,
+        dedup_id: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> str:
         """Enqueue a worker body (JSON) into ``queue``; returns the QStash message id. With
         ``dedup_id``, QStash accepts one message per id within its deduplication window (a
@@ -80,6 +86,8 @@ class QStashGateway:
         }
         if dedup_id:
             request["deduplication_id"] = dedup_id
+        if headers:  # forwarded with the message (the SDK adds Upstash-Forward-)
+            request["headers"] = headers
         if self.settings.qstash_retry_delay is not None:
             request["retry_delay"] = self.settings.qstash_retry_delay
         future: asyncio.Future[str] = asyncio.get_running_loop().create_future()

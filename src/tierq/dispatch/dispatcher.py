@@ -27,6 +27,7 @@ from typing import Any, cast
 import orjson
 import redis.asyncio as aioredis
 import structlog
+from opentelemetry.trace import SpanKind
 from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, RedisError
 
@@ -39,6 +40,7 @@ from tierq.events.log import JobStore
 from tierq.guards.leases import KEY_GRACE_MS, ttl_ms
 from tierq.keys import AppKeys
 from tierq.observability.metrics import Metrics
+from tierq.observability.tracing import current_traceparent, span
 from tierq.queues import QueueId, delivery_path
 
 log = structlog.get_logger("tierq.dispatch")
@@ -424,9 +426,18 @@ class Dispatcher:
             self.settings.unified_share,
         )
         url = self.settings.public_url.rstrip("/") + path
-        return await self.gateway.publish_raw(
-            data["queueId"], url, o.body, int(data["maxRetries"]), o.dedup_id
-        )
+        submitted = data.get("traceparent")
+        with span(
+            "tierq.publish",
+            kind=SpanKind.PRODUCER,
+            parent={"traceparent": submitted} if submitted else None,
+            attributes={"tierq.job_id": o.job_id, "tierq.queue": data["queueId"]},
+        ):
+            traceparent = current_traceparent() if submitted else None
+            return await self.gateway.publish_raw(
+                data["queueId"], url, o.body, int(data["maxRetries"]), o.dedup_id,
+                headers={"traceparent": traceparent} if traceparent else None,
+            )  # fmt: skip
 
     # -- the safety net ----------------------------------------------------------------------
 

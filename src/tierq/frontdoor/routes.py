@@ -179,7 +179,7 @@ async def _chat(request: Request) -> Response:
     job = job_request(rt.settings, req)
     created = int(time.time())
     try:
-        reply = await submit(rt, user, job)
+        reply = await submit(rt, user, job, request.headers)
     except ClientError as exc:
         raise errors.from_client_error(exc) from None
     except _DEPENDENCY_ERRORS as exc:

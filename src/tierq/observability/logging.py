@@ -18,6 +18,8 @@ from typing import Any, TextIO
 
 import structlog
 
+from tierq.observability.tracing import add_trace_ids
+
 SENSITIVE_KEYS = frozenset(
     {"authorization", "token", "api_key", "apikey", "password", "secret", "qstash_token",
      "signing_key", "signature", "upstash-signature", "events_token", "admin_token"}
@@ -73,6 +75,7 @@ def configure_logging(
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
+            add_trace_ids,
             structlog.stdlib.add_logger_name,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),

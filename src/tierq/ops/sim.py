@@ -444,7 +444,13 @@ class SimGateway(QStashGateway):
     # -- what QStash offers ------------------------------------------------------------------
 
     async def publish_raw(
-        self, queue: str, url: str, body: str, retries: int, dedup_id: str | None = None
+        self,
+        queue: str,
+        url: str,
+        body: str,
+        retries: int,
+        dedup_id: str | None = None,
+        headers: dict[str, str] | None = None,  # forwarded headers: not played by the sim
     ) -> str:
         if self._closed:
             raise UpstreamError("qstash publish failed: the sim's queues are closed")

@@ -62,7 +62,7 @@ def job_view(job_id: str, state: dict[str, str]) -> dict[str, Any]:
 async def submit_job(job: JobRequest, request: Request) -> JSONResponse:
     rt = runtime(request)
     user = authenticate_user(request, rt.settings)
-    reply = await submit(rt, user, job)
+    reply = await submit(rt, user, job, request.headers)
     return JSONResponse(reply.model_dump(by_alias=True, mode="json"), status_code=202)
 
 

@@ -6,12 +6,16 @@ from __future__ import annotations
 import contextlib
 import secrets
 import time
+from collections.abc import Mapping
 from typing import NoReturn
+
+from opentelemetry.trace import SpanKind
 
 from tierq.config import Settings, UserSettings
 from tierq.contracts import JobRequest, Queued, SubmitResponse, WorkerBody
 from tierq.errors import Busy, ClientError, Forbidden, NotFound, UpstreamError
 from tierq.observability.logging import log_job_event
+from tierq.observability.tracing import current_traceparent, span
 from tierq.producer.auth import events_token
 from tierq.queues import Mode, Plan, QueueId, Tier, queue_for
 from tierq.runtime import Runtime
@@ -89,10 +93,20 @@ def new_job_id() -> str:
     return "job_" + secrets.token_urlsafe(16)
 
 
-async def submit(rt: Runtime, user: UserSettings, req: JobRequest) -> SubmitResponse:
+async def submit(
+    rt: Runtime, user: UserSettings, req: JobRequest, headers: Mapping[str, str] | None = None
+) -> SubmitResponse:
     """Admit the job (the user's share of the queue, then the queue's depth) and park it for
     the dispatcher (one script), record it, then publish it when it may run now. A job that
-    cannot be recorded or published leaves nothing behind."""
+    cannot be recorded or published leaves nothing behind. Traced as ``tierq.submit``, in the
+    trace of the request's ``traceparent`` (``headers``) when it has one."""
+    with span("tierq.submit", kind=SpanKind.SERVER, parent=headers) as current:
+        reply = await _submit(rt, user, req)
+        current.set_attribute("tierq.job_id", reply.job_id)
+        return reply
+
+
+async def _submit(rt: Runtime, user: UserSettings, req: JobRequest) -> SubmitResponse:
     settings = rt.settings
     check_registry(settings, req)
     tier = resolve_tier(req.mode, user.plan)
@@ -100,9 +114,10 @@ async def submit(rt: Runtime, user: UserSettings, req: JobRequest) -> SubmitResp
     job_id = new_job_id()
     now_ms = int(time.time() * 1000)
     body, fields = job_records(job_id, user, tier, req, now_ms, settings.qstash_retries)
+    body.traceparent = current_traceparent()
     admission = await rt.dispatcher.admit(
         body,
-        body.model_dump_json(by_alias=True),
+        body.model_dump_json(by_alias=True, exclude_none=True),
         depth=settings.queues[queue].admission_depth,
         share=settings.user_queue_limit(user.id, user.plan),
     )

@@ -9,9 +9,11 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import structlog
+from opentelemetry.trace import SpanKind
 
 from tierq.aio import raise_if_cancelled
 from tierq.contracts import TERMINAL_STATUSES, Started, WorkerBody
@@ -19,6 +21,7 @@ from tierq.errors import UpstreamError
 from tierq.events.cancel import poll_cancel_flag
 from tierq.guards.heartbeat import heartbeat
 from tierq.observability.logging import log_job_event, track_job
+from tierq.observability.tracing import span
 from tierq.queues import WorkerKind
 from tierq.runtime import Runtime
 from tierq.worker.result import Err, Reply, done, error_reply
@@ -45,8 +48,16 @@ def _runner_alive_for(rt: Runtime, state: dict[str, str] | None) -> int:
 
 
 async def run_delivery(
-    rt: Runtime, raw: bytes, route: WorkerKind, service: str, message_id: str, retried: int
+    rt: Runtime,
+    raw: bytes,
+    route: WorkerKind,
+    service: str,
+    message_id: str,
+    retried: int,
+    headers: Mapping[str, str] | None = None,
 ) -> Reply:
+    """Run one delivery, traced as ``tierq.delivery`` in the job's trace: the ``traceparent``
+    QStash forwarded (``headers``), else the one its body kept."""
     checked = validate(raw, route, service)
     if isinstance(checked, Err):
         return checked.error
@@ -54,8 +65,14 @@ async def run_delivery(
     structlog.contextvars.bind_contextvars(
         job_id=body.job_id, queue=body.queue_id.value, user=body.user_id
     )
+    parent = headers if headers and "traceparent" in headers else None
+    if parent is None and body.traceparent:
+        parent = {"traceparent": body.traceparent}
+    attributes = {"tierq.job_id": body.job_id, "tierq.queue": body.queue_id.value,
+                  "tierq.message_id": message_id, "tierq.retried": retried}  # fmt: skip
     try:
-        return await _run(rt, body, raw, message_id, retried)
+        with span("tierq.delivery", kind=SpanKind.SERVER, parent=parent, attributes=attributes):
+            return await _run(rt, body, raw, message_id, retried)
     except UpstreamError as exc:
         log.warning("worker.upstream_error", error=str(exc))
         return error_reply(503, "unavailable", "a dependency is unavailable; retry")
@@ -199,7 +216,11 @@ async def _execute(
         asyncio.create_task(_beat(rt, body.job_id, every)),
     ]
     try:
-        outcome = await execute(rt, body, run.number, cancel)
+        attributes = {"tierq.job_id": body.job_id, "tierq.model": body.model_id,
+                      "tierq.attempt": run.number}  # fmt: skip
+        with span("tierq.provider", kind=SpanKind.CLIENT, attributes=attributes) as call:
+            outcome = await execute(rt, body, run.number, cancel)
+            call.set_attribute("tierq.outcome", outcome.kind)
     finally:
         for task in siblings:
             task.cancel()

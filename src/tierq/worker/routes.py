@@ -82,7 +82,8 @@ async def handle(request: Request, route: WorkerKind, service: str) -> Response:
     rt = runtime(request)
     raw = await verified_body(rt, request, redirected_from(rt, route, service))
     message_id, retried = delivery_facts(request)
-    return to_response(await run_delivery(rt, raw, route, service, message_id, retried))
+    reply = await run_delivery(rt, raw, route, service, message_id, retried, request.headers)
+    return to_response(reply)
 
 
 @router.post("/api/worker/stream/{service}")
