@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -155,7 +156,7 @@ def create_app(
 
     @app.get("/healthz")
     async def healthz() -> dict[str, Any]:
-        return {"status": "ok"}
+        return {"status": "ok", "pid": os.getpid()}  # which process answered
 
     @app.get("/readyz")
     async def readyz(request: Request) -> Response:
@@ -172,6 +173,9 @@ def create_app(
         except UpstreamError as exc:
             checks["qstash"] = f"error: {exc}"
         ready = all(v == "ok" for v in checks.values())
-        return JSONResponse({"ready": ready, "checks": checks}, status_code=200 if ready else 503)
+        return JSONResponse(
+            {"ready": ready, "checks": checks, "pid": os.getpid()},
+            status_code=200 if ready else 503,
+        )
 
     return app

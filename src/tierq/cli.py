@@ -6,14 +6,15 @@ import asyncio
 import contextlib
 import enum
 import sys
-from collections.abc import Coroutine, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from tierq.cli_ops import register
 from tierq.config import Settings
+from tierq.processes import dev_settings, run_server
 
 if TYPE_CHECKING:
     from tierq.broker.server.credentials import Account
@@ -28,17 +29,6 @@ class Exit(enum.IntEnum):
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__)
 register(app)
-
-
-def run_server(main: Coroutine[Any, Any, None]) -> None:
-    """Run a server on uvloop (installed with uvicorn[standard]; it cuts the event loop's cost
-    per SSE write and Redis reply), or on asyncio's own loop where uvloop is missing."""
-    try:
-        import uvloop  # noqa: PLC0415
-    except ImportError:  # pragma: no cover - uvloop ships with uvicorn[standard] on Linux
-        asyncio.run(main)
-        return
-    uvloop.run(main)
 
 
 @contextlib.contextmanager
@@ -191,35 +181,19 @@ def _host_port(url: str) -> tuple[str, int]:
     return parts.hostname or "127.0.0.1", parts.port or 80
 
 
-def dev_settings(host: str, port: int, broker_port: int) -> Settings:
-    """Everything local: dev keys, the embedded broker with its dev credentials."""
-    from tierq.broker.server.credentials import DEV_ACCOUNTS  # noqa: PLC0415
+WORKERS_HELP = (
+    "App processes sharing the port: a number, or 'auto' (one per usable CPU core). "
+    "Default: TIERQ_WORKERS, else 1 (the app runs in this process)."
+)
 
-    base = Settings()
-    dev = DEV_ACCOUNTS[0]
-    own_broker = base.qstash_url is None
-    return base.with_dev_defaults().model_copy(
-        update={
-            "public_url": f"http://{host}:{port}",
-            "qstash_url": base.qstash_url or f"http://{host}:{broker_port}",
-            "qstash_token": base.qstash_token or dev.token,
-            "qstash_current_signing_key": base.qstash_current_signing_key or dev.current_key,
-            "qstash_next_signing_key": base.qstash_next_signing_key or dev.next_key,
-            "broker": base.broker.model_copy(
-                update={
-                    "host": host,
-                    "port": broker_port,
-                    # the broker delivers to this app's worker routes, wherever it listens
-                    "allowed_destinations": [
-                        *base.broker.allowed_destinations,
-                        f"http://{host}:{port}/api/worker/",
-                    ],
-                }
-            )
-            if own_broker
-            else base.broker,
-        }
-    )
+
+def _workers(option: str | None, settings: Settings) -> int:
+    from tierq.processes import worker_count  # noqa: PLC0415
+
+    try:
+        return worker_count(option if option is not None else settings.workers)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--workers") from None
 
 
 @app.command()
@@ -227,23 +201,40 @@ def dev(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port of the app.")] = 8000,
     broker_port: Annotated[int, typer.Option(help="Port of the embedded broker.")] = 8080,
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1, help="App processes on the app's port (default: one process runs everything)."
+        ),
+    ] = 1,
 ) -> None:
-    """Run everything locally in one process: embedded Redis, the broker, the app."""
+    """Run everything locally in one process: embedded Redis, the broker, the app (with
+    --workers N: Redis and the broker here, the app in N processes on its port)."""
     settings = dev_settings(host, port, broker_port)
     _setup_logs(settings, json_output=False)
     with redis_url_or_embedded(settings.redis_url, settings.data_dir) as url:
-        run_server(run_dev(settings.model_copy(update={"redis_url": url})))
+        settings = settings.model_copy(update={"redis_url": url})
+        if workers == 1:
+            run_server(run_dev(settings))
+            return
+        from tierq.processes import dev_workers  # noqa: PLC0415
+
+        code = dev_workers(settings, host, port, broker_port, workers, dev_banner)
+    if code:
+        raise typer.Exit(code)
 
 
 @app.command()
 def serve(
     host: Annotated[str, typer.Option(help="Interface to listen on.")] = "0.0.0.0",  # noqa: S104
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    workers: Annotated[str | None, typer.Option(help=WORKERS_HELP)] = None,
 ) -> None:
-    """Run the app against real QStash and Redis; refuses to start without real secrets."""
-    from tierq.app import create_app  # noqa: PLC0415
-    from tierq.broker.server.app import serve as serve_app  # noqa: PLC0415
+    """Run the app against real QStash and Redis; refuses to start without real secrets.
 
+    With --workers N (N > 1) this process binds the port and supervises N app processes on it:
+    SIGTERM/SIGINT drains them (TIERQ_SHUTDOWN_GRACE_S) and exits 0; a process that dies is
+    restarted."""
     settings = Settings()
     _setup_logs(settings, json_output=settings.log_json)
     missing = settings.missing_production_secrets()
@@ -252,7 +243,18 @@ def serve(
     if missing:
         typer.echo(f"tierq serve needs real secrets; missing: {', '.join(missing)}", err=True)
         raise typer.Exit(Exit.USAGE)
-    run_server(serve_app(create_app(settings), host, port, log_level="info"))
+    count = _workers(workers, settings)
+    if count > 1:
+        from tierq.processes import supervise  # noqa: PLC0415
+
+        code = supervise(settings, host, port, count)
+        if code:
+            raise typer.Exit(Exit.FAILURE)
+        return
+    from tierq.app import create_app  # noqa: PLC0415
+    from tierq.processes import app_server  # noqa: PLC0415
+
+    run_server(app_server(create_app(settings), settings, host, port).serve())
 
 
 @app.command()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import AliasChoices, BaseModel, Field, model_validator
 from pydantic_settings import (
@@ -282,6 +282,12 @@ class Settings(BaseSettings):
     # request bodies larger than this are refused with 413: a job is published as one QStash
     # message, and QStash (Upstash's free plan, the embedded broker) takes 1 MiB at most
     max_body_bytes: int = Field(default=1_000_000, ge=1024)
+
+    # `tierq serve`: app processes sharing its port (1: the app runs in the serve process
+    # itself; "auto": one per usable CPU core), and how long a stopping process lets requests
+    # in flight (worker deliveries, SSE streams) finish before it cancels them
+    workers: Annotated[int, Field(ge=1)] | Literal["auto"] = 1
+    shutdown_grace_s: float = Field(default=25.0, ge=0)
 
     # logs: level, JSON (production) or console (dev), sampling rate per job event type
     # OpenTelemetry: spans are exported by OTLP (http/protobuf) to this endpoint, or to the

@@ -1,11 +1,25 @@
-"""`tierq serve` refuses to start without real secrets (dev conveniences are `tierq dev` only)."""
+"""`tierq serve` refuses to start without real secrets (dev conveniences are `tierq dev` only);
+``--workers`` and the supervisor of several app processes."""
 
 from __future__ import annotations
 
+import contextlib
+import io
+import os
+import signal
+import sys
+from collections.abc import Iterator
+
 import pytest
+import structlog
+from pydantic import ValidationError
 from typer.testing import CliRunner
 
+from tierq import processes
 from tierq.cli import app
+from tierq.config import Settings
+from tierq.observability.logging import configure_logging
+from tierq.processes import Supervisor, bind_socket, usable_cpus, worker_count
 
 
 def test_serve_refuses_to_start_without_real_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -21,3 +35,149 @@ def test_serve_refuses_to_start_without_real_secrets(monkeypatch: pytest.MonkeyP
     for missing in ("TIERQ_API_KEYS", "TIERQ_EVENTS_SECRET", "QSTASH_TOKEN", "TIERQ_REDIS_URL"):
         assert missing in result.output
     assert "TIERQ_ADMIN_TOKEN" not in result.output.split("missing:")[1]
+
+
+# -- --workers: parsing, and the supervisor with stand-in children -----------------------------
+
+
+def secrets_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in {
+        "TIERQ_API_KEYS": '{"k_unit_test": {"id": "u", "plan": "paid"}}',
+        "TIERQ_ADMIN_TOKEN": "unit-admin", "TIERQ_EVENTS_SECRET": "unit-events",
+        "TIERQ_REDIS_URL": "redis://127.0.0.1:1/0", "QSTASH_TOKEN": "unit-token",
+        "QSTASH_CURRENT_SIGNING_KEY": "unit-current", "QSTASH_NEXT_SIGNING_KEY": "unit-next",
+    }.items():  # fmt: skip
+        monkeypatch.setenv(name, value)
+
+
+@pytest.mark.parametrize(("value", "expected"), [(1, 1), ("3", 3), (" 2 ", 2), ("AUTO", None)])
+def test_worker_count(value: int | str, expected: int | None) -> None:
+    assert worker_count(value) == (expected or usable_cpus())
+
+
+@pytest.mark.parametrize("value", [0, -1, "0", "-2", "x", "", "1.5"])
+def test_worker_count_refuses(value: int | str) -> None:
+    with pytest.raises(ValueError, match="number >= 1 or 'auto'"):
+        worker_count(value)
+
+
+def test_workers_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert Settings().workers == 1
+    monkeypatch.setenv("TIERQ_WORKERS", "auto")
+    assert Settings().workers == "auto"
+    monkeypatch.setenv("TIERQ_WORKERS", "4")
+    assert Settings().workers == 4
+    monkeypatch.setenv("TIERQ_WORKERS", "0")
+    with pytest.raises(ValidationError):
+        Settings()
+
+
+@pytest.mark.parametrize("option", ["0", "many"])
+def test_serve_refuses_a_bad_workers_option(monkeypatch: pytest.MonkeyPatch, option: str) -> None:
+    secrets_env(monkeypatch)
+    result = CliRunner().invoke(app, ["serve", "--port", "1", "--workers", option])
+    assert result.exit_code == 2
+    assert "--workers" in result.output
+
+
+# A stand-in child: says ready on its fd (or not), then behaves as told until SIGTERM.
+CHILD = """
+import os, signal, sys, time
+fd, how = int(sys.argv[1]), sys.argv[2]
+if how == "fail":
+    sys.exit(3)
+signal.signal(signal.SIGTERM, signal.SIG_IGN if how == "stubborn" else
+              lambda *_: sys.exit(0))
+os.write(fd, b"ready\\n")
+os.close(fd)
+if how == "crash":
+    sys.exit(1)
+while True:
+    time.sleep(60)
+"""
+
+
+@pytest.fixture
+def logs() -> Iterator[io.StringIO]:
+    """The supervisor's log lines (JSON)."""
+    out = io.StringIO()
+    configure_logging(json_output=True, stream=out)
+    yield out
+    structlog.reset_defaults()
+
+
+def supervisor(hows: list[str], grace_s: float = 5.0) -> Supervisor:
+    sock = bind_socket("127.0.0.1", 0)
+
+    def command(index: int, ready_fd: int) -> list[str]:
+        return [sys.executable, "-c", CHILD, str(ready_fd), hows[min(index, len(hows) - 1)]]
+
+    return Supervisor(sock, len(hows), command, grace_s)
+
+
+def gone(pids: list[int]) -> bool:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, 0)
+            return False
+    return True
+
+
+@pytest.mark.timeout(60)
+def test_supervisor_stops_its_children_on_sigterm_and_exits_0(logs: io.StringIO) -> None:
+    sup = supervisor(["serve", "serve", "serve"])
+    seen: list[list[int]] = []
+
+    def ready(pids: list[int]) -> None:
+        seen.append(pids)
+        os.kill(os.getpid(), signal.SIGTERM)  # as an operator would, once all are up
+
+    sup.on_ready = ready
+    assert sup.run() == 0
+    [pids] = seen
+    assert len(set(pids)) == 3
+    assert gone(pids)
+    assert sup.sock.fileno() == -1  # closed: the port is free again
+
+
+@pytest.mark.timeout(60)
+def test_supervisor_kills_a_child_that_does_not_stop_and_exits_1(
+    monkeypatch: pytest.MonkeyPatch, logs: io.StringIO
+) -> None:
+    monkeypatch.setattr(processes, "STOP_MARGIN_S", 0.5)
+    sup = supervisor(["serve", "stubborn"], grace_s=0)
+    sup.on_ready = lambda pids: os.kill(os.getpid(), signal.SIGTERM)
+    assert sup.run() == 1
+    assert not sup.children
+    assert '"event": "serve.worker_killed"' in logs.getvalue()
+
+
+@pytest.mark.timeout(60)
+def test_supervisor_stops_when_a_child_cannot_start(logs: io.StringIO) -> None:
+    sup = supervisor(["serve", "fail"])
+    assert sup.run() == 1
+    assert sup.failed
+    assert not sup.all_started
+    assert "serve.worker_failed_to_start" in logs.getvalue()
+
+
+@pytest.mark.timeout(60)
+def test_supervisor_restarts_a_crashed_child_within_a_budget(
+    monkeypatch: pytest.MonkeyPatch, logs: io.StringIO
+) -> None:
+    monkeypatch.setattr(processes, "MAX_RESTARTS", 3)
+    sup = supervisor(["serve", "crash"])
+    started: list[int] = []
+    original = sup._start
+
+    def counting(index: int) -> processes._Child:
+        started.append(index)
+        return original(index)
+
+    monkeypatch.setattr(sup, "_start", counting)
+    # worker 1 crashes right after each ready: restarted 3 times, the 4th exit stops it all
+    sup.all_started = True  # as if both had been up once (else its first exit is a failed start)
+    assert sup.run() == 1
+    assert started == [0, 1, 1, 1, 1]
+    assert logs.getvalue().count('"event": "serve.worker_restarted"') == 3
+    assert '"event": "serve.restarting_too_often"' in logs.getvalue()
