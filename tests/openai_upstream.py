@@ -18,7 +18,9 @@ Behaviour on demand, as directives in the text of the last user message or in th
 - ``[[cut_after:N]]``: after N chunks, end the response (no finish chunk, no ``[DONE]``);
 - ``[[no_usage]]``: no usage chunk even when ``stream_options.include_usage`` asks for one;
 - ``[[echo_auth]]``: with a status directive, the error message quotes the Authorization
-  header (to prove a client never repeats the key it sent).
+  header (to prove a client never repeats the key it sent);
+- ``[[ratelimit:R/L]]``: answer with OpenAI's ``x-ratelimit-limit-requests: L`` and
+  ``x-ratelimit-remaining-requests: R`` (the same for tokens, times 1000).
 
 Content is deterministic: ``fake_tokens(n)`` (``"w0"``, ``" w1"``, …), prefixed by
 ``image_prefix(k)`` when the request carried k ``image_url`` parts. Usage is
@@ -166,6 +168,7 @@ class _Answer:
     cut_after: int | None = None
     usage: bool = True
     echo_auth: bool = False
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
 
 
 class FakeOpenAI:
@@ -329,6 +332,13 @@ class FakeOpenAI:
             usage="no_usage" not in found,
             echo_auth="echo_auth" in found,
         )
+        if "ratelimit" in found:
+            left, _, limit = found["ratelimit"].partition("/")
+            for kind, scale in (("requests", 1), ("tokens", 1000)):
+                answer.headers += [
+                    (f"x-ratelimit-limit-{kind}".encode(), str(int(limit) * scale).encode()),
+                    (f"x-ratelimit-remaining-{kind}".encode(), str(int(left) * scale).encode()),
+                ]
         if "status" in found:
             status, _, times = found["status"].partition(":")
             answer.status = int(status) if self._should_fail(request, times) else 200
@@ -361,11 +371,14 @@ class FakeOpenAI:
             await self._stopped_or_gone(request, None)
             await _send_json(request, send, 503, _error_body(503, "fake upstream stopping"))
         else:
-            await _send_json(request, send, 200, _completion(request, answer.tokens))
+            await _send_json(
+                request, send, 200, _completion(request, answer.tokens), answer.headers
+            )
 
     async def _stream(self, request: UpstreamRequest, send: Any, answer: _Answer) -> None:
         request.status = 200
-        headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache")]
+        headers = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache"),
+                   *answer.headers]  # fmt: skip
         await send({"type": "http.response.start", "status": 200, "headers": headers})
         await self._stream_body(request, send, answer)
 
@@ -462,10 +475,17 @@ def _error_body(status: int, message: str) -> dict[str, Any]:
     return {"error": {"message": message, "type": kind, "param": None, "code": code}}
 
 
-async def _send_json(request: UpstreamRequest, send: Any, status: int, body: Any) -> None:
+async def _send_json(
+    request: UpstreamRequest,
+    send: Any,
+    status: int,
+    body: Any,
+    extra: list[tuple[bytes, bytes]] | None = None,
+) -> None:
     request.status = status
     data = json.dumps(body).encode()
-    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode()),
+               *(extra or [])]  # fmt: skip
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await _end(request, send, data)
 

@@ -12,7 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 from starlette.exceptions import HTTPException
 
 from tierq.config import Settings
@@ -23,9 +23,14 @@ from tierq.frontdoor import router as frontdoor_router
 from tierq.frontdoor.errors import OpenAIError
 from tierq.observability.metrics import Metrics
 from tierq.observability.tracing import setup_tracing
+from tierq.ops import queue_state
+from tierq.ops.admin import require_admin
 from tierq.ops.admin import router as admin_router
+from tierq.ops.queue_metrics import QueueCollector
 from tierq.producer.api import router as producer_router
 from tierq.runtime import Runtime, build_runtime, redis_clients
+from tierq.usage.api import admin_router as usage_admin_router
+from tierq.usage.api import router as usage_router
 from tierq.web.access import SurfaceGuard, Surfaces, gates, surfaces
 from tierq.web.bodies import BodyGuard
 from tierq.web.pages import router as pages_router
@@ -79,13 +84,13 @@ async def _upstream_error(request: Request, exc: Exception) -> Response:
     )
 
 
-async def _start(rt: Runtime, sync_queues: bool) -> None:
+async def _start(rt: Runtime, seed_queues: bool) -> None:
     await rt.cancels.start()
-    if sync_queues:
+    if seed_queues:  # configuration seeds; operators' changes stay (ops/queue_state.py)
         try:
-            await rt.gateway.sync_queues()
+            await queue_state.seed(rt)
         except UpstreamError as exc:
-            log.warning("app.queue_sync_failed", error=str(exc))
+            log.warning("app.queue_seed_failed", error=str(exc))
     rt.dispatcher.start()
 
 
@@ -94,6 +99,8 @@ def _mount_routes(app: FastAPI, settings: Settings, served: Surfaces, metrics: M
     app.include_router(producer_router)
     app.include_router(frontdoor_router)
     app.include_router(admin_router)
+    app.include_router(usage_router)
+    app.include_router(usage_admin_router(require_admin))
     if served.pages != "off":
         app.include_router(pages_router)
     app.include_router(worker_router)
@@ -119,10 +126,13 @@ def create_app(
         )
         app.state.runtime = rt
         shared_metrics.sse_tail_streams.set_function(lambda: rt.hub.followed)
+        app.state.queue_metrics = queues = QueueCollector(rt)
         await _start(rt, sync_queues)
+        queues.start()
         try:
             yield
         finally:
+            await queues.stop()
             await rt.aclose_streams()
             await rt.cancels.stop()
             await rt.providers.aclose()
@@ -143,6 +153,7 @@ def create_app(
     app.add_exception_handler(HTTPException, _http_error)
     app.add_exception_handler(UpstreamError, _upstream_error)
     app.add_exception_handler(RedisError, _upstream_error)
+    app.add_exception_handler(RedisClusterException, _upstream_error)  # Cluster topology
     app.add_middleware(FastRoutes)
     app.add_middleware(
         BodyGuard,

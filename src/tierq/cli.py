@@ -212,6 +212,13 @@ def dev(
     --workers N: Redis and the broker here, the app in N processes on its port)."""
     settings = dev_settings(host, port, broker_port)
     _setup_logs(settings, json_output=False)
+    if settings.redis_cluster:
+        typer.echo(
+            "tierq dev runs the embedded broker on the app's Redis, which must be a single node: "
+            "unset TIERQ_REDIS_CLUSTER, or run `tierq broker` on its own Redis and `tierq serve`",
+            err=True,
+        )
+        raise typer.Exit(Exit.USAGE)
     with redis_url_or_embedded(settings.redis_url, settings.data_dir) as url:
         settings = settings.model_copy(update={"redis_url": url})
         if workers == 1:

@@ -481,8 +481,42 @@ def jobs_tail(
         raise typer.Exit(Code.FAILURE)
 
 
+USAGE_COLUMNS = [
+    ("period", "PERIOD"), ("userId", "USER"), ("modelId", "MODEL"), ("jobs", "JOBS"),
+    ("promptTokens", "PROMPT"), ("completionTokens", "COMPLETION"),
+    ("runSeconds", "RUN_S"), ("failures", "FAILED"),
+]  # fmt: skip
+
+
+def usage(
+    url: Url = DEFAULT_URL,
+    token: Token = None,
+    as_json: Json = False,
+    start: Annotated[
+        str | None, typer.Option("--from", help="First UTC day, YYYY-MM-DD (default: 30 days ago).")
+    ] = None,
+    end: Annotated[str | None, typer.Option("--to", help="Last UTC day (default: today).")] = None,
+    by: Annotated[str, typer.Option(help="Rows per 'day' or per 'month'.")] = "day",
+    user: Annotated[list[str] | None, typer.Option(help="Only these users (repeat).")] = None,
+    model: Annotated[list[str] | None, typer.Option(help="Only these models (repeat).")] = None,
+) -> None:
+    """The usage ledger: jobs, tokens, run seconds and failures per user and model."""
+    if by not in ("day", "month"):
+        raise fail(Code.USAGE, "--by is 'day' or 'month'")
+    params: dict[str, Any] = {"by": by, "user": user or [], "model": model or []}
+    if start:
+        params["from"] = start
+    if end:
+        params["to"] = end
+    with admin_session(url, token) as admin:
+        data = admin.call("GET", "/usage", params=params)
+    rows = [*data["rows"], {"period": "total", "userId": "", "modelId": "", **data["total"]}]
+    emit(data, as_json, lambda: table(rows, USAGE_COLUMNS))
+
+
 def register(app: typer.Typer) -> None:
-    """Add ``queues``, ``dlq`` and ``jobs`` to the ``tierq`` command."""
+    """Add ``queues``, ``dlq``, ``jobs`` and ``usage`` to the ``tierq`` command."""
+    app.command("usage")(usage)
     app.add_typer(queues_app, name="queues")
     app.add_typer(dlq_app, name="dlq")
     app.add_typer(jobs_app, name="jobs")

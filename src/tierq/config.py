@@ -113,12 +113,46 @@ class PlanWeights(BaseModel):
         return self.paid if tier == "paid" else self.free
 
 
+class Rate(BaseModel):
+    """A rate quota: requests and (estimated, then real) tokens per minute; unset: no quota."""
+
+    rpm: int | None = Field(default=None, ge=1, description="requests per minute")
+    tpm: int | None = Field(default=None, ge=1, description="tokens per minute")
+
+
+class TierRates(BaseModel):
+    """Rate quotas by plan (users) or by tier (a model's upstream account)."""
+
+    paid: Rate = Field(default_factory=Rate)
+    free: Rate = Field(default_factory=Rate)
+
+    def for_tier(self, tier: Tier) -> Rate:
+        return self.paid if tier == "paid" else self.free
+
+
+class Adaptive(BaseModel):
+    """Adaptive concurrency of a model (AIMD): an upstream 429, or its rate-limit headers
+    running low, lowers the model's effective limit (x ``decrease``; x ``slow_down`` for low
+    headers); every success raises it by 1/limit, back up to the configured limit, never under
+    ``min_limit``."""
+
+    enabled: bool = False
+    min_limit: int = Field(default=1, ge=1)
+    decrease: float = Field(default=0.5, gt=0, lt=1)
+    slow_down: float = Field(default=0.8, gt=0, lt=1)
+    low_remaining: float = Field(
+        default=0.05, ge=0, lt=1, description="remaining / limit under which headers are 'low'"
+    )
+
+
 class UserOverride(BaseModel):
     """One user's own limits, over those of their plan (unset: the plan's)."""
 
     weight: int | None = Field(default=None, ge=1, le=1000)
     running: int | None = Field(default=None, ge=1, description="running jobs (user guard)")
     queued: int | None = Field(default=None, ge=1, description="jobs admitted per queue")
+    rpm: int | None = Field(default=None, ge=1, description="requests per minute")
+    tpm: int | None = Field(default=None, ge=1, description="tokens per minute")
 
 
 class ModelSettings(BaseModel):
@@ -130,6 +164,9 @@ class ModelSettings(BaseModel):
     api_key_env: str = ""
     experiences: list[Experience] = Field(default_factory=lambda: list(EXPERIENCES))
     limits: TierLimits = Field(default_factory=lambda: TierLimits(paid=8, free=2))
+    # the upstream account's own rate limits, per tier: jobs over them wait, parked
+    rates: TierRates = Field(default_factory=TierRates)
+    adaptive: Adaptive = Field(default_factory=Adaptive)
     timeout_s: float = 120.0
     # openai provider only
     max_tokens: int | None = Field(default=None, ge=1, description="None: the upstream decides")
@@ -171,6 +208,9 @@ class Settings(BaseSettings):
 
     # where things are
     redis_url: str | None = None
+    # redis_url is a node of a Redis Cluster (the others are discovered); the embedded broker
+    # keeps a single node of its own (README "Redis Cluster")
+    redis_cluster: bool = False
     key_prefix: str = "tq"
     # Commands share a bounded pool (callers wait up to redis_pool_timeout_s for a connection);
     # SSE streams hold none: one tail hub per process reads for all of them.
@@ -201,6 +241,9 @@ class Settings(BaseSettings):
 
     # QStash API calls fail after this long (and are not retried by the SDK: dispatch retries)
     qstash_timeout_s: float = Field(default=5.0, gt=0)
+    # per-queue gauges and the admin/dashboard queue lists come from one shared snapshot
+    # (QStash + Redis), taken by one process of all at most every queue_metrics_s
+    queue_metrics_s: float = Field(default=5.0, gt=0)
 
     # secrets and identities
     dev_mode: bool = False
@@ -230,6 +273,15 @@ class Settings(BaseSettings):
     # overrides of weight and limits by user id
     user_weights: PlanWeights = Field(default_factory=PlanWeights)
     user_overrides: dict[str, UserOverride] = Field(default_factory=dict)
+    # rate quotas per user, by plan (user_overrides.<id>.rpm/tpm over them): over one, a
+    # submit gets 429 rate_limited; tokens are estimated at submit (prompt, max_tokens) and
+    # corrected with the real usage when the job ends
+    user_rates: TierRates = Field(default_factory=TierRates)
+    # a job's completion tokens as estimated when the model sets no max_tokens
+    estimated_completion_tokens: int = Field(default=512, ge=0)
+    # the usage ledger (per user and model, per UTC day): on or off, and the days it keeps
+    usage_ledger: bool = True
+    usage_retention_days: int = Field(default=400, ge=1)
 
     # leases and dispatch
     lease_ttl_s: float = 30.0
@@ -333,6 +385,14 @@ class Settings(BaseSettings):
     def user_queue_limit(self, user_id: str, plan: Plan) -> int:
         own = self.user_overrides.get(user_id)
         return (own and own.queued) or self.user_queue_limits.for_tier(plan)
+
+    def user_rate(self, user_id: str, plan: Plan) -> Rate:
+        """The user's rate quotas: their own where set, else their plan's."""
+        plan_rate = self.user_rates.for_tier(plan)
+        own = self.user_overrides.get(user_id)
+        if own is None or (own.rpm is None and own.tpm is None):
+            return plan_rate
+        return Rate(rpm=own.rpm or plan_rate.rpm, tpm=own.tpm or plan_rate.tpm)
 
     def user_weight(self, user_id: str, plan: Plan) -> int:
         own = self.user_overrides.get(user_id)

@@ -56,6 +56,8 @@ class WorkerBody(_Strict):
     input: JobInput
     submitted_at_ms: int = Field(alias="submittedAt")
     max_retries: int = Field(alias="maxRetries", ge=0)
+    # tokens the job was estimated to use at submit (rate quotas), corrected when it ends
+    estimated_tokens: int = Field(default=0, alias="estimatedTokens", ge=0)
     # the submit's trace (W3C), for dispatch to publish the job in it (absent: not traced)
     traceparent: str | None = Field(
         default=None, pattern=r"^00-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$"
@@ -70,6 +72,8 @@ class SubmitResponse(BaseModel):
     tier: Tier
     events_url: str = Field(serialization_alias="eventsUrl")
     events_token: str = Field(serialization_alias="eventsToken")
+    # OpenAI's x-ratelimit-* headers for the caller's rate quotas (not in the body)
+    rate_headers: dict[str, str] = Field(default_factory=dict, exclude=True)
 
 
 class Usage(BaseModel):
@@ -94,7 +98,7 @@ class Queued(_Event):
     tier: Tier
 
 
-Hold = Literal["model", "user", "queue", "paused"]
+Hold = Literal["model", "user", "queue", "paused", "rate"]
 
 
 class Waiting(_Event):

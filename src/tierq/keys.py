@@ -7,6 +7,7 @@ other's state.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 
@@ -93,8 +94,9 @@ class BrokerKeys:
 
 @dataclass(frozen=True)
 class AppKeys:
-    """Keys of the tierq app. Job keys share a hash tag (``{job id}``), so the scripts that touch
-    a job's state and its event log together also work on Redis Cluster; every guard is one key.
+    """Keys of the tierq app. Job keys share a hash tag (``{job id}``; on Redis Cluster one of
+    ``job_tags`` shared ones), so the scripts that touch a job's state and its event log
+    together also work on Redis Cluster; every guard is one key.
 
     - ``job(id)``: hash, the job's state record (status, owner, queue, result, …); expires
       ``event_retention_s`` after the terminal event
@@ -118,17 +120,29 @@ class AppKeys:
       ``paused``/``parallelism`` set by operators, over the configuration)
     - ``model_guard(model, tier)``, ``user_guard(user)``: the guards, under ``sched``
     - ``cancel_channel``: pub/sub channel; a message is a job id whose run must stop now
-    - ``tail_wake``: stream per app process, written to wake its blocked tail-hub ``XREAD``
+    - ``tail_wake``: stream per app process (on Redis Cluster, per hash slot it follows:
+      ``<tail_wake>:<process>:{<tag>}``), written to wake its blocked tail-hub ``XREAD``
     Guard keys get a TTL on every write, so an idle guard disappears instead of lingering.
     """
 
     prefix: str = "tq"
+    job_tags: int = 0
+    """0 (one Redis node): a job's keys are tagged with its id, ``tq:job:{<id>}``. N > 0 (Redis
+    Cluster): jobs share N hash tags, ``tq:job:{j<crc32(id) % N>}:<id>``, so that the tail hub
+    (one blocking ``XREAD`` per slot: Cluster refuses one across slots) and the delta writer
+    (one script call per slot) need at most N of them per process, however many jobs."""
+
+    def job_tag(self, job_id: str) -> str:
+        """The hash tag of ``job_id``'s keys (without braces)."""
+        return f"j{zlib.crc32(job_id.encode()) % self.job_tags}" if self.job_tags else job_id
 
     def job(self, job_id: str) -> str:
+        if self.job_tags:
+            return f"{self.prefix}:job:{{{self.job_tag(job_id)}}}:{job_id}"
         return f"{self.prefix}:job:{{{job_id}}}"
 
     def job_events(self, job_id: str) -> str:
-        return f"{self.prefix}:job:{{{job_id}}}:events"
+        return f"{self.job(job_id)}:events"
 
     def admission(self, queue_id: str) -> str:
         return f"{self.sched}:admission:{queue_id}"

@@ -19,6 +19,8 @@ from tierq.guards.leases import Leases
 from tierq.keys import AppKeys
 from tierq.observability.metrics import Metrics
 from tierq.providers.registry import ProviderRegistry
+from tierq.redis_cluster import cluster_client
+from tierq.usage.ledger import Ledger
 
 
 @dataclass
@@ -26,7 +28,13 @@ class RedisClients:
     """Three pools, because blocking reads must not starve commands (nor time out):
     ``commands`` (bounded; callers wait for a free connection), ``tails`` (the tail hub's one
     blocking ``XREAD`` for every SSE stream), ``pubsub`` (the cancel subscription, no read
-    timeout)."""
+    timeout).
+
+    With ``redis_cluster`` each is a Redis Cluster client (:mod:`tierq.redis_cluster`, typed
+    as ``Redis`` for the code that uses it: the commands tierq sends work on both): commands
+    still wait for one of ``redis_max_connections`` permits; the tail hub blocks once per
+    hash slot it follows (``JOB_TAGS`` at most); the cancel subscription is a plain
+    ``SUBSCRIBE`` on one node (a ``PUBLISH`` reaches every node of a cluster)."""
 
     commands: aioredis.Redis
     tails: aioredis.Redis
@@ -38,11 +46,17 @@ class RedisClients:
 
 
 REDIS_CLIENT_NAME = "tierq-app"
+JOB_TAGS = 64
+"""On Redis Cluster, the hash tags job keys share (``AppKeys.job_tags``): jobs spread over
+this many slots (so over every node of a cluster of up to a few dozen masters), and a process
+holds at most this many blocked tail reads and makes at most this many delta calls a tick."""
 
 
 def redis_clients(settings: Settings) -> RedisClients:
     url = settings.redis_url or "redis://127.0.0.1:6379/0"
     name = REDIS_CLIENT_NAME  # every connection says who it is (CLIENT LIST)
+    if settings.redis_cluster:
+        return _cluster_clients(settings, url)
     pool = aioredis.BlockingConnectionPool.from_url(
         url,
         max_connections=settings.redis_max_connections,
@@ -64,6 +78,27 @@ def redis_clients(settings: Settings) -> RedisClients:
     )
 
 
+def _cluster_clients(settings: Settings, url: str) -> RedisClients:
+    """The three pools on Redis Cluster (``url``: any node; the others are discovered)."""
+    name = REDIS_CLIENT_NAME
+    return RedisClients(
+        commands=cluster_client(
+            url,
+            permits=settings.redis_max_connections,
+            wait_s=settings.redis_pool_timeout_s,
+            socket_timeout=settings.redis_socket_timeout_s,
+            client_name=name,
+        ),
+        tails=cluster_client(
+            url,
+            max_connections=JOB_TAGS + 2,  # per node: one blocked read per slot followed
+            socket_timeout=BLOCK_MS / 1000 + settings.redis_socket_timeout_s,
+            client_name=name,
+        ),
+        pubsub=cluster_client(url, socket_timeout=None, health_check_interval=30, client_name=name),
+    )
+
+
 @dataclass
 class Runtime:
     settings: Settings
@@ -80,6 +115,7 @@ class Runtime:
     hub: TailHub
     dispatcher: Dispatcher
     streams: StreamCaps
+    ledger: Ledger
 
     async def aclose_streams(self) -> None:
         """Stop dispatching, write pending deltas and stop following logs (at shutdown)."""
@@ -98,7 +134,7 @@ def build_runtime(
 ) -> Runtime:
     """The runtime of one process; ``gateway`` replaces the QStash gateway (the publisher and
     the dispatcher share it), e.g. ``tierq sim``'s in-process queues."""
-    keys = AppKeys(settings.key_prefix)
+    keys = AppKeys(settings.key_prefix, job_tags=JOB_TAGS if settings.redis_cluster else 0)
     jobs = JobStore(client, keys, settings.event_retention_s)
     if gateway is None:
         gateway = QStashGateway(qstash_client(settings), settings)
@@ -107,6 +143,9 @@ def build_runtime(
         next_signing_key=settings.qstash_next_signing_key or "",
     )
     metrics = metrics or Metrics()
+    dispatcher = Dispatcher(client, keys, settings, gateway, metrics, jobs)
+    ledger = Ledger(client, keys, settings.usage_retention_days, settings.usage_ledger)
+    dispatcher.also_scripts.append(ledger.script)  # queued on its pipelines too
     return Runtime(
         settings=settings,
         redis=client,
@@ -118,10 +157,20 @@ def build_runtime(
         providers=ProviderRegistry(settings.models),
         cancels=CancelHub(pubsub_client or client, keys.cancel_channel),
         metrics=metrics,
-        deltas=DeltaWriter(jobs, settings.delta_flush_ms, settings.delta_flush_max_chars),
-        hub=TailHub(
-            tail_client or client, client, keys.tail_wake, settings.sse_client_buffer_bytes
+        deltas=DeltaWriter(
+            jobs,
+            settings.delta_flush_ms,
+            settings.delta_flush_max_chars,
+            cluster=settings.redis_cluster,
         ),
-        dispatcher=Dispatcher(client, keys, settings, gateway, metrics, jobs),
+        hub=TailHub(
+            tail_client or client,
+            client,
+            keys.tail_wake,
+            settings.sse_client_buffer_bytes,
+            cluster=settings.redis_cluster,
+        ),
+        dispatcher=dispatcher,
         streams=StreamCaps(settings.sse_max_per_job, settings.sse_max_per_user),
+        ledger=ledger,
     )

@@ -38,7 +38,6 @@ from chaos import (
     ADMISSION_SWEEP_S,
     APP_PREFIX,
     LEASE_TTL_S,
-    TERMINAL,
     Chaos,
     ChaosSystem,
     Plan,
@@ -88,8 +87,9 @@ async def test_jobs_survive_kills_of_app_broker_and_redis(tmp_path: Path) -> Non
 # -- the known bugs, deterministically ------------------------------------------------------
 
 DIE_BEFORE_RECORD = "die before record"
-RECORD_FAILPOINT = f'''"""Test failpoint (tests/e2e/test_chaos.py): the app dies (SIGKILL) right after
-admitting (and dispatching) a job whose prompt is {DIE_BEFORE_RECORD!r}, before recording it."""
+RECORD_FAILPOINT = f'''"""Test failpoint (tests/e2e/test_chaos.py): the app dies (SIGKILL)
+right after admitting (and dispatching) a job whose prompt is {DIE_BEFORE_RECORD!r},
+before recording it."""
 import os
 import signal
 

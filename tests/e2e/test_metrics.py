@@ -53,4 +53,4 @@ def test_metrics_follow_the_job_path(make_system: Callable[..., System]) -> None
     assert sample(text, "tierq_sse_connections") == 0
     broker = system.http.get(f"{system.broker.url}/metrics").text
     assert sample(broker, "tierq_broker_deliveries_total", '{outcome="delivered"}') >= 3
-    assert sample(broker, "tierq_broker_dlq_total") == 1
+    assert sample(broker, "tierq_broker_dlq_total", q) == 1

@@ -35,9 +35,6 @@ from test_workers import (
 
 from helpers import ServerThread, wait_until
 from system import FREE, PAID, sample
-from tierq.broker.server.app import create_broker_app
-from tierq.broker.server.credentials import build_accounts
-from tierq.config import BrokerSettings
 from tierq.embedded_redis import free_port
 from tierq.keys import AppKeys
 
@@ -140,15 +137,6 @@ def most_at_once(intervals: list[tuple[int, int]]) -> int:
         running += step
         most = max(most, running)
     return most
-
-
-@pytest.fixture
-def broker_url(redis_url: str) -> Iterator[str]:
-    settings = BrokerSettings(key_prefix=f"rep{os.getpid()}b", poll_interval_s=0.2)
-    accounts = build_accounts(dev_accounts=True, token=None, current_key=None, next_key=None)
-    thread = ServerThread(create_broker_app(settings, redis_url, accounts)).start()
-    yield thread.url
-    thread.stop()
 
 
 @dataclass

@@ -1,12 +1,14 @@
-"""tierq's side of QStash: publish jobs to the named queues, keep the queues configured.
+"""tierq's side of QStash: publish jobs to the named queues, read and set the queues.
 
 Goes through the official ``qstash`` async SDK, so the same code drives Upstash and the embedded
-broker.
+broker. Which queue state wins (configuration, QStash, an operator's change) is decided above,
+in :mod:`tierq.ops.queue_state`; here are only the calls.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 from dataclasses import dataclass
 
 import httpx
@@ -34,6 +36,13 @@ MAX_BATCH = 100
 MAX_SENDERS = 4
 """Batch requests in flight at once; publishes beyond them wait and go out together."""
 _FAILURES = (QStashError, httpx.HTTPError)
+_STATUS = re.compile(r"status: (\d{3})")
+
+
+def _not_found(exc: QStashError) -> bool:
+    """Whether QStash answered 404 (the SDK keeps the status only in its message)."""
+    found = _STATUS.search(str(exc))
+    return found is not None and found.group(1) == "404"
 
 
 def qstash_client(settings: Settings) -> AsyncQStash:
@@ -145,16 +154,19 @@ class QStashGateway:
         except (orjson.JSONDecodeError, AttributeError):
             return False
 
-    async def sync_queue(self, queue: QueueId, conf: QueueSettings) -> None:
+    async def upsert_queue(self, queue: str, *, parallelism: int, paused: bool) -> None:
+        """Create ``queue`` or set both its fields (QStash's upsert always sets both)."""
         try:
-            await self.qstash.queue.upsert(
-                queue.value, parallelism=conf.parallelism, paused=conf.paused
-            )
+            await self.qstash.queue.upsert(queue, parallelism=parallelism, paused=paused)
         except _FAILURES as exc:
             raise UpstreamError(f"qstash queue upsert failed for {queue}: {exc}") from exc
 
+    async def sync_queue(self, queue: QueueId, conf: QueueSettings) -> None:
+        await self.upsert_queue(queue.value, parallelism=conf.parallelism, paused=conf.paused)
+
     async def sync_queues(self) -> None:
-        """Create/update the six queues (parallelism, paused) from configuration."""
+        """Create/update the six queues (parallelism, paused) from configuration, whatever
+        they hold now (``tierq queues sync``)."""
         for queue, conf in self.settings.queues.items():
             await self.sync_queue(queue, conf)
 
@@ -164,3 +176,21 @@ class QStashGateway:
         except _FAILURES as exc:
             raise UpstreamError(f"qstash queue get failed for {queue}: {exc}") from exc
         return QueueStatus(q.name, q.parallelism, q.paused, q.lag)
+
+    async def find_queue(self, queue: str) -> QueueStatus | None:
+        """QStash's record of ``queue``; ``None`` when QStash does not have it."""
+        try:
+            return await self.queue_status(queue)
+        except UpstreamError as exc:
+            cause = exc.__cause__
+            if isinstance(cause, QStashError) and _not_found(cause):
+                return None
+            raise
+
+    async def list_queues(self) -> dict[str, QueueStatus]:
+        """Every queue of the account, by name, in one call."""
+        try:
+            found = await self.qstash.queue.list()
+        except _FAILURES as exc:
+            raise UpstreamError(f"qstash queue list failed: {exc}") from exc
+        return {q.name: QueueStatus(q.name, q.parallelism, q.paused, q.lag) for q in found}

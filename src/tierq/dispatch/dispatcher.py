@@ -45,7 +45,9 @@ from tierq.queues import QueueId, delivery_path
 
 log = structlog.get_logger("tierq.dispatch")
 
-_SCRIPTS = ("park", "release", "claim", "confirm", "requeue", "reconcile", "positions")
+_SCRIPTS = (
+    "park", "release", "claim", "confirm", "requeue", "reconcile", "positions", "aimd"
+)  # fmt: skip
 _APPENDED = {"admit": "park"}
 """Scripts made of two files: ``admit`` runs ``park`` once the job is admitted."""
 POSITION_RATIO = 0.8
@@ -78,14 +80,29 @@ class Parked:
 
 
 @dataclass(frozen=True)
+class Quota:
+    """One of a user's rate quotas after a submit: its limit per minute (0: none), what is
+    left of it, and the seconds until it is whole again."""
+
+    limit: int
+    remaining: int
+    reset_s: float
+
+
+@dataclass(frozen=True)
 class Admission:
     """What :meth:`Dispatcher.admit` decided: ``refused`` (``user``: the user's share of the
-    queue is full; ``queue``: its admission depth) or where the job stands, with the rows of the
-    jobs dispatched meanwhile (this one, when it goes at once), to publish once it is recorded."""
+    queue is full; ``queue``: its admission depth; ``requests``/``tokens``: the user's rate
+    quota, for ``retry_after_s``) or where the job stands, with the rows of the jobs dispatched
+    meanwhile (this one, when it goes at once), to publish once it is recorded, and the user's
+    ``requests`` and ``tokens`` quotas after it."""
 
     refused: str
     parked: Parked
     rows: Sequence[Any]
+    retry_after_s: float = 0.0
+    requests: Quota | None = None
+    tokens: Quota | None = None
 
 
 @dataclass(frozen=True)
@@ -130,6 +147,7 @@ class Dispatcher:
         self.gateway = gateway
         self.metrics = metrics
         self._scripts = _load(client)
+        self.also_scripts: list[AsyncScript] = []  # others' scripts queued on run_pipeline
         self._reconciler: asyncio.Task[None] | None = None
         queues = ";".join(
             f"{q.value}={conf.parallelism}={int(conf.paused)}"
@@ -150,12 +168,14 @@ class Dispatcher:
 
     def _job_args(self, body: WorkerBody) -> list[str | int]:
         s = self.settings
+        model = s.models[body.model_id]
+        limit = model.limits.for_tier(body.tier)
         return [
             body.job_id,
             body.queue_id.value,
             body.user_id,
             self.keys.model_guard(body.model_id, body.tier),
-            s.models[body.model_id].limits.for_tier(body.tier),
+            f"{limit}a" if model.adaptive.enabled else limit,  # see model_cap in _lib.lua
             s.user_running_limit(body.user_id, body.plan),
         ]
 
@@ -194,7 +214,7 @@ class Dispatcher:
             except NoScriptError:
                 if attempt:
                     raise
-                for script in [*self._scripts.values(), *self.jobs.scripts()]:
+                for script in [*self._scripts.values(), *self.jobs.scripts(), *self.also_scripts]:
                     script.sha = await self.r.script_load(script.script)
         raise AssertionError("unreachable")
 
@@ -204,7 +224,17 @@ class Dispatcher:
         self, body: WorkerBody, raw: bytes | str, dedup_id: str, front: bool = False
     ) -> list[str | int | bytes]:
         weight = self.settings.user_weight(body.user_id, body.plan)
-        return [*self._job_args(body), weight, dedup_id, "1" if front else "0", raw]
+        rate = self.settings.models[body.model_id].rates.for_tier(body.tier)
+        return [
+            *self._job_args(body),
+            weight,
+            dedup_id,
+            "1" if front else "0",
+            raw,
+            rate.rpm or 0,
+            rate.tpm or 0,
+            body.estimated_tokens,
+        ]
 
     async def park(
         self,
@@ -231,22 +261,36 @@ class Dispatcher:
     async def admit(
         self, body: WorkerBody, raw: bytes | str, *, depth: int, share: int
     ) -> Admission:
-        """Admit a new job (its user's ``share`` of the queue, then the queue's ``depth``) and
-        park it, in one script; nothing is published yet (:meth:`publish` does, once the job's
-        record exists). A refused job leaves nothing behind."""
+        """Admit a new job (its user's rate quotas, their ``share`` of the queue, then the
+        queue's ``depth``) and park it, in one script; nothing is published yet
+        (:meth:`publish` does, once the job's record exists). A refused job leaves nothing
+        behind."""
+        rate = self.settings.user_rate(body.user_id, body.plan)
         args = [
             *self.park_args(body, raw, body.job_id),
             depth,
             share,
             ttl_ms(self.settings.admission_ttl_s),
+            rate.rpm or 0,
+            rate.tpm or 0,
         ]
         reply = await self.call_script("admit", args)
         if _s(reply[0]) == "full":
-            return Admission(_s(reply[1]), Parked("", 0), ())
+            wait_ms = int(reply[2]) if len(reply) > 2 else 0
+            return Admission(_s(reply[1]), Parked("", 0), (), retry_after_s=wait_ms / 1000)
         reason, position = _s(reply[0]), int(reply[1])
         if reason:
             self.metrics.parked.labels(body.queue_id.value, reason).inc()
-        return Admission("", Parked(reason, position), reply[2:])
+        quotas = _s(reply[-1]).split("\t")
+        requests, tokens = (
+            Quota(int(quotas[i]), int(quotas[i + 1]), int(quotas[i + 2]) / 1000)
+            if int(quotas[i])
+            else None
+            for i in (0, 3)
+        )
+        return Admission(
+            "", Parked(reason, position), reply[2:-1], requests=requests, tokens=tokens
+        )
 
     async def publish(self, admission: Admission, job_id: str, *, skip: bool = False) -> None:
         """Publish what :meth:`admit` dispatched (without ``job_id`` when ``skip``). Raises
@@ -267,12 +311,14 @@ class Dispatcher:
     async def claim(self, body: WorkerBody) -> str:
         """For a delivery: take (or keep) the job's three leases, all or none. ``"ok"``, or the
         guard that is full (``user``, ``model``, ``queue``)."""
-        return _s(await self.call_script("claim", self._claim_args(body)))
+        return _s(await self.call_script("claim", self._claim_args(body))).partition(":")[0]
 
-    async def claim_with_state(self, body: WorkerBody) -> tuple[dict[str, str] | None, str]:
-        """The job's state record and :meth:`claim`'s answer, in one round trip. The claim is
-        made before the state is known: a delivery that must not run gives the leases back
-        (:meth:`release`) unless the job runs elsewhere (they are that run's own leases)."""
+    async def claim_with_state(self, body: WorkerBody) -> tuple[dict[str, str] | None, str, bool]:
+        """The job's state record, :meth:`claim`'s answer, and whether dispatch had the job
+        (parked or being published: admitted, even if its record is not written yet), in one
+        round trip. The claim is made before the state is known: a delivery that must not run
+        gives the leases back (:meth:`release`) unless the job runs elsewhere (they are that
+        run's own leases)."""
 
         def build(pipe: Any) -> None:
             pipe.hgetall(self.keys.job(body.job_id))
@@ -283,21 +329,34 @@ class Dispatcher:
         except RedisError as exc:
             raise UpstreamError(f"redis: {exc}") from exc
         state = {_s(k): _s(v) for k, v in raw.items()} or None
-        return state, _s(full)
+        answer, _, sent = _s(full).partition(":")
+        return state, answer, sent == "sent"
 
     async def release(
         self,
         body: WorkerBody,
         also: Sequence[tuple[str, str]] = (),
         before: Callable[[Any], None] | None = None,
+        used_tokens: int | None = None,
     ) -> list[Any]:
         """The job's run ended: give back its leases (and ``also``, e.g. admission, in the same
         round trip, after what ``before`` queues first: e.g. the job's terminal event), then
-        publish what the freed room lets through. Returns the replies to ``before``'s
-        commands."""
+        publish what the freed room lets through. With ``used_tokens`` (the job ended), the
+        user's and the model's token quotas are corrected from the estimate to it. Returns the
+        replies to ``before``'s commands."""
+        correction: list[str | int] = []
+        if used_tokens is not None and used_tokens != body.estimated_tokens:
+            user = self.settings.user_rate(body.user_id, body.plan)
+            model = self.settings.models[body.model_id].rates.for_tier(body.tier)
+            if user.tpm or model.tpm:
+                correction = [
+                    user.rpm or 0, user.tpm or 0, model.rpm or 0, model.tpm or 0,
+                    used_tokens - body.estimated_tokens,
+                ]  # fmt: skip
         return await self.release_job(
-            body.job_id, body.queue_id.value, body.user_id, body.model_id, body.tier, also, before
-        )
+            body.job_id, body.queue_id.value, body.user_id, body.model_id, body.tier, also,
+            before, correction,
+        )  # fmt: skip
 
     async def release_job(
         self,
@@ -308,16 +367,17 @@ class Dispatcher:
         tier: str,
         also: Sequence[tuple[str, str]] = (),
         before: Callable[[Any], None] | None = None,
+        correction: Sequence[str | int] = (),
     ) -> list[Any]:
         """:meth:`release` from a job's state record (when no worker body is at hand)."""
-        extra = [job_id, queue, user_id, self.keys.model_guard(model_id, tier)]
+        extra = [job_id, queue, user_id, self.keys.model_guard(model_id, tier), *correction]
         first = 0
 
         def build(pipe: Any) -> None:
             nonlocal first
             if before is not None:
                 before(pipe)
-                first = len(pipe.command_stack)
+                first = len(pipe)
             for key, holder in also:
                 pipe.zrem(key, holder)
             self._queue_script(pipe, "release", extra)
@@ -328,6 +388,42 @@ class Dispatcher:
             raise UpstreamError(f"redis: {exc}") from exc
         await self._publish(replies[-1])
         return replies[:first]
+
+    def queue_adapt(self, pipe: Any, body: WorkerBody, action: str) -> None:
+        """Queue on ``pipe`` the move of the job's model's adaptive limit after one attempt:
+        ``decrease`` (an upstream 429), ``slow`` (its rate-limit headers ran low) or
+        ``increase`` (a success); see ``aimd.lua``."""
+        model = self.settings.models[body.model_id]
+        adaptive = model.adaptive
+        factor = adaptive.decrease if action == "decrease" else adaptive.slow_down
+        limit = model.limits.for_tier(body.tier)
+        self._queue_script(
+            pipe, "aimd",
+            [self.keys.model_guard(body.model_id, body.tier), limit,
+             min(adaptive.min_limit, limit), action, str(factor)],
+        )  # fmt: skip
+
+    async def model_limits(self) -> dict[str, float]:
+        """Effective limits of adaptive models now under their configured ones, by model
+        guard key."""
+        try:
+            raw = await self.r.hgetall(f"{self.keys.sched}:aimd")
+        except RedisError as exc:
+            raise UpstreamError(f"redis: {exc}") from exc
+        return {_s(k): float(_s(v)) for k, v in raw.items()}
+
+    async def show_model_limits(self) -> None:
+        """Set ``tierq_model_effective_limit`` for the models with adaptive limits."""
+        adaptive = [(m, c) for m, c in self.settings.models.items() if c.adaptive.enabled]
+        if not adaptive:
+            return
+        now = await self.model_limits()
+        for model_id, conf in adaptive:
+            for tier in ("paid", "free"):
+                limit = conf.limits.for_tier(tier)
+                moved = now.get(self.keys.model_guard(model_id, tier))
+                shown = limit if moved is None else max(1, min(limit, int(moved)))
+                self.metrics.model_limit.labels(model_id, tier).set(shown)
 
     async def kick(self) -> int:
         """Requeue publishes never confirmed in time, then dispatch every queue (the periodic
@@ -460,6 +556,7 @@ class Dispatcher:
             await asyncio.sleep(every)
             try:
                 await self.kick()
+                await self.show_model_limits()
                 if loop.time() >= next_positions:
                     next_positions = loop.time() + self.settings.waiting_update_s
                     await self.tell_positions()

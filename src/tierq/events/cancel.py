@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import redis.asyncio as aioredis
 import structlog
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from tierq.aio import raise_if_cancelled
 from tierq.events.log import JobStore
@@ -71,6 +71,7 @@ class CancelHub:
     async def _listen(self) -> None:
         while True:
             try:
+                await self._client.initialize()  # Redis Cluster: learn the slot map first
                 async with self._client.pubsub(ignore_subscribe_messages=True) as pubsub:
                     await pubsub.subscribe(self._channel)
                     self._ready.set()
@@ -78,6 +79,6 @@ class CancelHub:
                         data = message.get("data")
                         job_id = data.decode() if isinstance(data, bytes) else str(data)
                         self._signal(job_id)
-            except RedisError as exc:
+            except (RedisError, RedisClusterException) as exc:  # the latter: Cluster topology
                 log.warning("cancel_hub.reconnect", error=str(exc))
                 await asyncio.sleep(_RECONNECT_S)

@@ -13,6 +13,12 @@ returns only once everything added has been written, so the terminal event the c
 always follows the last delta. A flush that Redis refuses marks the buffers it carried
 (``error``); a job Redis reports gone or terminal marks its buffer ``rejected``: the worker
 stops that run.
+
+On Redis Cluster (``cluster``) one script call cannot touch keys of several hash slots: a
+tick's jobs are grouped by slot and the script is called once per slot, all calls pipelined
+(one round trip per node, in parallel). With job keys sharing a bounded set of tags
+(``AppKeys.job_tags``) that is a few calls per tick however many jobs run. A slot whose call
+fails fails only its own jobs' buffers.
 """
 
 from __future__ import annotations
@@ -20,8 +26,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Sequence
+from importlib import resources
+from typing import Any
 
 import structlog
+from redis.crc import key_slot
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from tierq.aio import raise_if_cancelled
 from tierq.errors import UpstreamError
@@ -99,16 +110,23 @@ class DeltaBuffer:
 class DeltaWriter:
     """The process's flusher (see module doc). Starts its task on first use."""
 
-    def __init__(self, store: JobStore, flush_ms: float, max_chars: int) -> None:
+    def __init__(
+        self, store: JobStore, flush_ms: float, max_chars: int, *, cluster: bool = False
+    ) -> None:
         self.store = store
         self.flush_s = flush_ms / 1000
         self.max_chars = max_chars
+        self.cluster = cluster
+        if cluster:  # the same script JobStore.append_deltas runs, called by sha per slot
+            text = (resources.files("tierq.events") / "lua" / "append_deltas.lua").read_text()
+            self._script = store.r.register_script(text)
         self._pending: dict[str, DeltaBuffer] = {}
         self._urgent_ids: set[str] = set()
         self._has_pending = asyncio.Event()
         self._urgent = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self.flushes = 0  # round trips made (for tests and metrics)
+        self.flushes = 0  # ticks written: one round trip each (for tests and metrics)
+        self.calls = 0  # script calls made: one a tick, or one per slot on Cluster
 
     def buffer(self, job_id: str) -> DeltaBuffer:
         return DeltaBuffer(self, job_id)
@@ -177,7 +195,7 @@ class DeltaWriter:
             items.append((buffer.job_id, delta_prefix(buffer.job_id, ts, text)))
         self.flushes += 1
         try:
-            results: list[int | UpstreamError] = list(await self.store.append_deltas(items))
+            results = await self._append(items)
         except UpstreamError as exc:
             log.warning("deltas.flush_failed", jobs=len(batch), error=str(exc))
             results = [exc] * len(batch)
@@ -187,3 +205,61 @@ class DeltaWriter:
             raise
         for buffer, result in zip(batch, results, strict=True):
             buffer.settle(result)
+
+    async def _append(self, items: list[tuple[str, bytes]]) -> list[int | UpstreamError]:
+        """One delta per job: one script call (a single node, or one slot), else one per
+        slot, pipelined; each result as :meth:`JobStore.append_deltas` gives it, or the error
+        of its slot's call."""
+        if not self.cluster:
+            self.calls += 1
+            return list(await self.store.append_deltas(items))
+        slots: dict[int, list[int]] = {}
+        for index, (job_id, _) in enumerate(items):
+            slots.setdefault(key_slot(self.store.keys.job(job_id).encode()), []).append(index)
+        self.calls += len(slots)
+        if len(slots) == 1:
+            return list(await self.store.append_deltas(items))
+        groups = list(slots.values())
+        replies = await self._pipelined([[items[i] for i in group] for group in groups])
+        results: list[int | UpstreamError] = [0] * len(items)
+        for group, reply in zip(groups, replies, strict=True):
+            for position, index in enumerate(group):
+                if isinstance(reply, BaseException):
+                    results[index] = UpstreamError(f"redis: {reply}")
+                else:
+                    results[index] = int(reply[position])
+        return results
+
+    async def _pipelined(self, groups: Sequence[Sequence[tuple[str, bytes]]]) -> list[Any]:
+        """The script once per group (each group's keys in one slot), in one pipeline: each
+        group's reply, or its error. Groups a node answered ``NOSCRIPT`` (it restarted or failed
+        over: nothing ran) are sent again, once, after loading the script on every primary; the
+        others are never sent twice (a call appends)."""
+        replies: list[Any] = [None] * len(groups)
+        todo = list(range(len(groups)))
+        for attempt in (0, 1):
+            pipe = self.store.r.pipeline(transaction=False)
+            for index in todo:
+                self._queue(pipe, groups[index])
+            try:
+                answers: list[Any] = await pipe.execute(raise_on_error=False)
+            except (RedisError, RedisClusterException) as exc:
+                raise UpstreamError(f"redis: {exc}") from exc
+            for index, answer in zip(todo, answers, strict=True):
+                replies[index] = answer
+            todo = [i for i in todo if isinstance(replies[i], NoScriptError)]
+            if not todo or attempt:
+                break
+            try:
+                await self.store.r.script_load(self._script.script)  # every primary
+            except (RedisError, RedisClusterException) as exc:
+                raise UpstreamError(f"redis: {exc}") from exc
+        return replies
+
+    def _queue(self, pipe: Any, group: Sequence[tuple[str, bytes]]) -> None:
+        keys = self.store.keys
+        names = [k for job_id, _ in group for k in (keys.job(job_id), keys.job_events(job_id))]
+        # not pipe.evalsha(): redis-py refuses it in a cluster pipeline
+        pipe.execute_command(
+            "EVALSHA", self._script.sha, len(names), *names, *(p for _, p in group)
+        )

@@ -14,6 +14,12 @@ Positions: a stream first followed starts at its first subscriber's position; a 
 joins a stream the hub already reads past must read the gap itself (``backfill_to``); the hub
 may deliver entries a subscriber already has (a later joiner, or a read sent before the stream
 was re-followed), so subscribers drop entries at or before their own position.
+
+Redis Cluster refuses one ``XREAD`` over keys of several hash slots (even on one node), so
+there the hub runs one such read per slot it follows, each with a wake-up stream of its own in
+that slot; job keys share a bounded set of hash tags (``AppKeys.job_tags``), which bounds the
+blocked reads (and connections) of a process however many streams it follows. On a single node
+it is one read for everything, as above.
 """
 
 from __future__ import annotations
@@ -22,11 +28,12 @@ import asyncio
 import contextlib
 import uuid
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as aioredis
 import structlog
-from redis.exceptions import RedisError
+from redis.crc import key_slot
+from redis.exceptions import RedisClusterException, RedisError
 
 from tierq.aio import raise_if_cancelled
 from tierq.events.codec import stream_id
@@ -115,33 +122,72 @@ def _expire(waiter: asyncio.Future[None]) -> None:
 
 
 class _Followed:
-    __slots__ = ("pos", "subs")
+    __slots__ = ("pos", "reader", "subs")
 
-    def __init__(self, pos: str) -> None:
+    def __init__(self, pos: str, reader: _Reader) -> None:
         self.pos = pos  # the last entry id fanned out (or the first subscriber's position)
+        self.reader = reader
         self.subs: set[Subscription] = set()
 
 
+class _Reader:
+    """One blocking ``XREAD`` loop: over every followed stream on a single node; on Redis
+    Cluster, over the followed streams of one hash slot (Cluster refuses one read across
+    slots), with a wake-up stream in that slot."""
+
+    __slots__ = ("issued", "keys", "reading", "slot", "task", "uncovered", "wake_key",
+                 "wake_pos", "wake_task")  # fmt: skip
+
+    def __init__(self, slot: int | None, wake_key: str) -> None:
+        self.slot = slot  # None: a single node, one reader for every stream
+        self.wake_key = wake_key
+        self.wake_pos = "0-0"
+        self.keys: set[str] = set()  # the followed streams it reads
+        self.reading: set[str] | None = None  # the streams the XREAD in flight covers
+        self.uncovered: set[str] = set()
+        self.issued = asyncio.Event()  # replaced each time a read is sent
+        self.task: asyncio.Task[None] | None = None
+        self.wake_task: asyncio.Task[None] | None = None
+
+
+def hash_tag(key: str) -> str:
+    """What Redis Cluster hashes of ``key``: its ``{tag}`` when it has a non-empty one."""
+    start = key.find("{")
+    if start >= 0:
+        end = key.find("}", start + 1)
+        if end > start + 1:
+            return key[start + 1 : end]
+    return key
+
+
 class TailHub:
-    """See the module doc. The reader task starts on the first subscription."""
+    """See the module doc. A reader task starts on the first subscription (of its slot, on
+    Redis Cluster) and ends once it has no stream left to read.
+
+    ``cluster``: ``reader`` and ``writer`` are Redis Cluster clients; followed streams are
+    grouped by hash slot, one blocking read per slot, each with its own wake-up stream
+    (``<wake_key>:<process>:{<tag>}``, in the slot). With job keys that share a bounded set of
+    tags (``AppKeys.job_tags``) a process holds at most that many blocked reads. On a single
+    node everything is one read, as the module doc says."""
 
     def __init__(
-        self, reader: aioredis.Redis, writer: aioredis.Redis, wake_key: str, buffer_bytes: int
+        self,
+        reader: aioredis.Redis,
+        writer: aioredis.Redis,
+        wake_key: str,
+        buffer_bytes: int,
+        *,
+        cluster: bool = False,
     ) -> None:
-        self._reader = reader  # its own connection: a blocked XREAD holds it
+        self._reader = reader  # its own connection(s): a blocked XREAD holds one
         # the raw reply (lists of [id, [field, value]]): no dict per entry, bytes as they come
         reader.set_response_callback("XREAD", _raw)
         self._writer = writer
+        self.cluster = cluster
         self.wake_key = f"{wake_key}:{uuid.uuid4().hex}"
         self.buffer_bytes = buffer_bytes
         self._streams: dict[str, _Followed] = {}
-        self._wake_pos = "0-0"
-        self._reading: set[str] | None = None  # the streams the XREAD in flight covers
-        self._uncovered: set[str] = set()
-        self._issued = asyncio.Event()  # replaced each time a read is sent
-        self._idle = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._wake_task: asyncio.Task[None] | None = None
+        self._readers: dict[int | None, _Reader] = {}
         self.reads = 0  # XREADs sent (for tests and metrics)
 
     @property
@@ -152,6 +198,11 @@ class TailHub:
     def subscribers(self) -> int:
         return sum(len(f.subs) for f in self._streams.values())
 
+    @property
+    def readers(self) -> int:
+        """Reader tasks running (one at most on a single node; one per slot on Cluster)."""
+        return sum(1 for r in self._readers.values() if r.task is not None and not r.task.done())
+
     def subscribe(
         self, key: str, after: str, on_overflow: Callable[[], None] | None = None
     ) -> Subscription:
@@ -159,13 +210,15 @@ class TailHub:
         sub = Subscription(key, self.buffer_bytes, on_overflow)
         followed = self._streams.get(key)
         if followed is None:
-            self._streams[key] = followed = _Followed(after)
-            self._cover(key)
-        elif stream_id(followed.pos) > stream_id(after):
-            sub.backfill_to = followed.pos
+            reader = self._reader_for(key)
+            self._streams[key] = followed = _Followed(after, reader)
+            reader.keys.add(key)
+            self._cover(reader, key)
+        else:
+            if stream_id(followed.pos) > stream_id(after):
+                sub.backfill_to = followed.pos
+            self._cover(followed.reader, key)  # restarts a reader that died, else nothing
         followed.subs.add(sub)
-        if self._task is None or self._task.done():
-            self._task = asyncio.create_task(self._run(), name="tierq-tail-hub")
         return sub
 
     def unsubscribe(self, sub: Subscription) -> None:
@@ -176,67 +229,90 @@ class TailHub:
         followed.subs.discard(sub)
         if not followed.subs:  # the next read leaves it out
             del self._streams[sub.key]
-            self._uncovered.discard(sub.key)
+            followed.reader.keys.discard(sub.key)
+            followed.reader.uncovered.discard(sub.key)
 
     async def stop(self) -> None:
-        for task in (self._task, self._wake_task):
-            if task is not None:
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-        self._task = self._wake_task = None
+        tasks = [t for r in self._readers.values() for t in (r.task, r.wake_task) if t]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._readers.clear()
         for followed in self._streams.values():
             for sub in followed.subs:
                 sub.close()
         self._streams.clear()
 
-    # -- the reader ------------------------------------------------------------------------
+    # -- the readers -----------------------------------------------------------------------
 
-    def _cover(self, key: str) -> None:
-        if self._reading is None:
-            self._idle.set()  # not blocked: the next read is built with this stream in it
-        elif key not in self._reading:
-            self._uncovered.add(key)
-            if self._wake_task is None or self._wake_task.done():
-                self._wake_task = asyncio.create_task(self._wake(), name="tierq-tail-hub-wake")
+    def _reader_for(self, key: str) -> _Reader:
+        slot = key_slot(key.encode()) if self.cluster else None
+        reader = self._readers.get(slot)
+        if reader is None:
+            wake_key = self.wake_key
+            if slot is not None:
+                wake_key = f"{wake_key}:{{{hash_tag(key)}}}"
+                if key_slot(wake_key.encode()) != slot:
+                    raise ValueError(f"no wake-up stream can share the slot of {key!r}")
+            self._readers[slot] = reader = _Reader(slot, wake_key)
+        return reader
 
-    async def _run(self) -> None:
-        while True:
-            if not self._streams:
-                self._idle.clear()
-                await self._idle.wait()
-                continue
-            asked = {key: followed.pos for key, followed in self._streams.items()}
-            self._reading = set(asked)
-            self._uncovered.clear()
-            issued, self._issued = self._issued, asyncio.Event()
+    def _cover(self, reader: _Reader, key: str) -> None:
+        if reader.task is None or reader.task.done():
+            reader.task = asyncio.create_task(self._run(reader), name="tierq-tail-hub")
+        elif reader.reading is not None and key not in reader.reading:
+            # blocked in a read without this stream: wake it (when not blocked, the next read
+            # is built with this stream in it)
+            reader.uncovered.add(key)
+            if reader.wake_task is None or reader.wake_task.done():
+                reader.wake_task = asyncio.create_task(
+                    self._wake(reader), name="tierq-tail-hub-wake"
+                )
+
+    async def _run(self, reader: _Reader) -> None:
+        while reader.keys:
+            asked = {key: self._streams[key].pos for key in reader.keys}
+            reader.reading = set(asked)
+            reader.uncovered.clear()
+            issued, reader.issued = reader.issued, asyncio.Event()
             issued.set()
             self.reads += 1
-            # The raw command: redis-py's xread() helper costs more than the read itself with
-            # hundreds of streams (argument checks per call; measured under load).
-            keys, ids = [self.wake_key, *asked], [self._wake_pos, *asked.values()]
             try:
-                reply: Any = await self._reader.execute_command(  # type: ignore[no-untyped-call] # redis-py leaves it untyped
-                    "XREAD", "COUNT", READ_COUNT, "BLOCK", BLOCK_MS, "STREAMS", *keys, *ids
-                )
-            except RedisError as exc:
+                reply = await self._read(reader, asked)
+            except (RedisError, RedisClusterException) as exc:  # the latter: Cluster topology
                 log.warning("tail_hub.read_failed", error=str(exc))
                 await asyncio.sleep(RETRY_S)
                 continue
             finally:
-                self._reading = None
+                reader.reading = None
             raise_if_cancelled()  # stop() must end this loop, even through redis-py
             try:
-                self._fan_out(reply or [], asked)
+                self._fan_out(reader, reply or [], asked)
             except Exception:  # a bug here must not stop every stream of the process
                 log.exception("tail_hub.fan_out_failed")
                 await asyncio.sleep(RETRY_S)
+        if reader.slot is not None and self._readers.get(reader.slot) is reader:
+            del self._readers[reader.slot]  # a later stream of this slot starts a new one
 
-    def _fan_out(self, reply: Any, asked: dict[str, str]) -> None:
+    async def _read(self, reader: _Reader, asked: dict[str, str]) -> Any:
+        # The raw command: redis-py's xread() helper costs more than the read itself with
+        # hundreds of streams (argument checks per call; measured under load).
+        keys, ids = [reader.wake_key, *asked], [reader.wake_pos, *asked.values()]
+        command = ("XREAD", "COUNT", READ_COUNT, "BLOCK", BLOCK_MS, "STREAMS", *keys, *ids)
+        if reader.slot is None:
+            return await self._reader.execute_command(*command)  # type: ignore[no-untyped-call] # redis-py leaves it untyped
+        # Cluster: name the node, or redis-py asks the server for XREAD's keys on every call
+        cluster = cast(Any, self._reader)
+        await cluster.initialize()  # a no-op once the slot map is known
+        node = cluster.get_node_from_key(reader.wake_key)
+        return await cluster.execute_command(*command, target_nodes=node)
+
+    def _fan_out(self, reader: _Reader, reply: Any, asked: dict[str, str]) -> None:
         # RESP3 answers a map of stream → entries, RESP2 a list of [stream, entries]
         for raw_key, entries in reply.items() if isinstance(reply, dict) else reply:
             key = _s(raw_key)
-            if key == self.wake_key:
-                self._wake_pos = _s(entries[-1][0])
+            if key == reader.wake_key:
+                reader.wake_pos = _s(entries[-1][0])
                 continue
             followed = self._streams.get(key)
             if followed is None or followed.pos != asked.get(key):
@@ -247,16 +323,16 @@ class TailHub:
             for sub in followed.subs:
                 sub.push(rows, size)
 
-    async def _wake(self) -> None:
+    async def _wake(self, reader: _Reader) -> None:
         """Make the blocked read return until every followed stream is covered by one."""
-        while self._uncovered and self._reading is not None:
-            issued = self._issued
+        while reader.uncovered and reader.reading is not None:
+            issued = reader.issued
             try:
                 pipe = self._writer.pipeline(transaction=False)
-                pipe.xadd(self.wake_key, {"w": "1"}, maxlen=16, approximate=True)
-                pipe.pexpire(self.wake_key, WAKE_TTL_MS)
+                pipe.xadd(reader.wake_key, {"w": "1"}, maxlen=16, approximate=True)
+                pipe.pexpire(reader.wake_key, WAKE_TTL_MS)
                 await pipe.execute()
-            except RedisError as exc:
+            except (RedisError, RedisClusterException) as exc:
                 log.warning("tail_hub.wake_failed", error=str(exc))
                 await asyncio.sleep(RETRY_S)
                 continue

@@ -93,10 +93,13 @@ class Answer:
     model: str
     created: int
     include_usage: bool
+    rate_headers: dict[str, str]
 
     @property
     def headers(self) -> dict[str, str]:
-        return {"x-tierq-job-id": self.job_id, "x-tierq-queue-id": self.queue_id}
+        """Which job answers, and OpenAI's ``x-ratelimit-*`` for the caller's quotas."""
+        return {"x-tierq-job-id": self.job_id, "x-tierq-queue-id": self.queue_id,
+                **self.rate_headers}  # fmt: skip
 
     def error(self, exc: OpenAIError) -> Response:
         exc.headers.update(self.headers)
@@ -185,7 +188,10 @@ async def _chat(request: Request) -> Response:
     except _DEPENDENCY_ERRORS as exc:
         log.warning("frontdoor.submit_failed", error=str(exc))
         raise errors.unavailable() from None
-    answer = Answer(rt, reply.job_id, reply.queue_id.value, req.model, created, req.include_usage)
+    answer = Answer(
+        rt, reply.job_id, reply.queue_id.value, req.model, created, req.include_usage,
+        reply.rate_headers,
+    )  # fmt: skip
     follower = JobFollower(rt.jobs, rt.hub, reply.job_id, None, rt.settings.sse_ping_s)
     events = follower.entries()
     handed_over = False

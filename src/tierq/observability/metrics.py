@@ -3,10 +3,29 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 _WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 _RUN_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900)
+
+
+QUEUE_GAUGES: dict[str, tuple[str, str]] = {
+    "lag": ("tierq_queue_lag", "QStash: messages of the queue waiting to start"),
+    "paused": ("tierq_queue_paused", "QStash: 1 when the queue is paused"),
+    "parallelism": ("tierq_queue_parallelism", "QStash: deliveries in flight at most"),
+    "in_flight": ("tierq_queue_in_flight", "Jobs dispatched and not finished (slots held)"),
+    "admitted": ("tierq_queue_admitted", "Jobs admitted and not finished (admission slots)"),
+    "admission_depth": ("tierq_queue_admission_depth", "Jobs admitted at most (configured)"),
+    "parked": ("tierq_queue_parked", "Jobs parked in tierq, waiting to be dispatched"),
+    "dlq": ("tierq_queue_dlq_messages", "QStash DLQ entries whose message is of the queue"),
+    "mismatch": (
+        "tierq_queue_state_mismatch",
+        "1 when QStash lacks the queue or its paused/parallelism differ from tierq's dispatcher",
+    ),
+}
+"""Field of a queue snapshot → (gauge name, help); every gauge is labelled by ``queue``."""
 
 
 class Metrics:
@@ -54,6 +73,29 @@ class Metrics:
             "tierq_admission_rejections", "Submits refused with 429 (queue full)", ["queue"],
             registry=r,
         )  # fmt: skip
+        # usage, by model and tier (never by user: cardinality; the ledger has users)
+        self.usage_tokens = Counter(
+            "tierq_usage_tokens", "Tokens used by jobs (every attempt), by kind",
+            ["model", "tier", "kind"], registry=r,
+        )  # fmt: skip
+        self.usage_jobs = Counter(
+            "tierq_usage_jobs", "Jobs that ended, by outcome", ["model", "tier", "outcome"],
+            registry=r,
+        )  # fmt: skip
+        self.rate_limited = Counter(
+            "tierq_rate_limited", "Submits refused by a user's rate quota, by quota", ["kind"],
+            registry=r,
+        )  # fmt: skip
+        self.model_limit = Gauge(
+            "tierq_model_effective_limit",
+            "A model's running-job limit now (lowered by adaptive limits, else configured)",
+            ["model", "tier"], registry=r,
+        )  # fmt: skip
+        self.worker_deliveries = Counter(
+            "tierq_worker_deliveries",
+            "Deliveries answered by the worker routes, by route (unified/legacy) and status",
+            ["route", "status"], registry=r,
+        )  # fmt: skip
         self.sse_open = Gauge("tierq_sse_connections", "SSE streams open now", registry=r)
         self.sse_total = Counter("tierq_sse_streams", "SSE streams opened", registry=r)
         self.sse_tail_streams = Gauge(
@@ -69,18 +111,58 @@ class Metrics:
         self.broker_retries = Counter(
             "tierq_broker_retries", "Broker attempts that scheduled a retry", registry=r
         )
-        self.broker_dlq = Counter("tierq_broker_dlq", "Messages moved to the DLQ", registry=r)
+        self.broker_dlq = Counter(
+            "tierq_broker_dlq", "Messages moved to the DLQ, by queue (\"\" for none)", ["queue"],
+            registry=r,
+        )  # fmt: skip
+        self.lease_expiries = Counter(
+            "tierq_lease_expiries", "Leases found expired under a running job (heartbeat late)",
+            registry=r,
+        )  # fmt: skip
+        self._queue_gauges(r)
+
+    def _queue_gauges(self, r: CollectorRegistry) -> None:
+        """Per queue, from the shared queue snapshot (``tierq.ops.queue_metrics``): every
+        process shows the same numbers, refreshed every ``queue_metrics_s``."""
+        self.queue = {
+            field: Gauge(name, text, ["queue"], registry=r)
+            for field, (name, text) in QUEUE_GAUGES.items()
+        }
+        self.queue_snapshot_at = Gauge(
+            "tierq_queue_metrics_timestamp_seconds",
+            "When the queue snapshot behind the tierq_queue_* gauges was taken (Unix time)",
+            registry=r,
+        )
+        self.queue_polls = Counter(
+            "tierq_queue_metrics_polls", "Queue snapshots this process took from QStash and Redis",
+            ["outcome"], registry=r,
+        )  # fmt: skip
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
-    def broker_attempt(self, outcome: str) -> None:
-        """Hook for the broker's dispatcher: one delivery attempt ended with ``outcome``."""
+    def broker_attempt(self, outcome: str, queue: str | None = None) -> None:
+        """Hook for the broker's dispatcher: one delivery attempt of a message of ``queue``
+        (``None``: not enqueued) ended with ``outcome``."""
         self.broker_deliveries.labels(outcome).inc()
         if outcome == "retry":
             self.broker_retries.inc()
         elif outcome == "failed":
-            self.broker_dlq.inc()
+            self.broker_dlq.labels(queue or "").inc()
+
+    def lease_lost(self, _key: str) -> None:
+        """Hook for the lease heartbeat's ``on_lost``: a running job's lease had expired."""
+        self.lease_expiries.inc()
+
+    def set_queue(self, queue: str, values: Mapping[str, float | None]) -> None:
+        """Set the ``queue``'s gauges from one snapshot (keys of :data:`QUEUE_GAUGES`); a
+        ``None`` value (unknown: QStash lacks the queue) removes that gauge's sample."""
+        for field, value in values.items():
+            gauge = self.queue[field]
+            if value is not None:
+                gauge.labels(queue).set(value)
+            else:
+                gauge.remove(queue)  # a no-op when it has no sample
 
     def counters(self, queues: list[str]) -> dict[str, dict[str, float]]:
         """Totals per queue since start, for the dashboard's rates."""

@@ -3,19 +3,22 @@
 Every route needs the admin token. Queue and DLQ routes go through the QStash REST API (the
 official SDK for queues, ``QStashDlq`` for the DLQ), so they behave the same against Upstash and
 the embedded broker; in-flight, admission and guard numbers come from tierq's Redis leases.
-Every route that changes something writes one audit record, whatever its outcome.
+The queue lists (``GET /queues``, ``/overview``: what the dashboard and ``tierq queues list``
+poll) take QStash's side from the shared snapshot (:mod:`tierq.ops.queue_metrics`), never from
+QStash per request; one queue's view asks QStash at once. Every route that changes something
+writes one audit record, whatever its outcome, then refreshes the snapshot.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import hmac
 from collections.abc import AsyncIterator, Iterator
 from typing import Annotated, Any
 
 import httpx
+import structlog
 from fastapi import APIRouter, Depends, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
 from qstash.errors import QStashError
@@ -34,10 +37,14 @@ from tierq.ops.qstash_admin import (
     sdk_error,
     sdk_status,
 )
+from tierq.ops.queue_metrics import QueueCollector, QueueFacts, Snapshot
+from tierq.ops.queue_state import force_configuration
 from tierq.producer.api import cancel, job_view, runtime
 from tierq.producer.auth import bearer, events_token
 from tierq.queues import TIERS, QueueId, parse_queue
 from tierq.runtime import Runtime
+
+log = structlog.get_logger("tierq.admin")
 
 _QSTASH_TIMEOUT_S = 15.0
 _RETRY_CONCURRENCY = 8
@@ -66,6 +73,25 @@ async def qstash_dlq(request: Request) -> AsyncIterator[QStashDlq]:
 
 
 Dlq = Annotated[QStashDlq, Depends(qstash_dlq)]
+
+
+def queue_collector(request: Request) -> QueueCollector:
+    """The process's shared queue snapshot (started by the app's lifespan)."""
+    found: QueueCollector = request.app.state.queue_metrics
+    return found
+
+
+Collector = Annotated[QueueCollector, Depends(queue_collector)]
+
+
+async def refreshed(collector: QueueCollector) -> Snapshot | None:
+    """A fresh snapshot after a change, so that the next list shows it; ``None`` when it
+    could not be taken (the change stands; the next tick tries again)."""
+    try:
+        return await collector.refresh()
+    except UpstreamError as exc:
+        log.warning("admin.snapshot_failed", error=str(exc))
+        return None
 
 
 @contextlib.contextmanager
@@ -103,57 +129,91 @@ async def _qstash_queue(rt: Runtime, queue: QueueId) -> Queue | None:
         raise UpstreamError(f"qstash queue get failed for {queue}: {exc}") from exc
 
 
-async def queue_view(rt: Runtime, queue: QueueId, dlq_size: int) -> dict[str, Any]:
-    q, in_flight, admitted, dispatch = await asyncio.gather(
-        _qstash_queue(rt, queue),
+async def tierq_side(rt: Runtime, queue: QueueId) -> dict[str, Any]:
+    """What tierq's Redis says of ``queue`` now (cheap: no QStash call)."""
+    in_flight, admitted, dispatch = await asyncio.gather(
         rt.leases.count(rt.keys.queue_slots(queue.value)),
         rt.leases.count(rt.keys.admission(queue.value)),
         rt.dispatcher.queue_stats(queue.value),
     )
+    return {"inFlight": in_flight, "admitted": admitted, "dispatch": dispatch}
+
+
+def _queue(
+    rt: Runtime, queue: QueueId, qstash: dict[str, Any], ours: dict[str, Any]
+) -> dict[str, Any]:
+    """The ``Queue`` view: ``qstash`` has parallelism, paused, lag and dlq."""
     tier, experience = parse_queue(queue)
     conf = rt.settings.queues.get(queue)
     return {
         "queueId": queue.value,
         "tier": tier,
         "experience": experience,
-        "parallelism": q.parallelism if q else None,
-        "paused": q.paused if q else None,
-        "lag": q.lag if q else 0,
-        "inFlight": in_flight,
-        "admitted": admitted,
+        "parallelism": qstash["parallelism"],
+        "paused": qstash["paused"],
+        "lag": qstash["lag"],
+        "inFlight": ours["inFlight"],
+        "admitted": ours["admitted"],
         "admissionDepth": conf.admission_depth if conf else None,
-        "dlq": dlq_size,
-        **dispatch,
+        "dlq": qstash["dlq"],
+        **ours["dispatch"],
     }
 
 
-def dlq_counts(messages: list[dict[str, Any]]) -> collections.Counter[str]:
-    return collections.Counter(str(dlq_entry(m)["queueId"]) for m in messages)
+async def queue_view(rt: Runtime, queue: QueueId, dlq_size: int) -> dict[str, Any]:
+    """One queue, QStash and Redis asked now."""
+    q, ours = await asyncio.gather(_qstash_queue(rt, queue), tierq_side(rt, queue))
+    qstash = {
+        "parallelism": q.parallelism if q else None,
+        "paused": q.paused if q else None,
+        "lag": q.lag if q else 0,
+        "dlq": dlq_size,
+    }
+    return _queue(rt, queue, qstash, ours)
 
 
-async def queue_views(rt: Runtime, dlq: QStashDlq) -> list[dict[str, Any]]:
-    """The six queues in routing-table order."""
-    counts = dlq_counts(await dlq.all())
-    return list(await asyncio.gather(*(queue_view(rt, q, counts[q.value]) for q in QueueId)))
+def _from_snapshot(facts: QueueFacts | None) -> dict[str, Any]:
+    if facts is None:
+        return {"parallelism": None, "paused": None, "lag": 0, "dlq": 0}
+    return {
+        "parallelism": facts.parallelism,
+        "paused": facts.paused,
+        "lag": facts.lag,
+        "dlq": facts.dlq,
+    }
+
+
+async def listed_views(rt: Runtime, snap: Snapshot) -> list[dict[str, Any]]:
+    """The six queues in routing-table order: QStash's side from ``snap``, tierq's now."""
+    ours = await asyncio.gather(*(tierq_side(rt, q) for q in QueueId))
+    return [
+        _queue(rt, q, _from_snapshot(snap.queues.get(q.value)), mine)
+        for q, mine in zip(QueueId, ours, strict=True)
+    ]
 
 
 async def one_queue_view(rt: Runtime, dlq: QStashDlq, queue: QueueId) -> dict[str, Any]:
     return await queue_view(rt, queue, len(await dlq.all(queue=queue.value)))
 
 
+async def _listing(rt: Runtime, snap: Snapshot) -> dict[str, Any]:
+    return {"queues": await listed_views(rt, snap), "asOf": snap.at_ms}
+
+
 @router.get("/queues")
-async def list_queues(request: Request, dlq: Dlq) -> dict[str, Any]:
-    return {"queues": await queue_views(runtime(request), dlq)}
+async def list_queues(request: Request, collector: Collector) -> dict[str, Any]:
+    return await _listing(runtime(request), await collector.snapshot())
 
 
 @router.post("/queues/sync")
-async def sync_queues(request: Request, dlq: Dlq) -> dict[str, Any]:
-    """Upsert all six from configuration (parallelism and paused)."""
+async def sync_queues(request: Request, collector: Collector) -> dict[str, Any]:
+    """Upsert all six from configuration (parallelism and paused), forgetting operators'
+    changes."""
     rt = runtime(request)
-    with audited("queue.sync", queues=[q.value for q in rt.settings.queues]):
-        await rt.gateway.sync_queues()
-        await rt.dispatcher.clear_queue_overrides()
-    return {"queues": await queue_views(rt, dlq)}
+    with audited("queue.sync", queues=[q.value for q in rt.settings.queues]) as out:
+        out["previous"] = await force_configuration(rt)
+    snap = await refreshed(collector) or await collector.snapshot()
+    return await _listing(rt, snap)
 
 
 @router.get("/queues/{queue_id}")
@@ -161,7 +221,9 @@ async def get_queue(queue_id: str, request: Request, dlq: Dlq) -> dict[str, Any]
     return await one_queue_view(runtime(request), dlq, queue_or_404(queue_id))
 
 
-async def _set_paused(request: Request, dlq: Dlq, queue_id: str, paused: bool) -> dict[str, Any]:
+async def _set_paused(
+    request: Request, dlq: Dlq, collector: QueueCollector, queue_id: str, paused: bool
+) -> dict[str, Any]:
     rt = runtime(request)
     queue = queue_or_404(queue_id)
     action = "queue.pause" if paused else "queue.resume"
@@ -172,17 +234,22 @@ async def _set_paused(request: Request, dlq: Dlq, queue_id: str, paused: bool) -
         except QStashError as exc:
             raise sdk_error(exc, f"{action} {queue.value}") from exc
         await rt.dispatcher.set_queue(queue.value, paused=paused)
+    await refreshed(collector)
     return await one_queue_view(rt, dlq, queue)
 
 
 @router.post("/queues/{queue_id}/pause")
-async def pause_queue(queue_id: str, request: Request, dlq: Dlq) -> dict[str, Any]:
-    return await _set_paused(request, dlq, queue_id, True)
+async def pause_queue(
+    queue_id: str, request: Request, dlq: Dlq, collector: Collector
+) -> dict[str, Any]:
+    return await _set_paused(request, dlq, collector, queue_id, True)
 
 
 @router.post("/queues/{queue_id}/resume")
-async def resume_queue(queue_id: str, request: Request, dlq: Dlq) -> dict[str, Any]:
-    return await _set_paused(request, dlq, queue_id, False)
+async def resume_queue(
+    queue_id: str, request: Request, dlq: Dlq, collector: Collector
+) -> dict[str, Any]:
+    return await _set_paused(request, dlq, collector, queue_id, False)
 
 
 class ParallelismBody(BaseModel):
@@ -192,9 +259,9 @@ class ParallelismBody(BaseModel):
 
 @router.put("/queues/{queue_id}/parallelism")
 async def set_parallelism(
-    queue_id: str, body: ParallelismBody, request: Request, dlq: Dlq
+    queue_id: str, body: ParallelismBody, request: Request, dlq: Dlq, collector: Collector
 ) -> dict[str, Any]:
-    """Until the next sync: configuration still holds the queue's configured parallelism."""
+    """Until changed again or the next sync (restarts keep it)."""
     rt = runtime(request)
     queue = queue_or_404(queue_id)
     with audited("queue.parallelism", queue=queue.value, parallelism=body.parallelism) as out:
@@ -210,6 +277,7 @@ async def set_parallelism(
         except QStashError as exc:
             raise sdk_error(exc, f"queue.parallelism {queue.value}") from exc
         await rt.dispatcher.set_queue(queue.value, parallelism=body.parallelism)
+    await refreshed(collector)
     return await one_queue_view(rt, dlq, queue)
 
 
@@ -245,7 +313,7 @@ async def list_dlq(
 
 
 @router.post("/dlq/retry")
-async def retry_dlq(body: DlqIdsBody, dlq: Dlq) -> dict[str, Any]:
+async def retry_dlq(body: DlqIdsBody, dlq: Dlq, collector: Collector) -> dict[str, Any]:
     """Each entry becomes a new message in its queue; entries already gone are ``missing``."""
     limit = asyncio.Semaphore(_RETRY_CONCURRENCY)
 
@@ -262,13 +330,15 @@ async def retry_dlq(body: DlqIdsBody, dlq: Dlq) -> dict[str, Any]:
         ]
         missing = [d for d, m in zip(body.dlq_ids, message_ids, strict=True) if m is None]
         out.update(retried=retried, missing=missing)
+    await refreshed(collector)
     return {"retried": retried, "missing": missing}
 
 
 @router.delete("/dlq")
-async def delete_many_dlq(body: DlqIdsBody, dlq: Dlq) -> dict[str, Any]:
+async def delete_many_dlq(body: DlqIdsBody, dlq: Dlq, collector: Collector) -> dict[str, Any]:
     with audited("dlq.delete", dlq_ids=body.dlq_ids) as out:
         out["deleted"] = deleted = await dlq.delete_many(body.dlq_ids)
+    await refreshed(collector)
     return {"deleted": deleted}
 
 
@@ -281,11 +351,12 @@ async def get_dlq(dlq_id: DlqIdPath, dlq: Dlq) -> dict[str, Any]:
 
 
 @router.delete("/dlq/{dlq_id}")
-async def delete_dlq(dlq_id: DlqIdPath, dlq: Dlq) -> dict[str, Any]:
+async def delete_dlq(dlq_id: DlqIdPath, dlq: Dlq, collector: Collector) -> dict[str, Any]:
     with audited("dlq.delete", dlq_ids=[dlq_id]) as out:
         out["deleted"] = int(await dlq.delete(dlq_id))
         if not out["deleted"]:
             raise NotFound(f"dlq entry {dlq_id} not found", code="dlq_not_found")
+    await refreshed(collector)
     return {"deleted": 1}
 
 
@@ -332,10 +403,17 @@ async def model_guards(rt: Runtime) -> list[dict[str, Any]]:
     holders = await asyncio.gather(
         *(rt.leases.holders(rt.keys.model_guard(m, t)) for m, t, _ in rows)
     )
+    moved = await rt.dispatcher.model_limits()  # adaptive limits under the configured ones
+
+    def effective(model: str, tier: str, limit: int) -> int:
+        now = moved.get(rt.keys.model_guard(model, tier))
+        return limit if now is None else max(1, min(limit, int(now)))
+
     return [
-        {"modelId": m, "tier": t, "running": len(jobs), "limit": limit, "jobs": jobs}
+        {"modelId": m, "tier": t, "running": len(jobs), "limit": limit,
+         "effectiveLimit": effective(m, t, limit), "jobs": jobs}
         for (m, t, limit), jobs in zip(rows, holders, strict=True)
-    ]
+    ]  # fmt: skip
 
 
 async def _user_guard_keys(rt: Runtime) -> list[str]:
@@ -373,17 +451,16 @@ async def get_guards(request: Request) -> dict[str, Any]:
 
 
 @router.get("/overview")
-async def overview(request: Request, dlq: Dlq) -> dict[str, Any]:
-    """What the dashboard polls: queues, guards, DLQ size and the job counters."""
+async def overview(request: Request, collector: Collector) -> dict[str, Any]:
+    """What the dashboard polls: queues, guards, DLQ size and the job counters (QStash's side
+    from the shared snapshot: no QStash call per viewer)."""
     rt = runtime(request)
-    messages = await dlq.all()
-    counts = dlq_counts(messages)
-    queues, guard_view = await asyncio.gather(
-        asyncio.gather(*(queue_view(rt, q, counts[q.value]) for q in QueueId)), guards(rt)
-    )
+    snap = await collector.snapshot()
+    queues, guard_view = await asyncio.gather(listed_views(rt, snap), guards(rt))
     return {
-        "queues": list(queues),
+        "queues": queues,
         "guards": guard_view,
-        "dlqSize": len(messages),
+        "dlqSize": snap.dlq_size,
+        "asOf": snap.at_ms,
         "counters": rt.metrics.counters([q.value for q in QueueId]),
     }

@@ -63,7 +63,9 @@ async def submit_job(job: JobRequest, request: Request) -> JSONResponse:
     rt = runtime(request)
     user = authenticate_user(request, rt.settings)
     reply = await submit(rt, user, job, request.headers)
-    return JSONResponse(reply.model_dump(by_alias=True, mode="json"), status_code=202)
+    return JSONResponse(
+        reply.model_dump(by_alias=True, mode="json"), status_code=202, headers=reply.rate_headers
+    )
 
 
 @router.get("/api/jobs/{job_id}")
@@ -87,11 +89,13 @@ async def cancel(rt: Runtime, job_id: str, state: dict[str, str]) -> dict[str, A
             experience=state.get("experience"),
             total_ms=max(0, now_ms - int(state.get("createdAt", now_ms))),
         )  # fmt: skip
-        queue, user = state["queueId"], state.get("userId", "")
+        queue, user, model = state["queueId"], state.get("userId", ""), state.get("modelId", "")
         await rt.dispatcher.release_job(
-            job_id, queue, user, state.get("modelId", ""), state.get("tier", ""),
+            job_id, queue, user, model, state.get("tier", ""),
             also=[(rt.keys.admission(queue), job_id), (rt.keys.user_pending(queue, user), job_id)],
+            before=lambda pipe: rt.ledger.queue_record(pipe, user, model, now_ms, jobs=1),
         )  # fmt: skip
+        rt.metrics.usage_jobs.labels(model, state.get("tier", ""), "cancelled").inc()
         if state.get("messageId"):
             # Already delivered or gone is fine: the worker sees the job cancelled and skips it.
             with contextlib.suppress(UpstreamError):

@@ -4,6 +4,7 @@ it and publish it to its named queue — or leave nothing behind."""
 from __future__ import annotations
 
 import contextlib
+import math
 import secrets
 import time
 from collections.abc import Mapping
@@ -13,6 +14,7 @@ from opentelemetry.trace import SpanKind
 
 from tierq.config import Settings, UserSettings
 from tierq.contracts import JobRequest, Queued, SubmitResponse, WorkerBody
+from tierq.dispatch.dispatcher import Admission
 from tierq.errors import Busy, ClientError, Forbidden, NotFound, UpstreamError
 from tierq.observability.logging import log_job_event
 from tierq.observability.tracing import current_traceparent, span
@@ -57,6 +59,48 @@ def check_registry(settings: Settings, req: JobRequest) -> None:
         raise ClientError(
             f"prompt longer than {settings.max_prompt_chars} characters", code="invalid_input"
         )
+
+
+IMAGE_TOKENS = 85
+"""Tokens an image is estimated at (a low-detail image, in OpenAI's accounting)."""
+
+
+def estimate_tokens(settings: Settings, req: JobRequest) -> int:
+    """What a job is expected to use, for the rate quotas (corrected when it ends): its prompt
+    (about 4 characters a token), its images, and the completion the model may write (its
+    ``max_tokens``, the simulated model's token count, else ``estimated_completion_tokens``)."""
+    model = settings.models[req.model]
+    prompt = -(-len(req.input.prompt) // 4) + IMAGE_TOKENS * len(req.input.images)
+    if model.max_tokens is not None:
+        completion = model.max_tokens
+    elif model.provider == "simulated":
+        completion = model.tokens
+    else:
+        completion = settings.estimated_completion_tokens
+    return prompt + completion
+
+
+def duration(seconds: float) -> str:
+    """A reset time as OpenAI writes it: ``1s``, ``6m0s``, ``1h2m3s``, ``250ms``."""
+    if seconds < 1:
+        return f"{max(0, round(seconds * 1000))}ms"
+    whole = int(seconds + 0.999)
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes}m{secs}s"
+    return f"{minutes}m{secs}s" if minutes else f"{secs}s"
+
+
+def rate_headers(admission: Admission) -> dict[str, str]:
+    """OpenAI's ``x-ratelimit-*`` headers for the quotas the user has."""
+    headers: dict[str, str] = {}
+    for name, quota in (("requests", admission.requests), ("tokens", admission.tokens)):
+        if quota is not None:
+            headers[f"x-ratelimit-limit-{name}"] = str(quota.limit)
+            headers[f"x-ratelimit-remaining-{name}"] = str(quota.remaining)
+            headers[f"x-ratelimit-reset-{name}"] = duration(quota.reset_s)
+    return headers
 
 
 def job_records(
@@ -115,6 +159,7 @@ async def _submit(rt: Runtime, user: UserSettings, req: JobRequest) -> SubmitRes
     now_ms = int(time.time() * 1000)
     body, fields = job_records(job_id, user, tier, req, now_ms, settings.qstash_retries)
     body.traceparent = current_traceparent()
+    body.estimated_tokens = estimate_tokens(settings, req)
     admission = await rt.dispatcher.admit(
         body,
         body.model_dump_json(by_alias=True, exclude_none=True),
@@ -122,7 +167,7 @@ async def _submit(rt: Runtime, user: UserSettings, req: JobRequest) -> SubmitRes
         share=settings.user_queue_limit(user.id, user.plan),
     )
     if admission.refused:
-        _refuse(rt, user, queue.value, admission.refused)
+        _refuse(rt, user, queue.value, admission)
     parked = admission.parked
     waiting = None if parked.dispatched else parked.event(job_id)
     lease_keys = [rt.keys.admission(queue.value), rt.keys.user_pending(queue.value, user.id)]
@@ -151,13 +196,26 @@ async def _submit(rt: Runtime, user: UserSettings, req: JobRequest) -> SubmitRes
         tier=tier,
         events_url=f"/api/jobs/{job_id}/events",
         events_token=events_token(settings.events_secret or "", job_id),
+        rate_headers=rate_headers(admission),
     )
 
 
-def _refuse(rt: Runtime, user: UserSettings, queue: str, full: str) -> NoReturn:
-    """429: the user's share of the queue (``user``) or the queue's admission depth is full."""
+def _refuse(rt: Runtime, user: UserSettings, queue: str, admission: Admission) -> NoReturn:
+    """429: the user's rate quota (``requests``/``tokens``), their share of the queue
+    (``user``) or the queue's admission depth is full."""
     rt.metrics.admission_rejections.labels(queue).inc()
     settings = rt.settings
+    full = admission.refused
+    if full in ("requests", "tokens"):
+        rt.metrics.rate_limited.labels(full).inc()
+        rate = settings.user_rate(user.id, user.plan)
+        limit = rate.rpm if full == "requests" else rate.tpm
+        raise Busy(
+            f"rate limit reached: {limit} {full} per minute; retry after "
+            f"{duration(admission.retry_after_s)}",
+            retry_after_s=max(1, math.ceil(admission.retry_after_s)),
+            code="rate_limited",
+        )
     if full == "user":
         limit = settings.user_queue_limit(user.id, user.plan)
         raise Busy(

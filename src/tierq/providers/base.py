@@ -30,6 +30,8 @@ class Finish:
 
     text: str
     usage: Usage
+    low_on_quota: bool = False
+    """The upstream's rate-limit headers said little of its quota is left (adaptive limits)."""
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Mapping
 
 import openai
 from openai.types import CompletionUsage
@@ -80,13 +80,15 @@ class OpenAIProvider:
             raise self._error(exc) from exc
 
     async def _stream(self, request: ProviderRequest) -> AsyncGenerator[Chunk | Finish, None]:
-        stream = await self.client().chat.completions.create(
+        raw = await self.client().chat.completions.with_raw_response.create(
             model=request.upstream_model,
             messages=chat_messages(request),
             stream=True,
             stream_options={"include_usage": True},
             max_tokens=self._max_tokens(),
         )
+        low = self._low_on_quota(raw.headers)
+        stream = raw.parse()
         parts: list[str] = []
         usage = Usage()
         finished = False
@@ -103,18 +105,33 @@ class OpenAIProvider:
                 code="upstream_incomplete",
                 retryable=True,
             )
-        yield Finish(text="".join(parts), usage=usage)
+        yield Finish(text="".join(parts), usage=usage, low_on_quota=low)
 
     async def _complete(self, request: ProviderRequest) -> Finish:
-        completion = await self.client().chat.completions.create(
+        raw = await self.client().chat.completions.with_raw_response.create(
             model=request.upstream_model,
             messages=chat_messages(request),
             stream=False,
             max_tokens=self._max_tokens(),
         )
+        completion = raw.parse()
         text = (completion.choices[0].message.content or "") if completion.choices else ""
         usage = _usage(completion.usage) if completion.usage is not None else Usage()
-        return Finish(text=text, usage=usage)
+        return Finish(text=text, usage=usage, low_on_quota=self._low_on_quota(raw.headers))
+
+    def _low_on_quota(self, headers: Mapping[str, str]) -> bool:
+        """Whether the upstream's ``x-ratelimit-remaining-{requests,tokens}`` fell under
+        ``adaptive.low_remaining`` of its ``x-ratelimit-limit-*``."""
+        share = self.settings.adaptive.low_remaining
+        for kind in ("requests", "tokens"):
+            try:
+                limit = float(headers.get(f"x-ratelimit-limit-{kind}", ""))
+                left = float(headers.get(f"x-ratelimit-remaining-{kind}", ""))
+            except ValueError:
+                continue
+            if limit > 0 and left / limit < share:
+                return True
+        return False
 
     def _max_tokens(self) -> int | openai.Omit:
         limit = self.settings.max_tokens

@@ -20,7 +20,7 @@ from tierq.worker.routes import handle, runtime, to_response, verified_body
 def _adapter(experience: Experience, mode: str):  # type: ignore[no-untyped-def]
     async def adapter(service: str, request: Request) -> Response:
         if mode == "forward":
-            return await handle(request, worker_kind(experience), service)
+            return await handle(request, worker_kind(experience), service, legacy=True)
         await verified_body(runtime(request), request)
         unified = worker_path(experience, service)
         if mode == "redirect":

@@ -9,8 +9,9 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import structlog
 from opentelemetry.trace import SpanKind
@@ -33,6 +34,15 @@ from tierq.worker.steps.route import decide
 from tierq.worker.steps.validate import validate
 
 log = structlog.get_logger("tierq.worker")
+
+
+RECORD_GRACE_MS = 5000
+"""How long after its submit a dispatched job without a record is taken for one still being
+recorded (its submit writes the record a round trip after admitting it), not a lost one."""
+
+
+def _recording(body: WorkerBody) -> bool:
+    return time.time() * 1000 - body.submitted_at_ms < RECORD_GRACE_MS
 
 
 def _runner_alive_for(rt: Runtime, state: dict[str, str] | None) -> int:
@@ -75,7 +85,10 @@ async def run_delivery(
             return await _run(rt, body, raw, message_id, retried)
     except UpstreamError as exc:
         log.warning("worker.upstream_error", error=str(exc))
-        return error_reply(503, "unavailable", "a dependency is unavailable; retry")
+        # QStash honours Retry-After on a failed delivery (else its backoff: 12 s at first)
+        return error_reply(
+            503, "unavailable", "a dependency is unavailable; retry", {"Retry-After": "1"}
+        )
     finally:
         structlog.contextvars.unbind_contextvars("job_id", "queue", "user")
 
@@ -84,11 +97,19 @@ async def _run(rt: Runtime, body: WorkerBody, raw: bytes, message_id: str, retri
     with rt.cancels.watch(body.job_id) as cancel:  # before reading state: no cancel is missed
         # the claim goes with the read (one round trip); a delivery that must not run gives
         # back what it took, unless the job runs elsewhere (then they are that run's leases)
-        state, full = await rt.dispatcher.claim_with_state(body)
+        state, full, sent = await rt.dispatcher.claim_with_state(body)
         alive_s = _runner_alive_for(rt, state)
         # a redelivery while the run is alive comes back once the run would count as dead
         decision = decide(state, message_id, alive_s > 0, alive_s + 1)
         if isinstance(decision, Err):
+            if state is None and sent and _recording(body):
+                # dispatched while its submit was still writing its record (a job parked at
+                # admission can be sent by another process at once): it keeps its leases and
+                # comes back in a moment; past RECORD_GRACE_MS it is gone (its submit died)
+                return error_reply(
+                    503, "not_recorded_yet", "the job is being recorded; retry",
+                    {"Retry-After": "1"},
+                )  # fmt: skip
             if state is None or state.get("status") in TERMINAL_STATUSES:
                 await rt.dispatcher.release(body)  # nobody runs a job that is gone or ended
             return decision.error
@@ -98,7 +119,7 @@ async def _run(rt: Runtime, body: WorkerBody, raw: bytes, message_id: str, retri
             return done("failed")  # a failed job runs again only from a real new message
         if decision.value.action == "cancel":
             reply = await record_cancelled(rt, body)
-            await cleanup(rt, body, [], finished=True)
+            await cleanup(rt, body, [], True, _ended_unrun(rt, body))
             _track(body, "cancelled")
             return reply
         held: list[tuple[str, str]] = []
@@ -111,9 +132,11 @@ async def _run(rt: Runtime, body: WorkerBody, raw: bytes, message_id: str, retri
                 return guarded.error
             held = guarded.value
             if cancel.is_set():
-                finished = True
+                finished = hands_off = True
+                reply = await record_cancelled(rt, body)
+                await cleanup(rt, body, held, True, _ended_unrun(rt, body))
                 _track(body, "cancelled")
-                return await record_cancelled(rt, body)
+                return reply
             run = await _start(rt, body, state, decision.value.revive)
             if run == "taken":  # a concurrent delivery of this job started this run first
                 hands_off = True
@@ -122,16 +145,8 @@ async def _run(rt: Runtime, body: WorkerBody, raw: bytes, message_id: str, retri
                 finished = True
                 return done("skipped")
             outcome = await _execute(rt, body, run, held, cancel)
-            # attempts by the job's own run count: QStash's retry header is not signed, and a job
-            # parked again goes out as a new message; the outcome is written in the round trip
-            # that gives the leases back
-            ending = settle(rt, body, outcome, run.number, message_id)
-            finished = ending.finished
-            hands_off = True  # cleaned up here
-            await cleanup(rt, body, held, finished, ending.write)
-            if finished:
-                _track(body, outcome.kind, run, outcome)
-            return ending.reply
+            hands_off = True  # _end cleans up
+            return await _end(rt, body, held, run, outcome, message_id)
         finally:
             if not hands_off:
                 await cleanup(rt, body, held, finished)
@@ -141,6 +156,80 @@ async def _run(rt: Runtime, body: WorkerBody, raw: bytes, message_id: str, retri
 class _Run:
     number: int  # how many runs this job had before (0 for the first)
     started_ms: int
+
+
+async def _end(
+    rt: Runtime,
+    body: WorkerBody,
+    held: list[tuple[str, str]],
+    run: _Run,
+    outcome: Outcome,
+    message_id: str,
+) -> Reply:
+    """Write how the attempt ended (its outcome, its ledger line, its model's adaptive limit)
+    in the round trip that gives the leases back, and correct the token quotas if the job
+    ended. Attempts count by the job's own run count: QStash's retry header is not signed, and
+    a job parked again goes out as a new message."""
+    ending = settle(rt, body, outcome, run.number, message_id)
+    finished = ending.finished
+    usage = outcome.usage
+    used = usage.prompt_tokens + usage.completion_tokens if usage and finished else None
+    account = _account(rt, body, run, outcome, finished)
+    adapt = _adaptation(rt, body, outcome)
+
+    def write(pipe: Any) -> None:
+        ending.write(pipe)
+        account(pipe)
+        if adapt:
+            rt.dispatcher.queue_adapt(pipe, body, adapt)
+
+    await cleanup(rt, body, held, finished, write, used)
+    if finished:
+        _track(body, outcome.kind, run, outcome)
+    return ending.reply
+
+
+def _adaptation(rt: Runtime, body: WorkerBody, outcome: Outcome) -> str | None:
+    """How this attempt moves its model's adaptive limit (``None``: not adaptive, or no
+    signal): down on an upstream 429, a little down when its quota runs low, up on success."""
+    if not rt.settings.models[body.model_id].adaptive.enabled:
+        return None
+    if outcome.code == "upstream_429":
+        return "decrease"
+    if outcome.low_on_quota:
+        return "slow"
+    return "increase" if outcome.kind == "completed" else None
+
+
+def _ended_unrun(rt: Runtime, body: WorkerBody) -> Callable[[Any], None]:
+    """The ledger line of a job that ended (cancelled) before it ran."""
+    now = int(time.time() * 1000)
+    rt.metrics.usage_jobs.labels(body.model_id, body.tier, "cancelled").inc()
+    return lambda pipe: rt.ledger.queue_record(pipe, body.user_id, body.model_id, now, jobs=1)
+
+
+def _account(
+    rt: Runtime, body: WorkerBody, run: _Run, outcome: Outcome, finished: bool
+) -> Callable[[Any], None]:
+    """The attempt's line in the usage ledger (and Prometheus): its tokens and run time; the
+    job itself once it ended (a failure if it failed)."""
+    now = int(time.time() * 1000)
+    usage = outcome.usage
+    prompt = usage.prompt_tokens if usage else 0
+    completion = usage.completion_tokens if usage else 0
+    failed = finished and outcome.kind == "failed"
+    rt.metrics.usage_tokens.labels(body.model_id, body.tier, "prompt").inc(prompt)
+    rt.metrics.usage_tokens.labels(body.model_id, body.tier, "completion").inc(completion)
+    if finished:
+        rt.metrics.usage_jobs.labels(body.model_id, body.tier, outcome.kind).inc()
+
+    def account(pipe: Any) -> None:
+        rt.ledger.queue_record(
+            pipe, body.user_id, body.model_id, now, jobs=int(finished), prompt_tokens=prompt,
+            completion_tokens=completion, run_ms=max(0, now - run.started_ms), failures=int(failed),
+        )  # fmt: skip
+
+    return account
 
 
 def _track(
@@ -211,7 +300,9 @@ async def _execute(
     """The model run, with its siblings: the lease heartbeat and the cancel-flag poll."""
     every = rt.settings.heartbeat_s
     siblings = [
-        asyncio.create_task(heartbeat(rt.leases, held, rt.settings.lease_ttl_s, every)),
+        asyncio.create_task(
+            heartbeat(rt.leases, held, rt.settings.lease_ttl_s, every, rt.metrics.lease_lost)
+        ),
         asyncio.create_task(poll_cancel_flag(rt.jobs, body.job_id, cancel, every)),
         asyncio.create_task(_beat(rt, body.job_id, every)),
     ]

@@ -78,11 +78,21 @@ def delivery_facts(request: Request) -> tuple[str, int]:
     return message_id, int(retried)
 
 
-async def handle(request: Request, route: WorkerKind, service: str) -> Response:
+async def handle(
+    request: Request, route: WorkerKind, service: str, *, legacy: bool = False
+) -> Response:
+    """Serve one delivery (``legacy``: it came by a per-tier route; counted apart)."""
     rt = runtime(request)
-    raw = await verified_body(rt, request, redirected_from(rt, route, service))
-    message_id, retried = delivery_facts(request)
-    reply = await run_delivery(rt, raw, route, service, message_id, retried, request.headers)
+    counted = rt.metrics.worker_deliveries
+    path = "legacy" if legacy else "unified"
+    try:
+        raw = await verified_body(rt, request, redirected_from(rt, route, service))
+        message_id, retried = delivery_facts(request)
+        reply = await run_delivery(rt, raw, route, service, message_id, retried, request.headers)
+    except ClientError as exc:
+        counted.labels(path, str(exc.status)).inc()
+        raise
+    counted.labels(path, str(reply.status)).inc()
     return to_response(reply)
 
 

@@ -107,7 +107,7 @@ def create_broker_app(
             keyring,
             settings,
             http,
-            on_attempt=lambda _m, o: shared_metrics.broker_attempt(o),
+            on_attempt=lambda m, o: shared_metrics.broker_attempt(o, m.queue),
         )
         app.state.broker = BrokerContext(settings, store, dispatcher, keyring, accounts, allow)
         task = asyncio.create_task(dispatcher.run(), name="tierq-broker-dispatcher")

@@ -18,6 +18,11 @@ for q, par, paused in string.gmatch(ARGV[8], '([^=;]+)=(%d+)=(%d)') do
 end
 local NOW = now_ms()
 local ADMITTING = false  -- admit.lua: the job is new (park.lua runs after it)
+local TAIL = nil  -- admit.lua: the user's quotas, appended to what park.lua returns
+local function finish(out)
+  if TAIL then out[#out + 1] = TAIL end
+  return out
+end
 local ACTIVE, JOBS = P .. ':active', P .. ':jobs'  -- JOBS: <job> meta, <job>:b worker body
 local DISPATCHING, PARKED_N = P .. ':dispatching', P .. ':parked'
 local POS = P .. ':pos'  -- hash job -> "position\treason\t" last told to its followers
@@ -42,6 +47,86 @@ local counted = {}
 local function live(key)
   if not counted[key] then counted[key] = redis.call('ZCOUNT', key, '(' .. NOW, '+inf') end
   return counted[key]
+end
+
+-- Rate quotas: per subject (a user, a model+tier) one hash with two token buckets, requests
+-- (r) and tokens (k), and the ms of their last update (t). A bucket holds at most its limit
+-- and refills at its limit per minute; a level may go below zero (a job that used more tokens
+-- than estimated); what a job needs is at most the limit (one larger than the quota goes once
+-- the bucket is full). A limit of 0 is no quota. Levels are read once per script run.
+local quotas = {}
+local function refilled(level, limit, since)
+  if not level then return limit end
+  return math.min(limit, tonumber(level) + since * limit / 60000)
+end
+
+-- {r = requests level, k = tokens level, rpm, tpm} of the subject at `key`, refilled to now
+local function quota(key, rpm, tpm)
+  if not quotas[key] then
+    local b = redis.call('HMGET', key, 'r', 'k', 't')
+    local since = math.max(0, NOW - (tonumber(b[3]) or NOW))
+    quotas[key] = {r = refilled(b[1], rpm, since), k = refilled(b[2], tpm, since),
+                   rpm = rpm, tpm = tpm}
+  end
+  return quotas[key]
+end
+
+-- ms until the subject may take `requests` and `tokens` (0: now)
+local function quota_wait(key, rpm, tpm, requests, tokens)
+  local q = quota(key, rpm, tpm)
+  local wait = 0
+  for _, b in ipairs({{q.r, rpm, requests}, {q.k, tpm, tokens}}) do
+    local level, limit, need = b[1], b[2], math.min(b[3], b[2])
+    if limit > 0 and need > 0 and level < need then
+      wait = math.max(wait, math.ceil((need - level) * 60000 / limit))
+    end
+  end
+  return wait
+end
+
+-- Take `requests` and `tokens` (negative: give back) and store the subject; the hash is
+-- forgotten once both buckets would be full again (a minute at least).
+local function quota_take(key, rpm, tpm, requests, tokens)
+  local q = quota(key, rpm, tpm)
+  local full_ms = 60000
+  if rpm > 0 then
+    q.r = math.min(rpm, q.r - requests)
+    full_ms = math.max(full_ms, math.ceil((rpm - q.r) * 60000 / rpm))
+  end
+  if tpm > 0 then
+    q.k = math.min(tpm, q.k - tokens)
+    full_ms = math.max(full_ms, math.ceil((tpm - q.k) * 60000 / tpm))
+  end
+  redis.call('HSET', key, 'r', q.r, 'k', q.k, 't', NOW)
+  redis.call('PEXPIRE', key, full_ms + GRACE)
+end
+
+-- The model's quota for meta m (m[6], m[7]: requests and tokens per minute; m[8]: the job's
+-- estimated tokens), under the model guard's key.
+local function model_rate_wait(m)
+  local rpm, tpm = tonumber(m[6]) or 0, tonumber(m[7]) or 0
+  if rpm == 0 and tpm == 0 then return 0 end
+  return quota_wait(m[3] .. ':rate', rpm, tpm, 1, tonumber(m[8]) or 0)
+end
+
+local function model_rate_take(m)
+  local rpm, tpm = tonumber(m[6]) or 0, tonumber(m[7]) or 0
+  if rpm == 0 and tpm == 0 then return end
+  quota_take(m[3] .. ':rate', rpm, tpm, 1, tonumber(m[8]) or 0)
+end
+
+-- A model's running-job limit: the configured one ("8"), or for a model with adaptive limits
+-- ("8a") what the upstream's answers brought it down to (aimd.lua), under the configured one.
+local caps = {}
+local function model_cap(key, limit)
+  local n = tonumber(limit)
+  if n then return n end
+  if caps[key] == nil then
+    local configured = tonumber(string.sub(limit, 1, -2))
+    local now = tonumber(redis.call('HGET', P .. ':aimd', key))
+    caps[key] = now and math.min(configured, math.max(1, math.floor(now))) or configured
+  end
+  return caps[key]
 end
 
 local function holds(key, job)
@@ -70,16 +155,16 @@ local function user_conf(q, u)
   return tonumber(f[1]), tonumber(f[2])
 end
 
--- meta of a job: {queue, user, model guard key, model limit, dedup id}
+-- meta of a job (see remember)
 local function meta_of(job)
   local raw = redis.call('HGET', JOBS, job)
   if raw then return fields(raw) end
   return nil
 end
 
-local function remember(job, q, u, model_key, model_limit, dedup, body)
-  local meta = q .. '\t' .. u .. '\t' .. model_key .. '\t' .. model_limit .. '\t' .. dedup .. '\t'
-  redis.call('HSET', JOBS, job, meta, job .. ':b', body)
+-- meta: {queue, user, model guard key, model limit, dedup id, model rpm, model tpm, tokens}
+local function remember(job, m, body)
+  redis.call('HSET', JOBS, job, table.concat(m, '\t') .. '\t', job .. ':b', body)
 end
 
 -- Put a job in its user's line of its queue (at the back, or the front when it is going back
@@ -152,7 +237,7 @@ local function pick(q, u, ulimit)
   for _, job in ipairs(redis.call('LRANGE', parked_key(q, u), 0, LOOKAHEAD - 1)) do
     local m = meta_of(job)
     if m and not blocked[m[3]] then
-      if live(m[3]) < tonumber(m[4]) then return job, m end
+      if live(m[3]) < model_cap(m[3], m[4]) and model_rate_wait(m) == 0 then return job, m end
       blocked[m[3]] = true
     end
   end
@@ -160,10 +245,12 @@ local function pick(q, u, ulimit)
 end
 
 -- Take the job's three leases and mark it as being published (its body goes out in `out`).
-local function dispatch(job, q, u, model_key, dedup, body, out)
+local function dispatch(job, q, u, m, body, out)
+  local dedup = m[5]
   take(slots_key(q), job, true)
   take(user_key(u), job, true)
-  take(model_key, job, true)
+  take(m[3], job, true)
+  model_rate_take(m)
   redis.call('ZADD', DISPATCHING, NOW + DEADLINE, job)
   out[#out + 1] = job
   out[#out + 1] = dedup
@@ -173,7 +260,7 @@ end
 local function send(job, q, u, m, out)
   redis.call('LREM', parked_key(q, u), 1, job)
   redis.call('HDEL', POS, job)
-  dispatch(job, q, u, m[3], m[5], redis.call('HGET', JOBS, job .. ':b') or '', out)
+  dispatch(job, q, u, m, redis.call('HGET', JOBS, job .. ':b') or '', out)
 end
 
 -- Weighted deficit round robin over the users of q: the user at the head of the rotation
@@ -219,7 +306,8 @@ end
 local function hold(paused, u, ulimit, m)
   if paused then return 'paused' end
   if live(user_key(u)) >= ulimit then return 'user' end
-  if m and live(m[3]) >= tonumber(m[4]) then return 'model' end
+  if m and live(m[3]) >= model_cap(m[3], m[4]) then return 'model' end
+  if m and model_rate_wait(m) > 0 then return 'rate' end
   return 'queue'
 end
 

@@ -20,13 +20,15 @@ async def cleanup(
     held: list[tuple[str, str]],
     finished: bool,
     write: Callable[[Any], None] | None = None,
+    used_tokens: int | None = None,
 ) -> None:
-    """``write`` (the attempt's outcome, see :func:`~tierq.worker.steps.events.settle`) goes
-    first, in the same round trip."""
+    """``write`` (the attempt's outcome, see :func:`~tierq.worker.steps.events.settle`, and its
+    usage) goes first, in the same round trip; ``used_tokens`` (the job ended) corrects the
+    token quotas from the job's estimate."""
     dispatch_leases = rt.dispatcher.leases(body)  # released by the dispatcher in any case
     also = [lease for lease in held if lease not in dispatch_leases]
     if finished:
         queue = body.queue_id.value
         also.append((rt.keys.admission(queue), body.job_id))
         also.append((rt.keys.user_pending(queue, body.user_id), body.job_id))
-    await rt.dispatcher.release(body, also=also, before=write)
+    await rt.dispatcher.release(body, also=also, before=write, used_tokens=used_tokens)

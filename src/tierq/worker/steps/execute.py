@@ -31,6 +31,7 @@ class Outcome:
     code: str = ""
     message: str = ""
     retryable: bool = False
+    low_on_quota: bool = False
 
 
 async def _consume(rt: Runtime, body: WorkerBody, attempt: int, buffer: DeltaBuffer) -> Outcome:
@@ -50,7 +51,9 @@ async def _consume(rt: Runtime, body: WorkerBody, attempt: int, buffer: DeltaBuf
     async with contextlib.aclosing(rt.providers.get(body.model_id).run(request)) as items:
         async for item in items:
             if isinstance(item, Finish):
-                return Outcome("completed", result=item.text, usage=item.usage)
+                return Outcome(
+                    "completed", result=item.text, usage=item.usage, low_on_quota=item.low_on_quota
+                )
             if first:
                 rt.metrics.ttft.labels(body.queue_id.value).observe(time.monotonic() - started)
                 first = False
