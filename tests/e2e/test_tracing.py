@@ -23,7 +23,13 @@ from opentelemetry.trace import SpanKind
 from helpers import Destination, wait_until
 from system import PAID, System
 from tierq.observability.logging import configure_logging
-from tierq.observability.tracing import current_traceparent, otlp_endpoint, setup_tracing
+from tierq.observability.tracing import (
+    current_traceparent,
+    enable,
+    otlp_endpoint,
+    setup_tracing,
+    span,
+)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -58,7 +64,9 @@ def spans() -> Iterator[InMemorySpanExporter]:
         trace.set_tracer_provider(provider)
     _SWITCH.exporter.clear()
     _SWITCH.on = True
+    enable()
     yield _SWITCH.exporter
+    enable(False)
     _SWITCH.on = False
     _SWITCH.exporter.clear()
 
@@ -146,7 +154,9 @@ def test_nothing_is_traced_or_exported_without_an_endpoint(
         monkeypatch.delenv(name, raising=False)
     assert otlp_endpoint(None) is None
     assert setup_tracing(None, "tierq") is False
-    assert current_traceparent() is None  # outside any span
+    assert current_traceparent() is None  # not traced
+    with span("tierq.submit") as nothing:  # no span at all
+        assert not nothing.get_span_context().is_valid
     monkeypatch.setenv("OTEL_EXPORTER_OTLP_ENDPOINT", "http://collector:4318")
     assert otlp_endpoint(None) == "http://collector:4318"
     assert otlp_endpoint("http://mine:4318") == "http://mine:4318"

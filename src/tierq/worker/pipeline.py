@@ -22,6 +22,7 @@ from tierq.errors import UpstreamError
 from tierq.events.cancel import poll_cancel_flag
 from tierq.guards.heartbeat import heartbeat
 from tierq.observability.logging import log_job_event, track_job
+from tierq.observability.tracing import enabled as tracing_enabled
 from tierq.observability.tracing import span
 from tierq.queues import WorkerKind
 from tierq.runtime import Runtime
@@ -75,11 +76,13 @@ async def run_delivery(
     structlog.contextvars.bind_contextvars(
         job_id=body.job_id, queue=body.queue_id.value, user=body.user_id
     )
-    parent = headers if headers and "traceparent" in headers else None
-    if parent is None and body.traceparent:
-        parent = {"traceparent": body.traceparent}
-    attributes = {"tierq.job_id": body.job_id, "tierq.queue": body.queue_id.value,
-                  "tierq.message_id": message_id, "tierq.retried": retried}  # fmt: skip
+    parent: Mapping[str, str] | None = None
+    attributes: dict[str, str | int] = {}
+    if tracing_enabled():
+        forwarded = headers.get("traceparent") if headers else None
+        parent = {"traceparent": forwarded or body.traceparent or ""}
+        attributes = {"tierq.job_id": body.job_id, "tierq.queue": body.queue_id.value,
+                      "tierq.message_id": message_id, "tierq.retried": retried}  # fmt: skip
     try:
         with span("tierq.delivery", kind=SpanKind.SERVER, parent=parent, attributes=attributes):
             return await _run(rt, body, raw, message_id, retried)
