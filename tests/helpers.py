@@ -1,12 +1,19 @@
-"""Test support: real servers in background threads, a recording HTTP destination, waiting."""
+"""Test support: real servers in background threads, a recording HTTP destination, waiting,
+``tierq dev`` in a subprocess."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -125,19 +132,9 @@ class Destination:
 
     async def app(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+            await answer_lifespan(receive, send)
+            return
+        body = await read_body(receive)
         path = scope["path"]
         headers = {k.decode().lower(): v.decode() for k, v in scope["headers"]}
         with self.lock:
@@ -169,6 +166,37 @@ class Destination:
         await send({"type": "http.response.body", "body": answer})
 
 
+async def read_body(receive: Any) -> bytes:
+    """The whole body of an ASGI HTTP request."""
+    body = b""
+    while True:
+        message = await receive()
+        body += message.get("body", b"")
+        if not message.get("more_body"):
+            return body
+
+
+async def answer_lifespan(
+    receive: Any,
+    send: Any,
+    startup: Callable[[], Awaitable[None]] | None = None,
+    shutdown: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """Answer an ASGI app's lifespan until it shuts down: ``startup`` and ``shutdown`` (when
+    given) are awaited before each is reported complete."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            if startup is not None:
+                await startup()
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            if shutdown is not None:
+                await shutdown()
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+
+
 async def async_wait_until(
     predicate: Callable[[], Any], within_s: float = 10.0, interval: float = 0.01
 ) -> Any:
@@ -181,3 +209,54 @@ async def async_wait_until(
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {within_s}s")
         await asyncio.sleep(interval)
+
+
+def clean_env() -> dict[str, str]:
+    """This process's environment without tierq or QStash settings."""
+    return {k: v for k, v in os.environ.items() if not k.startswith(("TIERQ_", "QSTASH_"))}
+
+
+@dataclass
+class DevCommand:
+    """A running ``tierq dev``: its app on ``port``, its output in ``out``, its data (the
+    embedded Redis's among it) in ``data_dir``; ``code`` is its exit code once stopped."""
+
+    proc: subprocess.Popen[bytes]
+    port: int
+    out: Path
+    data_dir: Path
+    code: int | None = None
+
+    def text(self) -> str:
+        return self.out.read_text()
+
+    def redis_pid(self) -> int | None:
+        """The pid its embedded Redis wrote (``None`` when the file is gone)."""
+        pid_file = self.data_dir / "redis" / "redis.pid"
+        return int(pid_file.read_text()) if pid_file.exists() else None
+
+
+@contextlib.contextmanager
+def tierq_dev(tmp_path: Path, *options: str, stop_s: float) -> Iterator[DevCommand]:
+    """``tierq dev`` (plus ``options``) on free ports with a clean environment and its data
+    under ``tmp_path``; SIGINT at the end of the block, killed after ``stop_s``."""
+    port, broker_port = free_port(), free_port()
+    env = clean_env()
+    env["TIERQ_DATA_DIR"] = str(tmp_path / "data")
+    out = tmp_path / "dev.out"
+    with out.open("wb") as sink:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "tierq", "dev", "--port", str(port),
+             "--broker-port", str(broker_port), *options],
+            env=env, stdout=sink, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    dev = DevCommand(proc, port, out, tmp_path / "data")
+    try:
+        yield dev
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            dev.code = proc.wait(timeout=stop_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            dev.code = proc.wait()

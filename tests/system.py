@@ -11,6 +11,7 @@ from typing import Any
 
 import httpx
 import redis
+from redis.cluster import RedisCluster
 
 from helpers import ServerThread
 from tierq.app import create_app
@@ -126,16 +127,21 @@ class System:
         return int(self.redis.zcard(key))
 
 
-def start_system(redis_url: str, **overrides: Any) -> System:
-    n = next(_ids)
-    broker_settings = BrokerSettings(key_prefix=f"e2e{n}b", poll_interval_s=0.2)
+def start_system(
+    redis_url: str, *, prefix: str | None = None, app_redis_url: str | None = None, **overrides: Any
+) -> System:
+    """Broker and app (the dev defaults, ``overrides`` on top) on ``redis_url``, or the app on
+    ``app_redis_url`` (a cluster's, with ``redis_cluster=True``); the app's keys under
+    ``prefix``, the broker's under ``prefix`` + ``b`` (default: a prefix of its own)."""
+    prefix = prefix or f"e2e{next(_ids)}"
+    broker_settings = BrokerSettings(key_prefix=f"{prefix}b", poll_interval_s=0.2)
     accounts = build_accounts(dev_accounts=True, token=None, current_key=None, next_key=None)
     broker = ServerThread(create_broker_app(broker_settings, redis_url, accounts)).start()
     port = free_port()
     settings = (
         Settings(
-            redis_url=redis_url,
-            key_prefix=f"e2e{n}",
+            redis_url=app_redis_url or redis_url,
+            key_prefix=prefix,
             public_url=f"http://127.0.0.1:{port}",
             qstash_url=broker.url,
             qstash_token=DEV.token,
@@ -148,4 +154,8 @@ def start_system(redis_url: str, **overrides: Any) -> System:
         .model_copy(update=overrides)
     )
     app = ServerThread(create_app(settings), port=port).start()
-    return System(settings, app, broker, redis.Redis.from_url(redis_url))
+    url = settings.redis_url or ""
+    client: Any = (
+        RedisCluster.from_url(url) if settings.redis_cluster else redis.Redis.from_url(url)
+    )
+    return System(settings, app, broker, client)

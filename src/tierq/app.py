@@ -28,9 +28,9 @@ from tierq.ops.admin import require_admin
 from tierq.ops.admin import router as admin_router
 from tierq.ops.queue_metrics import QueueCollector
 from tierq.producer.api import router as producer_router
+from tierq.producer.usage import admin_router as usage_admin_router
+from tierq.producer.usage import router as usage_router
 from tierq.runtime import Runtime, build_runtime, redis_clients
-from tierq.usage.api import admin_router as usage_admin_router
-from tierq.usage.api import router as usage_router
 from tierq.web.access import SurfaceGuard, Surfaces, gates, surfaces
 from tierq.web.bodies import BodyGuard
 from tierq.web.pages import router as pages_router
@@ -136,7 +136,7 @@ def create_app(
             await rt.aclose_streams()
             await rt.cancels.stop()
             await rt.providers.aclose()
-            await rt.gateway.qstash.http._client.aclose()
+            await rt.gateway.aclose()
             await clients.aclose()
 
     served = surfaces(settings)

@@ -14,7 +14,7 @@ import typer
 
 from tierq.cli_ops import register
 from tierq.config import Settings
-from tierq.processes import dev_settings, run_server
+from tierq.processes import broker_accounts, dev_settings, run_server
 
 if TYPE_CHECKING:
     from tierq.broker.server.credentials import Account
@@ -67,19 +67,10 @@ def broker_banner(url: str, account: Account, accept_dev: bool, allowed: list[st
 
 def run_broker(settings: Settings, redis_url: str) -> None:
     from tierq.broker.server.app import create_broker_app, serve  # noqa: PLC0415
-    from tierq.broker.server.credentials import (  # noqa: PLC0415
-        DEV_ACCOUNTS,
-        build_accounts,
-        dev_tokens_accepted,
-    )
+    from tierq.broker.server.credentials import DEV_ACCOUNTS, dev_tokens_accepted  # noqa: PLC0415
 
     broker = settings.broker
-    accounts = build_accounts(
-        dev_accounts=broker.accept_dev_tokens,
-        token=settings.qstash_token,
-        current_key=settings.qstash_current_signing_key,
-        next_key=settings.qstash_next_signing_key,
-    )
+    accounts = broker_accounts(settings)
     shown = accounts.get(settings.qstash_token or "") or DEV_ACCOUNTS[0]
     accept_dev = dev_tokens_accepted(broker.accept_dev_tokens, settings.qstash_token)
     url = f"http://{broker.host}:{broker.port}"
@@ -135,15 +126,9 @@ async def run_dev(settings: Settings) -> None:
     """The broker, then the app (which syncs the six queues into it), in one process."""
     from tierq.app import create_app  # noqa: PLC0415
     from tierq.broker.server.app import create_broker_app, serve  # noqa: PLC0415
-    from tierq.broker.server.credentials import build_accounts  # noqa: PLC0415
 
     broker = settings.broker
-    accounts = build_accounts(
-        dev_accounts=broker.accept_dev_tokens,  # auto: only while no private token is set
-        token=settings.qstash_token,
-        current_key=settings.qstash_current_signing_key,
-        next_key=settings.qstash_next_signing_key,
-    )
+    accounts = broker_accounts(settings)
     from tierq.observability.metrics import Metrics  # noqa: PLC0415
 
     metrics = Metrics()  # one /metrics for both

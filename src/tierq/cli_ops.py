@@ -18,6 +18,8 @@ from typing import Annotated, Any
 import httpx
 import typer
 
+from tierq.errors import TierqError
+
 DEFAULT_URL = "http://127.0.0.1:8000"
 RETRY_BATCH = 100  # the admin API's limit of ids per request
 _TIMEOUT = httpx.Timeout(30.0)
@@ -36,7 +38,9 @@ class Code(enum.IntEnum):
     AUTH = 5
 
 
-class CliError(Exception):
+class CliError(TierqError):
+    """A CLI command failed; ``code`` is the process's exit code."""
+
     def __init__(self, code: Code, message: str) -> None:
         super().__init__(message)
         self.code = code

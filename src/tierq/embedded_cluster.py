@@ -13,21 +13,20 @@ free.
 from __future__ import annotations
 
 import contextlib
-import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 import redis
 
 from tierq.embedded_redis import (
-    _die_with_parent,  # the same start-up as the single embedded server
-    _ping,
+    ServerProcesses,
+    answers_ping,
     free_port,
-    redis_server_binary,
+    spawn_server,
+    stop_servers,
 )
 from tierq.errors import EmbeddedRedisError
 
@@ -62,7 +61,7 @@ def slot_ranges(masters: int) -> list[range]:
     return [range(bounds[i], bounds[i + 1]) for i in range(masters)]
 
 
-class EmbeddedCluster:
+class EmbeddedCluster(ServerProcesses):
     """Start/stop ``masters`` cluster-enabled redis-servers (no replicas) under ``data_dir``.
 
     ``url`` (the first node; a cluster client discovers the others from it) and ``nodes``
@@ -104,38 +103,17 @@ class EmbeddedCluster:
             with contextlib.suppress(FileNotFoundError):
                 (node_dir / stale).unlink()
         port = _cluster_port(self.host)
-        args = [
-            redis_server_binary(),
-            "--bind", self.host,
-            "--port", str(port),
-            "--dir", str(node_dir),
+        proc = spawn_server(
+            self.host, port, node_dir,
             "--cluster-enabled", "yes",
             "--cluster-config-file", "nodes.conf",
             "--cluster-node-timeout", "5000",
             "--appendonly", "no",
-            "--save", "",
-            "--daemonize", "no",
-            "--protected-mode", "yes",
-            "--logfile", str(node_dir / "redis.log"),
-        ]  # fmt: skip
-        proc = subprocess.Popen(  # noqa: S603 - fixed binary and arguments we build
-            args,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            preexec_fn=_die_with_parent,  # noqa: PLW1509 - needed for PDEATHSIG
-        )
+        )  # fmt: skip
         self._procs.append(proc)
         self.ports.append(port)
-        while not _ping(self.host, port):
-            if proc.poll() is not None:
-                err = proc.stderr.read().decode() if proc.stderr else ""
-                log = node_dir / "redis.log"
-                tail = log.read_text()[-2000:] if log.exists() else ""
-                raise EmbeddedRedisError(f"cluster node exited at start: {err}{tail}")
-            if time.monotonic() > deadline:
-                raise EmbeddedRedisError("cluster node did not answer PING in time")
-            time.sleep(0.02)
+        if not answers_ping(proc, self.host, port, node_dir, deadline, "cluster node"):
+            raise EmbeddedRedisError("cluster node did not answer PING in time")
 
     def _form(self, deadline: float) -> None:
         clients = [redis.Redis(host=self.host, port=p, socket_timeout=5) for p in self.ports]
@@ -168,27 +146,5 @@ class EmbeddedCluster:
 
     def stop(self) -> None:
         procs, self._procs = self._procs, []
-        for proc in procs:
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            try:
-                proc.wait(timeout=_START_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-            if proc.stderr:
-                proc.stderr.close()
+        stop_servers(procs, _START_TIMEOUT_S)
         self.ports = []
-
-    def __enter__(self) -> EmbeddedCluster:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

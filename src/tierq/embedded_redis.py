@@ -17,8 +17,11 @@ import socket
 import subprocess
 import sys
 import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 from tierq.errors import EmbeddedRedisError
 
@@ -69,7 +72,89 @@ def _ping(host: str, port: int) -> bool:
         return False
 
 
-class EmbeddedRedis:
+def spawn_server(host: str, port: int, data_dir: Path, *options: str) -> subprocess.Popen[bytes]:
+    """A foreground ``redis-server`` on ``host:port`` with its files (and ``redis.log``) in
+    ``data_dir``, no RDB snapshots, stderr piped; ``options`` are added to the command line.
+    It gets SIGTERM when this process dies."""
+    args = [
+        redis_server_binary(),
+        "--bind", host,
+        "--port", str(port),
+        "--dir", str(data_dir),
+        "--save", "",
+        "--daemonize", "no",
+        "--protected-mode", "yes",
+        "--logfile", str(data_dir / "redis.log"),
+        *options,
+    ]  # fmt: skip
+    return subprocess.Popen(  # noqa: S603 - fixed binary and arguments we build
+        args,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        preexec_fn=_die_with_parent,  # noqa: PLW1509 - needed for PDEATHSIG; no threads yet
+    )
+
+
+def answers_ping(
+    proc: subprocess.Popen[bytes], host: str, port: int, data_dir: Path, deadline: float, what: str
+) -> bool:
+    """Wait for the server :func:`spawn_server` started to answer PING: ``True`` once it does,
+    ``False`` when ``deadline`` (monotonic) passes first. Raises :class:`EmbeddedRedisError`,
+    with its stderr and the end of its log, if it exits instead (``what`` names it)."""
+    while not _ping(host, port):
+        if proc.poll() is not None:
+            err = proc.stderr.read().decode() if proc.stderr else ""
+            log = data_dir / "redis.log"
+            tail = log.read_text()[-2000:] if log.exists() else ""
+            raise EmbeddedRedisError(f"{what} exited at start: {err}{tail}")
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def stop_servers(procs: Sequence[subprocess.Popen[bytes]], timeout_s: float) -> None:
+    """SIGTERM every server still running (Redis flushes its AOF and exits), then reap each:
+    killed if it takes longer than ``timeout_s``."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
+
+
+class ServerProcesses(ABC):
+    """Redis server processes that are started and stopped together; a context manager."""
+
+    @abstractmethod
+    def start(self) -> str:
+        """Start; the URL to connect to."""
+
+    @abstractmethod
+    def stop(self) -> None:
+        """Stop whatever runs (also after a failed start)."""
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class EmbeddedRedis(ServerProcesses):
     """Start/stop one redis-server whose files live in ``data_dir``.
 
     ``url`` is valid between :meth:`start` and :meth:`stop`. The URL is also written to
@@ -116,38 +201,18 @@ class EmbeddedRedis:
         self._stop_stale()
         if self.port == 0:
             self.port = free_port(self.host)
-        args = [
-            redis_server_binary(),
-            "--bind", self.host,
-            "--port", str(self.port),
-            "--dir", str(self.data_dir),
+        self._proc = spawn_server(
+            self.host, self.port, self.data_dir,
             "--appendonly", "yes",
             "--appendfilename", "tierq.aof",
             "--appendfsync", self.appendfsync,
-            "--save", "",
             "--pidfile", str(self.pid_file),
-            "--daemonize", "no",
-            "--protected-mode", "yes",
-            "--logfile", str(self.data_dir / "redis.log"),
-        ]  # fmt: skip
-        self._proc = subprocess.Popen(  # noqa: S603 - fixed binary and arguments we build
-            args,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            preexec_fn=_die_with_parent,  # noqa: PLW1509 - needed for PDEATHSIG; no threads yet
-        )
+        )  # fmt: skip
         deadline = time.monotonic() + _START_TIMEOUT_S
-        while not _ping(self.host, self.port):
-            if self._proc.poll() is not None:
-                err = self._proc.stderr.read().decode() if self._proc.stderr else ""
-                log = self.data_dir / "redis.log"
-                tail = log.read_text()[-2000:] if log.exists() else ""
-                raise EmbeddedRedisError(f"redis-server exited at start: {err}{tail}")
-            if time.monotonic() > deadline:
-                self.stop()
-                raise EmbeddedRedisError("redis-server did not answer PING in time")
-            time.sleep(0.02)
+        up = answers_ping(self._proc, self.host, self.port, self.data_dir, deadline, "redis-server")
+        if not up:
+            self.stop()
+            raise EmbeddedRedisError("redis-server did not answer PING in time")
         (self.data_dir / "redis.url").write_text(self.url + "\n")
         return self.url
 
@@ -155,15 +220,7 @@ class EmbeddedRedis:
         proc, self._proc = self._proc, None
         if proc is None:
             return
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)  # SIGTERM makes Redis flush the AOF and exit
-            try:
-                proc.wait(timeout=_START_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        if proc.stderr:
-            proc.stderr.close()
+        stop_servers([proc], _START_TIMEOUT_S)
         with contextlib.suppress(FileNotFoundError):
             (self.data_dir / "redis.url").unlink()
 
@@ -179,15 +236,3 @@ class EmbeddedRedis:
         proc.wait(timeout=_START_TIMEOUT_S)
         if proc.stderr:
             proc.stderr.close()
-
-    def __enter__(self) -> EmbeddedRedis:
-        self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()

@@ -53,6 +53,7 @@ import structlog
 import uvicorn
 
 if TYPE_CHECKING:
+    from tierq.broker.server.credentials import Account
     from tierq.config import Settings
 
 log = structlog.get_logger("tierq.serve")
@@ -98,6 +99,20 @@ def dev_settings(host: str, port: int, broker_port: int) -> Settings:
             if own_broker
             else base.broker,
         }
+    )
+
+
+def broker_accounts(settings: Settings) -> dict[str, Account]:
+    """The embedded broker's accounts (token → account): the configured QStash token and
+    signing keys, and the dev accounts as ``broker.accept_dev_tokens`` decides (auto: only
+    while no private token is set)."""
+    from tierq.broker.server.credentials import build_accounts  # noqa: PLC0415
+
+    return build_accounts(
+        dev_accounts=settings.broker.accept_dev_tokens,
+        token=settings.qstash_token,
+        current_key=settings.qstash_current_signing_key,
+        next_key=settings.qstash_next_signing_key,
     )
 
 
@@ -553,15 +568,9 @@ def dev_workers(
     """``tierq dev --workers N``: the broker in this process, N app processes on ``port`` (each
     with the dev settings and this Redis); ``banner`` is printed once all N are ready."""
     from tierq.broker.server.app import create_broker_app  # noqa: PLC0415
-    from tierq.broker.server.credentials import build_accounts  # noqa: PLC0415
 
     broker = settings.broker
-    accounts = build_accounts(
-        dev_accounts=broker.accept_dev_tokens,
-        token=settings.qstash_token,
-        current_key=settings.qstash_current_signing_key,
-        next_key=settings.qstash_next_signing_key,
-    )
+    accounts = broker_accounts(settings)
     broker_url = f"http://{broker.host}:{broker.port}"
     thread = _BrokerThread(
         create_broker_app(broker, settings.redis_url or "", accounts), broker.host, broker.port

@@ -1,18 +1,14 @@
 from __future__ import annotations
 
-import itertools
-import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
 
-from helpers import ServerThread
+from brokers import Broker
 from openai_upstream import UPSTREAM_KEY, UPSTREAM_KEY_ENV, FakeOpenAI
 from system import System, start_system
-from tierq.broker.server.app import create_broker_app
-from tierq.broker.server.credentials import build_accounts
-from tierq.config import BrokerSettings, ModelSettings, ServiceSettings
+from tierq.config import ModelSettings, ServiceSettings
 
 
 @pytest.fixture
@@ -64,13 +60,6 @@ def openai_system(
 
 
 @pytest.fixture
-def broker_url(redis_url: str) -> Iterator[str]:
+def broker_url(broker: Broker) -> str:
     """One embedded broker (in a thread) on the test's Redis, for ``tierq serve`` processes."""
-    settings = BrokerSettings(key_prefix=f"brk{os.getpid()}x{next(_brokers)}", poll_interval_s=0.2)
-    accounts = build_accounts(dev_accounts=True, token=None, current_key=None, next_key=None)
-    thread = ServerThread(create_broker_app(settings, redis_url, accounts)).start()
-    yield thread.url
-    thread.stop()
-
-
-_brokers = itertools.count()
+    return broker.url

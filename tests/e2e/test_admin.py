@@ -16,9 +16,9 @@ from qstash import QStash
 
 from helpers import wait_until
 from system import DEV, PAID, System
+from tierq.broker.qstash_api import checked_dlq_id, dlq_path
 from tierq.errors import ClientError
 from tierq.observability.logging import configure_logging
-from tierq.ops.qstash_admin import checked_dlq_id, dlq_path
 from tierq.queues import QueueId
 
 FATAL = {"prompt": "x", "simulate": {"fail": "fatal"}}

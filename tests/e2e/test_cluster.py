@@ -24,15 +24,11 @@ import redis.asyncio as aioredis
 from redis.cluster import RedisCluster
 from redis.exceptions import MaxConnectionsError
 
-from helpers import ServerThread, async_wait_until, wait_until
-from system import DEV, FREE, PAID, System
-from tierq.app import create_app
-from tierq.broker.server.app import create_broker_app
-from tierq.broker.server.credentials import build_accounts
-from tierq.config import BrokerSettings, Settings, TierLimits
+from helpers import async_wait_until, wait_until
+from system import FREE, PAID, System, start_system
+from tierq.config import TierLimits
 from tierq.contracts import Completed, Queued, Started
 from tierq.embedded_cluster import EmbeddedCluster
-from tierq.embedded_redis import free_port
 from tierq.events.deltas import DeltaWriter
 from tierq.events.hub import BLOCK_MS, TailHub, hash_tag
 from tierq.events.log import JobStore
@@ -61,26 +57,10 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedCluste
 def system(cluster: EmbeddedCluster, redis_url: str) -> Iterator[System]:
     """Broker on the suite's single-node Redis, app on the cluster; a free user may run one
     job at a time."""
-    broker_settings = BrokerSettings(key_prefix=f"{PREFIX}b", poll_interval_s=0.2)
-    accounts = build_accounts(dev_accounts=True, token=None, current_key=None, next_key=None)
-    broker = ServerThread(create_broker_app(broker_settings, redis_url, accounts)).start()
-    port = free_port()
-    settings = Settings(
-        redis_url=cluster.url,
-        redis_cluster=True,
-        key_prefix=PREFIX,
-        public_url=f"http://127.0.0.1:{port}",
-        qstash_url=broker.url,
-        qstash_token=DEV.token,
-        qstash_current_signing_key=DEV.current_key,
-        qstash_next_signing_key=DEV.next_key,
-        qstash_retry_delay="200",
-        sse_ping_s=1,
+    started = start_system(
+        redis_url, prefix=PREFIX, app_redis_url=cluster.url, redis_cluster=True,
         user_limits=TierLimits(paid=8, free=1),
-    ).with_dev_defaults()
-    app = ServerThread(create_app(settings), port=port).start()
-    client: Any = RedisCluster.from_url(cluster.url)
-    started = System(settings, app, broker, client)
+    )  # fmt: skip
     yield started
     started.close()
 

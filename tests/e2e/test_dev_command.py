@@ -4,37 +4,21 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
 import pytest
 
-from helpers import wait_until
-from tierq.embedded_redis import free_port
+from helpers import tierq_dev, wait_until
 
 
 @pytest.mark.timeout(120)
 def test_tierq_dev_runs_a_job_end_to_end(tmp_path: Path) -> None:
-    port, broker_port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TIERQ_", "QSTASH_"))}
-    env["TIERQ_DATA_DIR"] = str(tmp_path / "data")
-    out = tmp_path / "dev.out"
-    with out.open("wb") as sink:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tierq", "dev", "--port", str(port),
-             "--broker-port", str(broker_port)],
-            env=env, stdout=sink, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    try:
-        banner = wait_until(
-            lambda: "tq_dev_free" in out.read_text() and out.read_text(), timeout=60
-        )
-        assert f"tierq is running at http://127.0.0.1:{port}" in banner
+    with tierq_dev(tmp_path, stop_s=20) as dev:
+        banner = wait_until(lambda: "tq_dev_free" in dev.text() and dev.text(), timeout=60)
+        assert f"tierq is running at http://127.0.0.1:{dev.port}" in banner
         assert "tq_dev_admin" in banner
-        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) as http:
+        with httpx.Client(base_url=f"http://127.0.0.1:{dev.port}", timeout=30) as http:
             job = {"service": "chat", "experience": "stream", "mode": "auto", "model": "sim",
                    "input": {"prompt": "hello dev"}}  # fmt: skip
             res = http.post("/api/jobs", json=job, headers={"Authorization": "Bearer tq_dev_free"})
@@ -52,15 +36,8 @@ def test_tierq_dev_runs_a_job_end_to_end(tmp_path: Path) -> None:
             metrics = http.get("/metrics").text
             assert 'tierq_jobs_completed_total{queue="q_free_stream"} 1.0' in metrics
             assert "tierq_broker_deliveries_total" in metrics
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    redis_pid_file = tmp_path / "data" / "redis" / "redis.pid"
-    assert not redis_pid_file.exists() or not _alive(int(redis_pid_file.read_text()))
+    redis_pid = dev.redis_pid()
+    assert redis_pid is None or not _alive(redis_pid)
 
 
 def _alive(pid: int) -> bool:

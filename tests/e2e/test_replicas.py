@@ -33,7 +33,7 @@ from test_workers import (
     submit,
 )
 
-from helpers import ServerThread, wait_until
+from helpers import ServerThread, answer_lifespan, read_body, wait_until
 from system import FREE, PAID, sample
 from tierq.embedded_redis import free_port
 from tierq.keys import AppKeys
@@ -62,17 +62,12 @@ class Balancer:
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
-            await self._lifespan(receive, send)
+            await answer_lifespan(receive, send, self._open, self._close)
             return
         assert self._client is not None
         pick = self._random.randrange(len(self.backends))
         self.requests[pick] += 1
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
+        body = await read_body(receive)
         query = scope["query_string"].decode()
         url = self.backends[pick] + scope["path"] + (f"?{query}" if query else "")
         headers = [(k, v) for k, v in scope["headers"] if k.lower() not in self.HOP]
@@ -88,17 +83,12 @@ class Balancer:
         finally:
             await response.aclose()
 
-    async def _lifespan(self, receive: Any, send: Any) -> None:
-        while True:
-            message = await receive()
-            if message["type"] == "lifespan.startup":
-                self._client = httpx.AsyncClient(timeout=httpx.Timeout(60, connect=5))
-                await send({"type": "lifespan.startup.complete"})
-            elif message["type"] == "lifespan.shutdown":
-                if self._client is not None:
-                    await self._client.aclose()
-                await send({"type": "lifespan.shutdown.complete"})
-                return
+    async def _open(self) -> None:
+        self._client = httpx.AsyncClient(timeout=httpx.Timeout(60, connect=5))
+
+    async def _close(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
 
 
 class LeaseProbe:

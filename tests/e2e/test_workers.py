@@ -19,11 +19,8 @@ import httpx
 import pytest
 import redis
 
-from helpers import ServerThread, wait_until
+from helpers import clean_env, tierq_dev, wait_until
 from system import DEV, FREE, PAID
-from tierq.broker.server.app import create_broker_app
-from tierq.broker.server.credentials import build_accounts
-from tierq.config import BrokerSettings
 from tierq.embedded_redis import free_port
 from tierq.keys import AppKeys
 
@@ -39,10 +36,9 @@ STOP_S = 45.0  # the drain (shutdown_grace_s, 10 here) and the app's shutdown, w
 def serve_env(redis_url: str, prefix: str, public_url: str, qstash_url: str,
               **extra: str) -> dict[str, str]:  # fmt: skip
     """``tierq serve``'s environment: production-style secrets, the broker's dev account."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TIERQ_", "QSTASH_"))}
     keys = {key: {"id": user, "plan": plan} for key, (user, plan) in USERS.items()}
     return {
-        **env,
+        **clean_env(),
         "TIERQ_REDIS_URL": redis_url,
         "TIERQ_KEY_PREFIX": prefix,
         "TIERQ_PUBLIC_URL": public_url,
@@ -248,15 +244,6 @@ def ran_once(events: list[dict[str, Any]]) -> bool:
 
 
 @pytest.fixture
-def broker_url(redis_url: str) -> Iterator[str]:
-    settings = BrokerSettings(key_prefix=f"wk{os.getpid()}b", poll_interval_s=0.2)
-    accounts = build_accounts(dev_accounts=True, token=None, current_key=None, next_key=None)
-    thread = ServerThread(create_broker_app(settings, redis_url, accounts)).start()
-    yield thread.url
-    thread.stop()
-
-
-@pytest.fixture
 def redis_sync(redis_url: str) -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(redis_url)
     yield client
@@ -447,35 +434,18 @@ def test_a_port_in_use_fails_at_once(make_serve: Any) -> None:
 @pytest.mark.timeout(180)
 def test_tierq_dev_with_workers(tmp_path: Path) -> None:
     """``tierq dev --workers 2``: Redis and the broker in the parent, the app in 2 processes."""
-    port, broker_port = free_port(), free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("TIERQ_", "QSTASH_"))}
-    env["TIERQ_DATA_DIR"] = str(tmp_path / "data")
-    out = tmp_path / "dev.out"
-    with out.open("wb") as sink:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "tierq", "dev", "--port", str(port),
-             "--broker-port", str(broker_port), "--workers", "2"],
-            env=env, stdout=sink, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    try:
-        banner = wait_until(lambda: "app processes" in out.read_text() and out.read_text(),
+    with tierq_dev(tmp_path, "--workers", "2", stop_s=STOP_S) as dev:
+        banner = wait_until(lambda: "app processes" in dev.text() and dev.text(),
                             timeout=START_S)  # fmt: skip
-        assert f"tierq is running at http://{HOST}:{port}" in banner
+        assert f"tierq is running at http://{HOST}:{dev.port}" in banner
         pids = {int(p) for p in banner.split("(pids ")[1].split(")")[0].split(", ")}
-        assert pids <= children_of(proc.pid)  # (with the embedded Redis)
-        url = f"http://{HOST}:{port}"
+        assert pids <= children_of(dev.proc.pid)  # (with the embedded Redis)
+        url = f"http://{HOST}:{dev.port}"
         assert answering_pids(url, pids) == pids
         job = submit(url, "tq_dev_free", tokens=3)
         assert job["queueId"] == "q_free_stream"
         assert [e for _, e in sse(url, job)][-1]["type"] == "completed"
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            code = proc.wait(timeout=STOP_S)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            code = proc.wait()
-    assert code == 0, out.read_text()[-3000:]
+    assert dev.code == 0, dev.text()[-3000:]
     assert not any(alive(pid) for pid in pids)
-    redis_pid = tmp_path / "data" / "redis" / "redis.pid"
-    assert not redis_pid.exists() or not alive(int(redis_pid.read_text()))
+    redis_pid = dev.redis_pid()
+    assert redis_pid is None or not alive(redis_pid)

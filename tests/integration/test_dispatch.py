@@ -46,7 +46,7 @@ async def make_rt(redis_url: str) -> AsyncIterator[Callable[..., Any]]:
 
     yield make
     for rt, client in made:
-        await rt.gateway.qstash.http._client.aclose()
+        await rt.gateway.aclose()
         await client.aclose()
 
 

@@ -172,7 +172,7 @@ async def test_jobs_whose_share_is_held_for_good_are_given_up_and_the_lease_repo
         await rt.leases.acquire(ghost, "job_ghost", 1, 3600)
         report = await run(Settings(queues=queues), redis_url, jobs=12, users=2)
     finally:
-        await rt.gateway.qstash.http._client.aclose()
+        await rt.gateway.aclose()
         await client.aclose()
     assert report.not_admitted == 2  # the two q_free_vision jobs
     assert report.completed == 10
@@ -200,7 +200,7 @@ async def test_jobs_stuck_parked_are_reported_once_nothing_moves(
         await rt.leases.acquire(ghost, "job_ghost", 1, 3600)
         report = await run(settings, redis_url, jobs=24, users=2, settle_timeout_s=0.5)
     finally:
-        await rt.gateway.qstash.http._client.aclose()
+        await rt.gateway.aclose()
         await client.aclose()
     free = [q.value for q in QueueId if "free" in q.value]
     assert report.completed == 12  # the paid tier's
@@ -305,7 +305,7 @@ async def rt(redis_url: str) -> AsyncIterator[Runtime]:
     runtime = build_runtime(sim_settings(Settings(), redis_url), client)
     yield runtime
     await runtime.aclose_streams()
-    await runtime.gateway.qstash.http._client.aclose()
+    await runtime.gateway.aclose()
     await client.aclose()
 
 
@@ -403,12 +403,26 @@ async def test_bad_arguments_and_settings_are_refused_before_touching_redis() ->
         await run(no_vision, unreachable)
 
 
-def test_retry_delay_honours_retry_after_up_to_the_cap() -> None:
-    assert retry_delay(error_reply(500, "x", "y")) == sim_module.RETRY_DELAY_S
-    assert retry_delay(error_reply(429, "x", "y", {"Retry-After": "0"})) == 0
-    assert retry_delay(error_reply(429, "x", "y", {"Retry-After": "5"})) == (
-        sim_module.RETRY_AFTER_CAP_S
-    )
+@pytest.mark.parametrize(
+    ("headers", "delay"),
+    [
+        ({}, sim_module.RETRY_DELAY_S),  # the sim's fixed delay, not QStash's e^2.5 s
+        ({"Retry-After": "0"}, 0.0),
+        ({"Retry-After": "0.1"}, 0.1),
+        ({"retry-after": "100ms"}, 0.1),  # a Go duration, as the broker reads it
+        ({"Retry-After": "5"}, sim_module.RETRY_AFTER_CAP_S),
+        ({"Retry-After": "Fri, 01 Jan 1999 00:00:00 GMT"}, 0.0),  # an HTTP date in the past
+        ({"Retry-After": "soon"}, sim_module.RETRY_DELAY_S),  # unusable: the fixed delay
+        ({"Retry-After": "2d"}, sim_module.RETRY_DELAY_S),  # over a day: ignored, as QStash does
+        ({"x-ratelimit-reset-requests": "150ms"}, 0.15),
+    ],
+)
+def test_retry_delay_is_the_brokers_policy_in_sim_time(
+    headers: dict[str, str], delay: float
+) -> None:
+    for retried in (0, 3):
+        got = retry_delay(error_reply(429, "x", "y", headers), retried)
+        assert got == pytest.approx(delay)
 
 
 # -- the command ----------------------------------------------------------------------------

@@ -38,7 +38,7 @@ async def rt(redis_url: str) -> AsyncIterator[Runtime]:
     yield runtime
     await runtime.aclose_streams()
     await runtime.cancels.stop()
-    await runtime.gateway.qstash.http._client.aclose()
+    await runtime.gateway.aclose()
     await client.aclose()
 
 
@@ -107,7 +107,7 @@ async def test_full_guard_parks_the_job_again_holding_nothing(rt: Runtime) -> No
     assert await rt.redis.lrange(parked, 0, -1) == [body.job_id.encode()]
     state = await rt.jobs.state(body.job_id)
     assert state is not None
-    assert state["status"] == "queued"
+    assert state.status == "queued"
 
 
 @pytest.mark.parametrize(
@@ -166,8 +166,8 @@ async def test_record(
     assert (await event_types(rt, body.job_id))[-1] == event
     state = await rt.jobs.state(body.job_id)
     assert state is not None
-    assert (state["status"] in ("completed", "failed", "cancelled")) is terminal
-    assert ("terminalSeq" in state) is terminal
+    assert state.terminal is terminal
+    assert (state.terminal_seq is not None) is terminal
     if status == 489:
         assert reply.headers["Upstash-NonRetryable-Error"] == "true"
 

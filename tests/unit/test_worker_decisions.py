@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 
+from tierq.events.state import JobState
 from tierq.worker.result import Err, Ok
 from tierq.worker.steps.route import Decision, decide
 from tierq.worker.steps.validate import validate
@@ -58,23 +59,31 @@ def test_validate(raw: bytes, route: str, service: str, code: str | None) -> Non
         assert result.error.body["error"]["code"] == code
 
 
+def record(**fields: str) -> JobState | None:
+    """The state as the store parses it from a record holding ``fields``."""
+    return JobState.parse(fields)
+
+
 @pytest.mark.parametrize(
     ("state", "message_id", "alive", "expected"),
     [
         (None, "m1", False, ("done", "gone")),
-        ({"status": "queued"}, "m1", False, Decision("run")),
-        ({"status": "waiting"}, "m1", False, Decision("run")),
-        ({"status": "running"}, "m1", False, Decision("run")),  # its runner died: take over
-        ({"status": "running"}, "m1", True, ("busy", 429)),
-        ({"status": "completed"}, "m1", False, ("done", "completed")),
-        ({"status": "cancelled"}, "m1", False, ("done", "cancelled")),
-        ({"status": "failed", "failedMessageId": "m1"}, "m1", False, ("done", "failed")),
-        ({"status": "failed", "failedMessageId": "m1"}, "m2", False, Decision("run", revive=True)),
-        ({"status": "queued", "cancelRequested": "1"}, "m1", False, Decision("cancel")),
-        ({"status": "running", "cancelRequested": "1"}, "m1", True, Decision("cancel")),
+        (record(status="queued"), "m1", False, Decision("run")),
+        (record(status="waiting"), "m1", False, Decision("run")),
+        (record(status="running"), "m1", False, Decision("run")),  # its runner died: take over
+        (record(status="running"), "m1", True, ("busy", 429)),
+        (record(status="completed"), "m1", False, ("done", "completed")),
+        (record(status="cancelled"), "m1", False, ("done", "cancelled")),
+        (record(status="failed", failedMessageId="m1"), "m1", False, ("done", "failed")),
+        (record(status="failed", failedMessageId="m1"), "m2", False, Decision("run", revive=True)),
+        (record(status="failed"), "m1", False, Decision("run", revive=True)),  # no failing id
+        (record(status="queued", cancelRequested="1"), "m1", False, Decision("cancel")),
+        (record(status="running", cancelRequested="1"), "m1", True, Decision("cancel")),
+        (record(status="queued", cancelRequested="0"), "m1", False, Decision("run")),
+        (record(status="completed", cancelRequested="1"), "m1", False, ("done", "completed")),
     ],
 )
-def test_decide(state: dict[str, str] | None, message_id: str, alive: bool, expected: Any) -> None:
+def test_decide(state: JobState | None, message_id: str, alive: bool, expected: Any) -> None:
     result = decide(state, message_id, alive, retry_after_s=7)
     if isinstance(expected, Decision):
         assert result == Ok(expected)

@@ -1,15 +1,19 @@
-"""tierq's side of QStash: publish jobs to the named queues, read and set the queues.
+"""tierq's side of QStash, every call in one gateway: publish jobs to the named queues, read and
+set the queues, cancel and look up messages, the dead-letter queue, closing.
 
-Goes through the official ``qstash`` async SDK, so the same code drives Upstash and the embedded
-broker. Which queue state wins (configuration, QStash, an operator's change) is decided above,
-in :mod:`tierq.ops.queue_state`; here are only the calls.
+Goes through the official ``qstash`` async SDK (the DLQ over QStash's REST API on the SDK's HTTP
+client: the SDK cannot retry a DLQ entry), so the same code drives Upstash and the embedded
+broker. SDK and transport errors never leave the gateway: they become :class:`UpstreamError`, or
+:class:`ClientError` where QStash judged the caller's input (see :mod:`tierq.broker.qstash_api`).
+Which queue state wins (configuration, QStash, an operator's change) is decided above, in
+:mod:`tierq.ops.queue_state`; here are only the calls.
 """
 
 from __future__ import annotations
 
 import asyncio
-import re
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 import orjson
@@ -17,9 +21,20 @@ from qstash import AsyncQStash
 from qstash.errors import QStashError
 from qstash.message import BatchRequest
 
+from tierq.broker.qstash_api import (
+    DLQ_PAGE_MAX,
+    REFUSED,
+    UPSTASH_URL,
+    DlqPage,
+    QStashRefused,
+    checked_dlq_id,
+    dlq_path,
+    sdk_error,
+    sdk_status,
+)
 from tierq.config import QueueSettings, Settings
 from tierq.contracts import WorkerBody
-from tierq.errors import UpstreamError
+from tierq.errors import ClientError, UpstreamError
 from tierq.queues import QueueId
 
 
@@ -36,13 +51,6 @@ MAX_BATCH = 100
 MAX_SENDERS = 4
 """Batch requests in flight at once; publishes beyond them wait and go out together."""
 _FAILURES = (QStashError, httpx.HTTPError)
-_STATUS = re.compile(r"status: (\d{3})")
-
-
-def _not_found(exc: QStashError) -> bool:
-    """Whether QStash answered 404 (the SDK keeps the status only in its message)."""
-    found = _STATUS.search(str(exc))
-    return found is not None and found.group(1) == "404"
 
 
 def qstash_client(settings: Settings) -> AsyncQStash:
@@ -62,7 +70,11 @@ class QStashGateway:
     broker) for many jobs instead of one each."""
 
     def __init__(self, qstash: AsyncQStash, settings: Settings) -> None:
-        self.qstash = qstash
+        self._qstash = qstash
+        # the SDK's own pool (timeout set by qstash_client), reused for the DLQ's REST calls
+        self._http: httpx.AsyncClient = qstash.http._client
+        self._base_url = (settings.qstash_url or UPSTASH_URL).rstrip("/")
+        self._auth = {"Authorization": f"Bearer {settings.qstash_token or ''}"}
         self.settings = settings
         self._waiting: list[tuple[BatchRequest, asyncio.Future[str]]] = []
         self._senders: set[asyncio.Task[None]] = set()
@@ -128,12 +140,12 @@ class QStashGateway:
 
     async def _send(self, requests: list[BatchRequest]) -> list[str]:
         self.requests += 1
-        replies = await self.qstash.message.batch(requests)
+        replies = await self._qstash.message.batch(requests)
         return [str(reply.message_id) for reply in replies]  # type: ignore[union-attr]
 
     async def cancel(self, message_id: str) -> None:
         try:
-            await self.qstash.message.cancel(message_id)
+            await self._qstash.message.cancel(message_id)
         except _FAILURES as exc:
             raise UpstreamError(f"qstash cancel failed: {exc}") from exc
 
@@ -142,7 +154,7 @@ class QStashGateway:
         rare decisions that must not rest on an unsigned message id). ``False`` when QStash
         does not know the message; :class:`UpstreamError` when it cannot be asked."""
         try:
-            message = await self.qstash.message.get(message_id)
+            message = await self._qstash.message.get(message_id)
         except QStashError as exc:
             if "status: 404" in str(exc):  # the SDK keeps the status only in its message
                 return False
@@ -157,7 +169,7 @@ class QStashGateway:
     async def upsert_queue(self, queue: str, *, parallelism: int, paused: bool) -> None:
         """Create ``queue`` or set both its fields (QStash's upsert always sets both)."""
         try:
-            await self.qstash.queue.upsert(queue, parallelism=parallelism, paused=paused)
+            await self._qstash.queue.upsert(queue, parallelism=parallelism, paused=paused)
         except _FAILURES as exc:
             raise UpstreamError(f"qstash queue upsert failed for {queue}: {exc}") from exc
 
@@ -172,7 +184,7 @@ class QStashGateway:
 
     async def queue_status(self, queue: str) -> QueueStatus:
         try:
-            q = await self.qstash.queue.get(queue)
+            q = await self._qstash.queue.get(queue)
         except _FAILURES as exc:
             raise UpstreamError(f"qstash queue get failed for {queue}: {exc}") from exc
         return QueueStatus(q.name, q.parallelism, q.paused, q.lag)
@@ -183,14 +195,147 @@ class QStashGateway:
             return await self.queue_status(queue)
         except UpstreamError as exc:
             cause = exc.__cause__
-            if isinstance(cause, QStashError) and _not_found(cause):
+            if isinstance(cause, QStashError) and sdk_status(cause) == 404:
                 return None
             raise
 
     async def list_queues(self) -> dict[str, QueueStatus]:
         """Every queue of the account, by name, in one call."""
         try:
-            found = await self.qstash.queue.list()
+            found = await self._qstash.queue.list()
         except _FAILURES as exc:
             raise UpstreamError(f"qstash queue list failed: {exc}") from exc
         return {q.name: QueueStatus(q.name, q.parallelism, q.paused, q.lag) for q in found}
+
+    async def set_paused(self, queue: str, paused: bool, *, what: str) -> None:
+        """Pause or resume ``queue``; QStash's verdicts as :func:`sdk_error` maps them (a
+        missing queue: not synced), ``what`` naming the action in the message."""
+        try:
+            if paused:
+                await self._qstash.queue.pause(queue)
+            else:
+                await self._qstash.queue.resume(queue)
+        except QStashError as exc:
+            raise sdk_error(exc, what) from exc
+        except httpx.HTTPError as exc:
+            raise UpstreamError(f"{what}: {exc}") from exc
+
+    async def set_parallelism(
+        self, queue: str, parallelism: int, *, paused: bool, what: str
+    ) -> None:
+        """Upsert ``queue`` with both fields (QStash's upsert sets both), errors as
+        :meth:`set_paused`."""
+        try:
+            await self._qstash.queue.upsert(queue, parallelism=parallelism, paused=paused)
+        except QStashError as exc:
+            raise sdk_error(exc, what) from exc
+        except httpx.HTTPError as exc:
+            raise UpstreamError(f"{what}: {exc}") from exc
+
+    async def aclose(self) -> None:
+        """Close the HTTP client (the SDK never closes its own)."""
+        await self._http.aclose()
+
+    # -- the dead-letter queue (QStash's REST API) -------------------------------------------
+    # A missing entry is ``None``/``False``, never an exception; a DLQ id that is not one is a
+    # ClientError (422) before any request, and QStash's 400 or 422 on what we sent (a cursor it
+    # does not know) is one too; every transport failure or other unexpected answer becomes
+    # UpstreamError.
+
+    async def _dlq_call(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: dict[str, str] | None = None,
+        body: dict[str, Any] | None = None,
+    ) -> httpx.Response:
+        try:
+            res = await self._http.request(
+                method, self._base_url + path, params=params, json=body, headers=self._auth
+            )
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:
+            raise UpstreamError(f"qstash {method} {path}: {exc}") from exc
+        if res.status_code in REFUSED:
+            raise QStashRefused(f"qstash refused {method} {path}: {res.text[:200]}")
+        if res.status_code >= 300 and res.status_code != 404:
+            raise UpstreamError(f"qstash {method} {path}: {res.status_code} {res.text[:200]}")
+        return res
+
+    @staticmethod
+    def _json(res: httpx.Response) -> Any:
+        try:
+            return res.json()
+        except ValueError as exc:
+            raise UpstreamError(f"qstash answered non-JSON: {res.text[:200]}") from exc
+
+    async def dlq_page(
+        self,
+        *,
+        cursor: str | None = None,
+        count: int = DLQ_PAGE_MAX,
+        queue: str | None = None,
+        response_status: int | None = None,
+    ) -> DlqPage:
+        """One page of raw DLQ messages, oldest first, and the cursor of the next page."""
+        params = {"count": str(count)}
+        for name, value in (
+            ("cursor", cursor),
+            ("queueName", queue),
+            ("responseStatus", response_status),
+        ):
+            if value is not None:
+                params[name] = str(value)
+        try:
+            res = await self._dlq_call("GET", "/v2/dlq", params=params)
+        except QStashRefused as exc:
+            if cursor is None:
+                raise
+            raise ClientError(
+                f"invalid cursor {cursor!r}: not one QStash gave ({exc.message})",
+                code="invalid_cursor",
+            ) from None
+        data = self._json(res)
+        return DlqPage(list(data.get("messages") or []), data.get("cursor") or None)
+
+    async def dlq_all(self, *, queue: str | None = None) -> list[dict[str, Any]]:
+        """Every raw DLQ message (following cursors until there is none)."""
+        out: list[dict[str, Any]] = []
+        cursor: str | None = None
+        while True:
+            page = await self.dlq_page(cursor=cursor, queue=queue)
+            out.extend(page.messages)
+            if not page.cursor or page.cursor == cursor or not page.messages:
+                return out
+            cursor = page.cursor
+
+    async def dlq_get(self, dlq_id: str) -> dict[str, Any] | None:
+        res = await self._dlq_call("GET", dlq_path(dlq_id))
+        if res.status_code == 404:
+            return None
+        data: dict[str, Any] = self._json(res)
+        data.setdefault("dlqId", dlq_id)
+        return data
+
+    async def dlq_delete(self, dlq_id: str) -> bool:
+        """``False`` when the entry was already gone."""
+        res = await self._dlq_call("DELETE", dlq_path(dlq_id))
+        return res.status_code != 404
+
+    async def dlq_delete_many(self, dlq_ids: list[str]) -> int:
+        """How many of ``dlq_ids`` were deleted (missing ones are skipped)."""
+        if not dlq_ids:
+            return 0
+        ids = [checked_dlq_id(d) for d in dlq_ids]
+        res = await self._dlq_call("DELETE", "/v2/dlq", body={"dlqIds": ids})
+        if res.status_code == 404:
+            return 0
+        return int(self._json(res).get("deleted", 0))
+
+    async def dlq_retry(self, dlq_id: str) -> str | None:
+        """Publish the entry again as a new message (consuming the entry); its new message id,
+        or ``None`` when the entry was gone."""
+        res = await self._dlq_call("POST", dlq_path(dlq_id, "/v2/dlq/retry/"))
+        if res.status_code == 404:
+            return None
+        return str(self._json(res)["messageId"])

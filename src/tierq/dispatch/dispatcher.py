@@ -34,9 +34,10 @@ from redis.exceptions import NoScriptError, RedisError
 from tierq.aio import raise_if_cancelled
 from tierq.broker.client import QStashGateway
 from tierq.config import Settings
-from tierq.contracts import TERMINAL_STATUSES, Hold, Waiting, WorkerBody
+from tierq.contracts import Hold, Waiting, WorkerBody
 from tierq.errors import UpstreamError
 from tierq.events.log import JobStore
+from tierq.events.state import JobState
 from tierq.guards.leases import KEY_GRACE_MS, ttl_ms
 from tierq.keys import AppKeys
 from tierq.observability.metrics import Metrics
@@ -44,6 +45,7 @@ from tierq.observability.tracing import current_traceparent, span
 from tierq.queues import QueueId, delivery_path
 
 log = structlog.get_logger("tierq.dispatch")
+_SWEPT = ("status", "userId", "messageId", "createdAt")  # what the sweep reads of a record
 
 _SCRIPTS = (
     "park", "release", "claim", "confirm", "requeue", "reconcile", "positions", "aimd"
@@ -313,7 +315,7 @@ class Dispatcher:
         guard that is full (``user``, ``model``, ``queue``)."""
         return _s(await self.call_script("claim", self._claim_args(body))).partition(":")[0]
 
-    async def claim_with_state(self, body: WorkerBody) -> tuple[dict[str, str] | None, str, bool]:
+    async def claim_with_state(self, body: WorkerBody) -> tuple[JobState | None, str, bool]:
         """The job's state record, :meth:`claim`'s answer, and whether dispatch had the job
         (parked or being published: admitted, even if its record is not written yet), in one
         round trip. The claim is made before the state is known: a delivery that must not run
@@ -328,9 +330,8 @@ class Dispatcher:
             raw, full = await self.run_pipeline(build)
         except RedisError as exc:
             raise UpstreamError(f"redis: {exc}") from exc
-        state = {_s(k): _s(v) for k, v in raw.items()} or None
         answer, _, sent = _s(full).partition(":")
-        return state, answer, sent == "sent"
+        return JobState.parse(raw), answer, sent == "sent"
 
     async def release(
         self,
@@ -597,20 +598,22 @@ class Dispatcher:
             chunk = members[start : start + 500]
             pipe = self.r.pipeline(transaction=False)
             for job_id in chunk:
-                pipe.hmget(self.keys.job(job_id), "status", "userId", "messageId", "createdAt")
+                pipe.hmget(self.keys.job(job_id), *_SWEPT)
                 pipe.hexists(f"{self.keys.sched}:jobs", job_id)
             replies = await pipe.execute()
-            states = [(*replies[i], replies[i + 1]) for i in range(0, len(replies), 2)]
+            states = [
+                (JobState.parse(dict(zip(_SWEPT, replies[i], strict=True))), replies[i + 1])
+                for i in range(0, len(replies), 2)
+            ]
             pipe = self.r.pipeline(transaction=False)
-            for job_id, (status, user, message, created, in_dispatch) in zip(
-                chunk, states, strict=True
-            ):
-                share = self.keys.user_pending(queue, _s(user)) if user else None
-                stranded = self._never_parked(status, message, created, in_dispatch)
+            for job_id, (state, in_dispatch) in zip(chunk, states, strict=True):
+                user = state.user_id if state else None
+                share = self.keys.user_pending(queue, user) if user else None
+                stranded = self._never_parked(state, bool(in_dispatch))
                 if stranded:
                     pipe.delete(self.keys.job(job_id), self.keys.job_events(job_id))
                     log.warning("dispatch.stranded_job_taken_back", job_id=job_id)
-                if stranded or status is None or _s(status) in TERMINAL_STATUSES:
+                if stranded or state is None or state.status is None or state.terminal:
                     dropped += 1
                     pipe.zrem(admission, job_id)
                     if share:
@@ -650,13 +653,13 @@ class Dispatcher:
                 await self.r.zrem(key, *orphans)
         return dropped
 
-    def _never_parked(self, status: Any, message: Any, created: Any, in_dispatch: Any) -> bool:
+    def _never_parked(self, state: JobState | None, in_dispatch: bool) -> bool:
         """A job recorded by a submit that died before parking it (its process was killed, or
         Redis failed in between): queued, never published, not parked or being published, and
         older than a publish may take. Nobody heard a 202 for it; it is taken back."""
-        if status is None or _s(status) != "queued" or message is not None or in_dispatch:
+        if state is None or state.status != "queued" or state.message_id is not None or in_dispatch:
             return False
-        age_ms = time.time() * 1000 - int(_s(created or "0"))
+        age_ms = time.time() * 1000 - (state.created_at or 0)
         return age_ms > ttl_ms(self.settings.dispatch_confirm_s) + 5000
 
     async def tell_positions(self, *, force: bool = False) -> int:

@@ -30,7 +30,7 @@ async def poll_cancel_flag(
             log.warning("cancel_poll.failed", error=str(exc))
             continue
         raise_if_cancelled()  # stopped at cleanup even if redis-py swallowed the cancel
-        if state is not None and state.get("cancelRequested") == "1":
+        if state is not None and state.cancel_requested:
             cancel.set()
 
 

@@ -16,8 +16,9 @@ import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
-from tierq.contracts import TERMINAL_STATUSES, WorkerEvent, is_terminal
+from tierq.contracts import WorkerEvent, is_terminal
 from tierq.errors import UpstreamError
+from tierq.events.state import JobState
 from tierq.keys import AppKeys
 
 
@@ -174,9 +175,10 @@ class JobStore:
             raise UpstreamError(f"redis: {exc}") from exc
         return _s(result)
 
-    async def state(self, job_id: str) -> dict[str, str] | None:
+    async def state(self, job_id: str) -> JobState | None:
+        """The job's record, parsed; ``None`` when the job is gone (or never was)."""
         raw: dict[Any, Any] = await self.r.hgetall(self.keys.job(job_id))
-        return {_s(k): _s(v) for k, v in raw.items()} or None
+        return JobState.parse(raw)
 
     async def set_fields(self, job_id: str, fields: dict[str, str]) -> None:
         await self.r.hset(self.keys.job(job_id), mapping=fields)  # type: ignore[arg-type]
@@ -216,12 +218,3 @@ def appended(reply: Any) -> Appended | str:
     """The append script's reply: where the event went, or why it was not appended."""
     entry, second = reply
     return Appended(_s(entry), int(second)) if _s(entry) else _s(second)
-
-
-def is_final(state: dict[str, str] | None, seq: int) -> bool:
-    """Whether the event with ``seq`` is the job's last: its terminal event."""
-    return (
-        state is not None
-        and state.get("status") in TERMINAL_STATUSES
-        and state.get("terminalSeq") == str(seq)
-    )

@@ -15,10 +15,9 @@ from collections.abc import AsyncGenerator, Callable
 
 import structlog
 
-from tierq.contracts import TERMINAL_STATUSES
 from tierq.events.codec import Entry, entry, stream_id
 from tierq.events.hub import Rows, Subscription, TailHub
-from tierq.events.log import JobStore, is_final
+from tierq.events.log import JobStore
 
 log = structlog.get_logger("tierq.events")
 PAGE = 500
@@ -65,7 +64,10 @@ class JobFollower:
     async def _upto_final(self, items: list[Entry]) -> tuple[list[Entry], bool]:
         """``items`` up to the job's final event, and whether it is among them."""
         for index, item in enumerate(items):
-            if item.terminal and is_final(await self.store.state(self.job_id), item.seq):
+            if not item.terminal:
+                continue
+            state = await self.store.state(self.job_id)
+            if state is not None and state.is_final(item.seq):
                 return items[: index + 1], True
         return items, False
 
@@ -145,4 +147,4 @@ class JobFollower:
         state = await self.store.state(self.job_id)
         if state is None:
             return False
-        return True if state.get("status") in TERMINAL_STATUSES else None
+        return True if state.terminal else None

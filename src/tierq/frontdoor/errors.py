@@ -31,7 +31,7 @@ from typing import Any
 from fastapi.responses import JSONResponse
 
 from tierq.contracts import Failed
-from tierq.errors import Busy, ClientError, Forbidden, NotFound, Unauthorized
+from tierq.errors import Busy, ClientError, Forbidden, NotFound, TierqError, Unauthorized
 
 INVALID_REQUEST = "invalid_request_error"
 SERVER_ERROR = "server_error"
@@ -42,7 +42,7 @@ _CONFIG_4XX = frozenset({401, 403, 404})
 _BUSY_CODES = frozenset({"model_busy", "user_busy", "upstream_429"})
 
 
-class OpenAIError(Exception):
+class OpenAIError(TierqError):
     """An answer in OpenAI's error shape (raised inside the front door, rendered once)."""
 
     def __init__(

@@ -44,7 +44,6 @@ from starlette.background import BackgroundTask
 from tierq.config import UserSettings
 from tierq.contracts import (
     TERMINAL_EVENTS,
-    TERMINAL_STATUSES,
     Cancelled,
     Completed,
     Delta,
@@ -355,7 +354,7 @@ async def _cancel_job(rt: Runtime, job_id: str, reason: str) -> None:
     """Cancel a job nobody will read (best effort: a finished job is left alone)."""
     try:
         state = await rt.jobs.state(job_id)
-        if state is None or state.get("status") in TERMINAL_STATUSES:
+        if state is None or state.terminal:
             return
         result = await cancel(rt, job_id, state)
     except _DEPENDENCY_ERRORS as exc:

@@ -1,8 +1,8 @@
 """The admin API under /api/admin (see docs/admin-api.md).
 
-Every route needs the admin token. Queue and DLQ routes go through the QStash REST API (the
-official SDK for queues, ``QStashDlq`` for the DLQ), so they behave the same against Upstash and
-the embedded broker; in-flight, admission and guard numbers come from tierq's Redis leases.
+Every route needs the admin token. Queue and DLQ routes go through the runtime's QStash gateway
+(:class:`tierq.broker.client.QStashGateway`), so they behave the same against Upstash and the
+embedded broker; in-flight, admission and guard numbers come from tierq's Redis leases.
 The queue lists (``GET /queues``, ``/overview``: what the dashboard and ``tierq queues list``
 poll) take QStash's side from the shared snapshot (:mod:`tierq.ops.queue_metrics`), never from
 QStash per request; one queue's view asks QStash at once. Every route that changes something
@@ -14,29 +14,20 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Annotated, Any
 
-import httpx
 import structlog
 from fastapi import APIRouter, Depends, Path, Query, Request
 from pydantic import BaseModel, ConfigDict, Field
-from qstash.errors import QStashError
-from qstash.queue import Queue
 from redis.exceptions import RedisError
 
+from tierq.broker.client import QStashGateway, QueueStatus
+from tierq.broker.qstash_api import CURSOR_PATTERN, DLQ_ID_PATTERN, DLQ_PAGE_MAX, not_synced
 from tierq.errors import Forbidden, NotFound, Unauthorized, UpstreamError
+from tierq.events.state import JobState
 from tierq.observability.logging import audit
-from tierq.ops.qstash_admin import (
-    CURSOR_PATTERN,
-    DLQ_ID_PATTERN,
-    DLQ_PAGE_MAX,
-    QStashDlq,
-    dlq_entry,
-    not_synced,
-    sdk_error,
-    sdk_status,
-)
+from tierq.ops.qstash_admin import dlq_entry
 from tierq.ops.queue_metrics import QueueCollector, QueueFacts, Snapshot
 from tierq.ops.queue_state import force_configuration
 from tierq.producer.api import cancel, job_view, runtime
@@ -46,7 +37,6 @@ from tierq.runtime import Runtime
 
 log = structlog.get_logger("tierq.admin")
 
-_QSTASH_TIMEOUT_S = 15.0
 _RETRY_CONCURRENCY = 8
 
 
@@ -65,14 +55,12 @@ async def require_admin(request: Request) -> None:
 router = APIRouter(prefix="/api/admin", dependencies=[Depends(require_admin)])
 
 
-async def qstash_dlq(request: Request) -> AsyncIterator[QStashDlq]:
-    """A DLQ client for one request (its HTTP client closes with the request)."""
-    settings = runtime(request).settings
-    async with httpx.AsyncClient(timeout=_QSTASH_TIMEOUT_S) as client:
-        yield QStashDlq(client, settings.qstash_url, settings.qstash_token or "")
+def qstash_gateway(request: Request) -> QStashGateway:
+    """The runtime's QStash gateway (queues and the DLQ)."""
+    return runtime(request).gateway
 
 
-Dlq = Annotated[QStashDlq, Depends(qstash_dlq)]
+Gateway = Annotated[QStashGateway, Depends(qstash_gateway)]
 
 
 def queue_collector(request: Request) -> QueueCollector:
@@ -119,14 +107,9 @@ def queue_or_404(queue_id: str) -> QueueId:
 # -- queues ---------------------------------------------------------------------------------
 
 
-async def _qstash_queue(rt: Runtime, queue: QueueId) -> Queue | None:
+async def _qstash_queue(rt: Runtime, queue: QueueId) -> QueueStatus | None:
     """QStash's record of the queue; ``None`` when QStash does not have it (never synced)."""
-    try:
-        return await rt.gateway.qstash.queue.get(queue.value)
-    except QStashError as exc:
-        if sdk_status(exc) == 404:
-            return None
-        raise UpstreamError(f"qstash queue get failed for {queue}: {exc}") from exc
+    return await rt.gateway.find_queue(queue.value)
 
 
 async def tierq_side(rt: Runtime, queue: QueueId) -> dict[str, Any]:
@@ -192,8 +175,8 @@ async def listed_views(rt: Runtime, snap: Snapshot) -> list[dict[str, Any]]:
     ]
 
 
-async def one_queue_view(rt: Runtime, dlq: QStashDlq, queue: QueueId) -> dict[str, Any]:
-    return await queue_view(rt, queue, len(await dlq.all(queue=queue.value)))
+async def one_queue_view(rt: Runtime, gateway: QStashGateway, queue: QueueId) -> dict[str, Any]:
+    return await queue_view(rt, queue, len(await gateway.dlq_all(queue=queue.value)))
 
 
 async def _listing(rt: Runtime, snap: Snapshot) -> dict[str, Any]:
@@ -217,39 +200,35 @@ async def sync_queues(request: Request, collector: Collector) -> dict[str, Any]:
 
 
 @router.get("/queues/{queue_id}")
-async def get_queue(queue_id: str, request: Request, dlq: Dlq) -> dict[str, Any]:
-    return await one_queue_view(runtime(request), dlq, queue_or_404(queue_id))
+async def get_queue(queue_id: str, request: Request, gateway: Gateway) -> dict[str, Any]:
+    return await one_queue_view(runtime(request), gateway, queue_or_404(queue_id))
 
 
 async def _set_paused(
-    request: Request, dlq: Dlq, collector: QueueCollector, queue_id: str, paused: bool
+    request: Request, gateway: Gateway, collector: QueueCollector, queue_id: str, paused: bool
 ) -> dict[str, Any]:
     rt = runtime(request)
     queue = queue_or_404(queue_id)
     action = "queue.pause" if paused else "queue.resume"
     with audited(action, queue=queue.value):
-        api = rt.gateway.qstash.queue
-        try:
-            await (api.pause(queue.value) if paused else api.resume(queue.value))
-        except QStashError as exc:
-            raise sdk_error(exc, f"{action} {queue.value}") from exc
+        await rt.gateway.set_paused(queue.value, paused, what=f"{action} {queue.value}")
         await rt.dispatcher.set_queue(queue.value, paused=paused)
     await refreshed(collector)
-    return await one_queue_view(rt, dlq, queue)
+    return await one_queue_view(rt, gateway, queue)
 
 
 @router.post("/queues/{queue_id}/pause")
 async def pause_queue(
-    queue_id: str, request: Request, dlq: Dlq, collector: Collector
+    queue_id: str, request: Request, gateway: Gateway, collector: Collector
 ) -> dict[str, Any]:
-    return await _set_paused(request, dlq, collector, queue_id, True)
+    return await _set_paused(request, gateway, collector, queue_id, True)
 
 
 @router.post("/queues/{queue_id}/resume")
 async def resume_queue(
-    queue_id: str, request: Request, dlq: Dlq, collector: Collector
+    queue_id: str, request: Request, gateway: Gateway, collector: Collector
 ) -> dict[str, Any]:
-    return await _set_paused(request, dlq, collector, queue_id, False)
+    return await _set_paused(request, gateway, collector, queue_id, False)
 
 
 class ParallelismBody(BaseModel):
@@ -259,7 +238,7 @@ class ParallelismBody(BaseModel):
 
 @router.put("/queues/{queue_id}/parallelism")
 async def set_parallelism(
-    queue_id: str, body: ParallelismBody, request: Request, dlq: Dlq, collector: Collector
+    queue_id: str, body: ParallelismBody, request: Request, gateway: Gateway, collector: Collector
 ) -> dict[str, Any]:
     """Until changed again or the next sync (restarts keep it)."""
     rt = runtime(request)
@@ -269,16 +248,16 @@ async def set_parallelism(
         if current is None:
             raise not_synced(f"queue.parallelism {queue.value}")
         out["previous"] = current.parallelism
-        try:
-            # QStash's upsert sets both fields, so the queue's paused state is carried over.
-            await rt.gateway.qstash.queue.upsert(
-                queue.value, parallelism=body.parallelism, paused=current.paused
-            )
-        except QStashError as exc:
-            raise sdk_error(exc, f"queue.parallelism {queue.value}") from exc
+        # QStash's upsert sets both fields, so the queue's paused state is carried over.
+        await rt.gateway.set_parallelism(
+            queue.value,
+            body.parallelism,
+            paused=current.paused,
+            what=f"queue.parallelism {queue.value}",
+        )
         await rt.dispatcher.set_queue(queue.value, parallelism=body.parallelism)
     await refreshed(collector)
-    return await one_queue_view(rt, dlq, queue)
+    return await one_queue_view(rt, gateway, queue)
 
 
 # -- dead-letter queue ----------------------------------------------------------------------
@@ -296,14 +275,14 @@ class DlqIdsBody(BaseModel):
 
 @router.get("/dlq")
 async def list_dlq(
-    dlq: Dlq,
+    gateway: Gateway,
     queue_id: Annotated[str | None, Query(alias="queueId")] = None,
     cursor: Annotated[str | None, Query(pattern=CURSOR_PATTERN)] = None,
     count: Annotated[int, Query(ge=1, le=DLQ_PAGE_MAX)] = DLQ_PAGE_MAX,
     response_status: Annotated[int | None, Query(alias="responseStatus", ge=100, le=599)] = None,
 ) -> dict[str, Any]:
     queue = queue_or_404(queue_id).value if queue_id else None
-    page = await dlq.page(
+    page = await gateway.dlq_page(
         cursor=cursor or None, count=count, queue=queue, response_status=response_status
     )
     reply: dict[str, Any] = {"messages": [dlq_entry(m) for m in page.messages]}
@@ -313,13 +292,13 @@ async def list_dlq(
 
 
 @router.post("/dlq/retry")
-async def retry_dlq(body: DlqIdsBody, dlq: Dlq, collector: Collector) -> dict[str, Any]:
+async def retry_dlq(body: DlqIdsBody, gateway: Gateway, collector: Collector) -> dict[str, Any]:
     """Each entry becomes a new message in its queue; entries already gone are ``missing``."""
     limit = asyncio.Semaphore(_RETRY_CONCURRENCY)
 
     async def one(dlq_id: str) -> str | None:
         async with limit:
-            return await dlq.retry(dlq_id)
+            return await gateway.dlq_retry(dlq_id)
 
     with audited("dlq.retry", dlq_ids=body.dlq_ids) as out:
         message_ids = await asyncio.gather(*(one(d) for d in body.dlq_ids))
@@ -335,25 +314,27 @@ async def retry_dlq(body: DlqIdsBody, dlq: Dlq, collector: Collector) -> dict[st
 
 
 @router.delete("/dlq")
-async def delete_many_dlq(body: DlqIdsBody, dlq: Dlq, collector: Collector) -> dict[str, Any]:
+async def delete_many_dlq(
+    body: DlqIdsBody, gateway: Gateway, collector: Collector
+) -> dict[str, Any]:
     with audited("dlq.delete", dlq_ids=body.dlq_ids) as out:
-        out["deleted"] = deleted = await dlq.delete_many(body.dlq_ids)
+        out["deleted"] = deleted = await gateway.dlq_delete_many(body.dlq_ids)
     await refreshed(collector)
     return {"deleted": deleted}
 
 
 @router.get("/dlq/{dlq_id}")
-async def get_dlq(dlq_id: DlqIdPath, dlq: Dlq) -> dict[str, Any]:
-    raw = await dlq.get(dlq_id)
+async def get_dlq(dlq_id: DlqIdPath, gateway: Gateway) -> dict[str, Any]:
+    raw = await gateway.dlq_get(dlq_id)
     if raw is None:
         raise NotFound(f"dlq entry {dlq_id} not found", code="dlq_not_found")
     return dlq_entry(raw)
 
 
 @router.delete("/dlq/{dlq_id}")
-async def delete_dlq(dlq_id: DlqIdPath, dlq: Dlq, collector: Collector) -> dict[str, Any]:
+async def delete_dlq(dlq_id: DlqIdPath, gateway: Gateway, collector: Collector) -> dict[str, Any]:
     with audited("dlq.delete", dlq_ids=[dlq_id]) as out:
-        out["deleted"] = int(await dlq.delete(dlq_id))
+        out["deleted"] = int(await gateway.dlq_delete(dlq_id))
         if not out["deleted"]:
             raise NotFound(f"dlq entry {dlq_id} not found", code="dlq_not_found")
     await refreshed(collector)
@@ -363,7 +344,7 @@ async def delete_dlq(dlq_id: DlqIdPath, dlq: Dlq, collector: Collector) -> dict[
 # -- jobs -----------------------------------------------------------------------------------
 
 
-async def _job_state(rt: Runtime, job_id: str) -> dict[str, str]:
+async def _job_state(rt: Runtime, job_id: str) -> JobState:
     state = await rt.jobs.state(job_id)
     if state is None:
         raise NotFound(f"job {job_id} not found", code="job_not_found")
@@ -376,8 +357,8 @@ async def get_job(job_id: str, request: Request) -> dict[str, Any]:
     state = await _job_state(rt, job_id)
     view = job_view(job_id, state)
     view.update(
-        userId=state.get("userId"),
-        messageId=state.get("messageId"),
+        userId=state.user_id,
+        messageId=state.message_id,
         eventsToken=events_token(rt.settings.events_secret or "", job_id),
     )
     return view

@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-import httpx
 import orjson
 import structlog
 from redis.exceptions import RedisError
@@ -31,7 +30,7 @@ from redis.exceptions import RedisError
 from tierq.aio import raise_if_cancelled
 from tierq.errors import UpstreamError
 from tierq.keys import AppKeys
-from tierq.ops.qstash_admin import QStashDlq, dlq_entry
+from tierq.ops.qstash_admin import dlq_entry
 from tierq.ops.queue_state import QueueConf, applied, configured, records
 from tierq.queues import QueueId
 from tierq.runtime import Runtime
@@ -133,10 +132,12 @@ async def _tierq_side(rt: Runtime, queue: QueueId, dispatch: QueueConf) -> dict[
     }
 
 
-async def take_snapshot(rt: Runtime, dlq: QStashDlq) -> Snapshot:
+async def take_snapshot(rt: Runtime) -> Snapshot:
     """Ask QStash (queue list, DLQ) and Redis now; ``at_ms`` is when the asking began."""
     at_ms = int(time.time() * 1000)
-    listed, messages, held = await asyncio.gather(rt.gateway.list_queues(), dlq.all(), records(rt))
+    listed, messages, held = await asyncio.gather(
+        rt.gateway.list_queues(), rt.gateway.dlq_all(), records(rt)
+    )
     counts = dlq_counts(messages)
     queues = list(rt.settings.queues)
     ours = await asyncio.gather(
@@ -163,8 +164,6 @@ class QueueCollector:
     def __init__(self, rt: Runtime) -> None:
         self.rt = rt
         self.every_s = rt.settings.queue_metrics_s
-        self._http = httpx.AsyncClient(timeout=rt.settings.qstash_timeout_s)
-        self._dlq = QStashDlq(self._http, rt.settings.qstash_url, rt.settings.qstash_token or "")
         self._task: asyncio.Task[None] | None = None
         self._inline = asyncio.Lock()  # at most one poll for views at a time per process
         lua = resources.files("tierq.ops") / "lua" / "store_snapshot.lua"
@@ -180,7 +179,6 @@ class QueueCollector:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        await self._http.aclose()
 
     async def _run(self) -> None:
         while True:
@@ -214,7 +212,7 @@ class QueueCollector:
         already: then that one is the answer), set the gauges."""
         metrics = self.rt.metrics
         try:
-            snap = await take_snapshot(self.rt, self._dlq)
+            snap = await take_snapshot(self.rt)
             keep_ms = round(max(60.0, KEEP_INTERVALS * self.every_s) * 1000)
             key = snapshot_key(self.rt.keys)
             stored = await self._store(keys=[key], args=[snap.at_ms, snap.dumps(), keep_ms])

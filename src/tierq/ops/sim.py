@@ -18,7 +18,9 @@ The gateway plays QStash:
   its retries (the next one waits through the current one's backoff);
 - at most ``concurrency`` deliveries run at once, across all queues;
 - a non-2xx reply is retried while ``retried < retries`` (``Upstash-Retried`` counting up), after
-  its ``Retry-After`` capped to :data:`RETRY_AFTER_CAP_S`, or :data:`RETRY_DELAY_S` without one;
+  the broker's retry policy (:func:`retry_delay`): the wait the reply asks for (``Retry-After``
+  and friends) capped to :data:`RETRY_AFTER_CAP_S`, or the sim's fixed :data:`RETRY_DELAY_S`
+  without one;
   a 489 with ``Upstash-NonRetryable-Error`` or a failure with no retries left is
   "dead-lettered" and ends the message; a delivery that raises is answered the way the app's
   handlers would (503 for Redis and upstream errors, else 500);
@@ -72,9 +74,12 @@ from qstash import AsyncQStash
 from redis.exceptions import RedisError
 
 from tierq.broker.client import QStashGateway, QueueStatus
+from tierq.broker.server.backoff import next_delay_s
+from tierq.broker.server.durations import headers_wait
 from tierq.config import QueueSettings, Settings, UserSettings
 from tierq.contracts import TERMINAL_STATUSES, JobInput, JobRequest, Simulate
-from tierq.errors import Busy, ClientError, UpstreamError
+from tierq.errors import Busy, ClientError, TierqError, UpstreamError
+from tierq.events.state import JobState
 from tierq.observability.metrics import Metrics
 from tierq.producer.submit import check_registry, resolve_tier, submit
 from tierq.queues import EXPERIENCES, TIERS, Experience, Mode, QueueId, WorkerKind, queue_for
@@ -86,6 +91,7 @@ log = structlog.get_logger("tierq.sim")
 
 RETRY_DELAY_S = 0.05
 """Delay before retrying a failed delivery that gave no ``Retry-After`` (sim time)."""
+_RETRY_DELAY_EXPRESSION = f"{RETRY_DELAY_S * 1000:g}"  # the same, as QStash's ms expression
 RETRY_AFTER_CAP_S = 0.2
 """A ``Retry-After`` is honoured up to this many seconds (sim time; QStash would wait it all)."""
 ADMISSION_RETRY_CAP_S = 1.0
@@ -113,7 +119,7 @@ class SimExit(enum.IntEnum):
     LEAKS = 6
 
 
-class SimError(ValueError):
+class SimError(TierqError, ValueError):
     """The run cannot start: bad arguments or a configuration the sim cannot drive."""
 
 
@@ -519,8 +525,9 @@ class SimGateway(QStashGateway):
                         retried=message.retried, reply=reply.body,
                     )  # fmt: skip
                     return
+                delay = retry_delay(reply, message.retried)
                 message.retried += 1
-                await asyncio.sleep(retry_delay(reply))
+                await asyncio.sleep(delay)
         finally:
             self._busy[message.queue] -= 1
             self._finished(message)
@@ -610,19 +617,23 @@ class SimGateway(QStashGateway):
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        await self.qstash.http._client.aclose()
+        await super().aclose()
 
 
-def retry_delay(reply: Reply) -> float:
-    """Seconds before the next attempt: ``Retry-After`` capped, else :data:`RETRY_DELAY_S`."""
-    value = reply.headers.get("Retry-After")
-    if value is None:
-        return RETRY_DELAY_S
-    try:
-        seconds = float(value)
-    except ValueError:
-        return RETRY_DELAY_S
-    return min(max(seconds, 0.0), RETRY_AFTER_CAP_S)
+def retry_delay(reply: Reply, retried: int) -> float:
+    """Seconds before retry number ``retried + 1``, by the broker's own policy
+    (:func:`tierq.broker.server.backoff.next_delay_s`): a wait the reply asks for, read from the
+    headers the broker reads and parsed as it parses them (seconds, an HTTP date, a duration;
+    :func:`tierq.broker.server.durations.headers_wait`), capped to :data:`RETRY_AFTER_CAP_S`
+    (sim time; QStash would wait it all). Without one the sim keeps its own fast fixed delay,
+    :data:`RETRY_DELAY_S`, given to that policy as the message's retry-delay expression, where
+    QStash's default backoff would wait e^2.5 s and more."""
+    asked = headers_wait({name: [value] for name, value in reply.headers.items()}, time.time())
+    return next_delay_s(
+        retried=retried,
+        expression=_RETRY_DELAY_EXPRESSION,
+        response_wait_s=None if asked is None else min(asked, RETRY_AFTER_CAP_S),
+    )
 
 
 # -- the producers --------------------------------------------------------------------------
@@ -764,9 +775,9 @@ def lease_keys(rt: Runtime, users: list[UserSettings], models: set[str]) -> list
     return keys
 
 
-async def job_states(rt: Runtime, job_ids: list[str]) -> dict[str, dict[str, str]]:
-    """State records of ``job_ids`` (pipelined; a missing job maps to ``{}``)."""
-    states: dict[str, dict[str, str]] = {}
+async def job_states(rt: Runtime, job_ids: list[str]) -> dict[str, JobState | None]:
+    """State records of ``job_ids`` (pipelined; a missing job maps to ``None``)."""
+    states: dict[str, JobState | None] = {}
     batch = 500
     for start in range(0, len(job_ids), batch):
         chunk = job_ids[start : start + batch]
@@ -775,7 +786,7 @@ async def job_states(rt: Runtime, job_ids: list[str]) -> dict[str, dict[str, str
             pipe.hgetall(rt.keys.job(job_id))
         rows = await pipe.execute()
         for job_id, row in zip(chunk, rows, strict=True):
-            states[job_id] = {_s(k): _s(v) for k, v in row.items()}
+            states[job_id] = JobState.parse(row)
     return states
 
 
@@ -783,7 +794,11 @@ def _s(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
 
-async def find_leaks(rt: Runtime, keys: list[str], states: dict[str, dict[str, str]]) -> Leaks:
+def _status(state: JobState | None) -> str:
+    return (state.status if state else None) or "missing"
+
+
+async def find_leaks(rt: Runtime, keys: list[str], states: dict[str, JobState | None]) -> Leaks:
     """Live leases on ``keys``, jobs the dispatcher still holds (parked, or published and never
     confirmed) and jobs (of ``states``) not in a terminal state."""
     leaks = Leaks(keys_checked=len(keys))
@@ -794,11 +809,9 @@ async def find_leaks(rt: Runtime, keys: list[str], states: dict[str, dict[str, s
     parked = await rt.redis.hgetall(rt.keys.parked_counts)
     leaks.parked = {_s(q): int(n) for q, n in sorted(parked.items()) if int(n)}
     leaks.dispatching = int(await rt.redis.zcard(rt.keys.dispatching))
-    stuck = sorted(j for j, s in states.items() if s.get("status") not in TERMINAL_STATUSES)
+    stuck = sorted(j for j, s in states.items() if s is None or not s.terminal)
     leaks.stuck_jobs = len(stuck)
-    leaks.stuck_job_ids = [f"{j} ({states[j].get('status') or 'missing'})" for j in stuck][
-        :MAX_STUCK_IDS
-    ]
+    leaks.stuck_job_ids = [f"{j} ({_status(states[j])})" for j in stuck][:MAX_STUCK_IDS]
     return leaks
 
 
@@ -833,18 +846,17 @@ async def _report(
     latency: list[float] = []
     statuses: Counter[str] = Counter()
     for state in states.values():
-        status = state.get("status", "missing")
+        status = _status(state)
         statuses[status] += 1
-        stats = per_queue.setdefault(state.get("queueId", "?"), QueueStats())
+        stats = per_queue.setdefault((state and state.queue_id) or "?", QueueStats())
         stats.jobs += 1
         if status in ("completed", "failed", "cancelled"):
             setattr(stats, status, getattr(stats, status) + 1)
-        if status == "completed" and "finishedAt" in state:
-            finished = int(state["finishedAt"])
-            if "startedAt" in state:
-                run.append(finished - int(state["startedAt"]))
-            if "createdAt" in state:
-                latency.append(finished - int(state["createdAt"]))
+        if state and status == "completed" and state.finished_at is not None:
+            if state.started_at is not None:
+                run.append(state.finished_at - state.started_at)
+            if state.created_at is not None:
+                latency.append(state.finished_at - state.created_at)
     leaks = await find_leaks(rt, lease_keys(rt, users, models), states)
     m = rt.metrics
     waits = _counter_by(m, "tierq_guard_waits", "guard")

@@ -16,6 +16,7 @@ from tierq.contracts import Cancelled, JobRequest
 from tierq.errors import ClientError, NotFound, Unauthorized, UpstreamError
 from tierq.events.response import JobEventsResponse
 from tierq.events.sse import JobFollower
+from tierq.events.state import JobState
 from tierq.observability.logging import track_job
 from tierq.producer.auth import authenticate_user, bearer, events_token_valid
 from tierq.producer.submit import submit
@@ -30,31 +31,38 @@ def runtime(request: Request) -> Runtime:
     return rt
 
 
-async def _owned_state(rt: Runtime, user: UserSettings, job_id: str) -> dict[str, str]:
+async def _owned_state(rt: Runtime, user: UserSettings, job_id: str) -> JobState:
     state = await rt.jobs.state(job_id)
-    if state is None or state.get("userId") != user.id:
+    if state is None or state.user_id != user.id:
         raise NotFound(f"job {job_id} not found", code="job_not_found")
     return state
 
 
-def job_view(job_id: str, state: dict[str, str]) -> dict[str, Any]:
+def job_view(job_id: str, state: JobState) -> dict[str, Any]:
+    """The API's ``Job``: a field the record does not hold yet is left out (the first seven
+    are always there, ``null`` when unknown)."""
     view: dict[str, Any] = {
         "jobId": job_id,
-        "status": state.get("status"),
-        "queueId": state.get("queueId"),
-        "tier": state.get("tier"),
-        "modelId": state.get("modelId"),
-        "service": state.get("service"),
-        "experience": state.get("experience"),
+        "status": state.status,
+        "queueId": state.queue_id,
+        "tier": state.tier,
+        "modelId": state.model_id,
+        "service": state.service,
+        "experience": state.experience,
     }
-    for name in ("createdAt", "startedAt", "finishedAt", "attempts"):
-        if name in state:
-            view[name] = int(state[name])
-    if "result" in state:
-        view["result"] = state["result"]
-    for name in ("usage", "error"):
-        if name in state:
-            view[name] = json.loads(state[name])
+    for name, number in (
+        ("createdAt", state.created_at),
+        ("startedAt", state.started_at),
+        ("finishedAt", state.finished_at),
+        ("attempts", state.attempts),
+    ):
+        if number is not None:
+            view[name] = number
+    if state.result is not None:
+        view["result"] = state.result
+    for name, text in (("usage", state.usage), ("error", state.error)):
+        if text is not None:
+            view[name] = json.loads(text)
     return view
 
 
@@ -75,31 +83,30 @@ async def get_job(job_id: str, request: Request) -> dict[str, Any]:
     return job_view(job_id, await _owned_state(rt, user, job_id))
 
 
-async def cancel(rt: Runtime, job_id: str, state: dict[str, str]) -> dict[str, Any]:
+async def cancel(rt: Runtime, job_id: str, state: JobState) -> dict[str, Any]:
     """Cancel a job (owner or admin): a queued one now, a running one through its worker.
     ``state`` is the job's record as the caller read it (to find its queue and message)."""
     now_ms = int(time.time() * 1000)
     event = Cancelled(jobId=job_id, ts=now_ms)
     result = await rt.jobs.request_cancel(event, rt.keys.cancel_channel, now_ms)
     if result == "cancelled":
-        rt.metrics.cancelled.labels(state["queueId"]).inc()
+        queue, user, model = state.queue_id or "", state.user_id or "", state.model_id or ""
+        rt.metrics.cancelled.labels(queue).inc()
         track_job(
-            "cancelled", job_id=job_id, queue=state["queueId"], tier=state.get("tier"),
-            model=state.get("modelId"), user=state.get("userId"), service=state.get("service"),
-            experience=state.get("experience"),
-            total_ms=max(0, now_ms - int(state.get("createdAt", now_ms))),
+            "cancelled", job_id=job_id, queue=queue, tier=state.tier, model=state.model_id,
+            user=state.user_id, service=state.service, experience=state.experience,
+            total_ms=max(0, now_ms - (state.created_at or now_ms)),
         )  # fmt: skip
-        queue, user, model = state["queueId"], state.get("userId", ""), state.get("modelId", "")
         await rt.dispatcher.release_job(
-            job_id, queue, user, model, state.get("tier", ""),
+            job_id, queue, user, model, state.tier or "",
             also=[(rt.keys.admission(queue), job_id), (rt.keys.user_pending(queue, user), job_id)],
             before=lambda pipe: rt.ledger.queue_record(pipe, user, model, now_ms, jobs=1),
         )  # fmt: skip
-        rt.metrics.usage_jobs.labels(model, state.get("tier", ""), "cancelled").inc()
-        if state.get("messageId"):
+        rt.metrics.usage_jobs.labels(model, state.tier or "", "cancelled").inc()
+        if state.message_id:
             # Already delivered or gone is fine: the worker sees the job cancelled and skips it.
             with contextlib.suppress(UpstreamError):
-                await rt.gateway.cancel(state["messageId"])
+                await rt.gateway.cancel(state.message_id)
     status = {"requested": "cancelling", "missing": "gone"}.get(result, result)
     return {"jobId": job_id, "status": status}
 
@@ -139,7 +146,7 @@ async def open_job_events(rt: Runtime, request: Request, job_id: str) -> JobEven
         raise ClientError(
             "Last-Event-ID must be an event id this stream sent", code="invalid_last_event_id"
         )
-    owner = state.get("userId", "")
+    owner = state.user_id or ""
     rt.streams.take(job_id, owner)  # 429 over the caps; given back when the stream closes
     follower = JobFollower(rt.jobs, rt.hub, job_id, last_id, rt.settings.sse_ping_s)
     return JobEventsResponse(

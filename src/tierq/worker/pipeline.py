@@ -17,9 +17,10 @@ import structlog
 from opentelemetry.trace import SpanKind
 
 from tierq.aio import raise_if_cancelled
-from tierq.contracts import TERMINAL_STATUSES, Started, WorkerBody
+from tierq.contracts import Started, WorkerBody
 from tierq.errors import UpstreamError
 from tierq.events.cancel import poll_cancel_flag
+from tierq.events.state import JobState
 from tierq.guards.heartbeat import heartbeat
 from tierq.observability.logging import log_job_event, track_job
 from tierq.observability.tracing import enabled as tracing_enabled
@@ -46,14 +47,14 @@ def _recording(body: WorkerBody) -> bool:
     return time.time() * 1000 - body.submitted_at_ms < RECORD_GRACE_MS
 
 
-def _runner_alive_for(rt: Runtime, state: dict[str, str] | None) -> int:
+def _runner_alive_for(rt: Runtime, state: JobState | None) -> int:
     """Seconds until a running job's runner counts as dead (0: not running, or dead already).
     A run beats on the job record (``beatAt``, every ``heartbeat_s``); it is alive while its
     last beat is younger than ``lease_ttl_s``. (Its leases can't tell: dispatch takes them too,
     for the next delivery of the same job.)"""
-    if state is None or state.get("status") not in ("running", "waiting"):
+    if state is None or state.status not in ("running", "waiting"):
         return 0
-    beat = max(int(state.get("beatAt", "0") or 0), int(state.get("startedAt", "0") or 0))
+    beat = max(state.beat_at or 0, state.started_at or 0)
     left_ms = beat + rt.settings.lease_ttl_s * 1000 - time.time() * 1000
     return max(0, math.ceil(left_ms / 1000))
 
@@ -113,7 +114,7 @@ async def _run(rt: Runtime, body: WorkerBody, raw: bytes, message_id: str, retri
                     503, "not_recorded_yet", "the job is being recorded; retry",
                     {"Retry-After": "1"},
                 )  # fmt: skip
-            if state is None or state.get("status") in TERMINAL_STATUSES:
+            if state is None or state.terminal:
                 await rt.dispatcher.release(body)  # nobody runs a job that is gone or ended
             return decision.error
         if decision.value.revive and not await rt.gateway.carries_job(message_id, body.job_id):
@@ -265,13 +266,13 @@ def _track(
 async def _start(
     rt: Runtime,
     body: WorkerBody,
-    state: dict[str, str] | None,
+    state: JobState | None,
     revive: bool,
 ) -> _Run | str:
     """Log ``started``; else why not: ``taken`` (another delivery started this run), or the job
     ended meanwhile."""
     now = int(time.time() * 1000)
-    number = int((state or {}).get("attempts", "0"))
+    number = (state.attempts or 0) if state else 0
     started = await rt.jobs.start(
         Started(jobId=body.job_id, ts=now, attempt=number),
         number,

@@ -14,11 +14,13 @@ from urllib.parse import unquote
 
 import httpx
 
+from tierq.errors import TierqError
+
 _LABEL = re.compile(r"[A-Za-z0-9_](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
-class InvalidDestinationError(ValueError):
+class InvalidDestinationError(TierqError, ValueError):
     """Why a URL cannot be delivered to (the text after ``invalid destination url:``)."""
 
 

@@ -28,7 +28,7 @@ from redis.exceptions import RedisError
 
 from tierq.broker.server.backoff import next_delay_s, storage_retry_delay_s
 from tierq.broker.server.destinations import is_private_address
-from tierq.broker.server.durations import parse_response_wait
+from tierq.broker.server.durations import headers_wait
 from tierq.broker.server.keyring import KeyRing
 from tierq.broker.server.model import AttemptResponse, FollowUp, StoredMessage, log_event
 from tierq.broker.server.requests import canonical_header
@@ -36,12 +36,6 @@ from tierq.broker.server.signing import random_id, sign
 from tierq.broker.server.store import BrokerStore, Claimed, FollowUpMessage
 from tierq.config import BrokerSettings
 
-WAIT_HEADERS = (
-    "retry-after",
-    "x-ratelimit-reset",
-    "x-ratelimit-reset-requests",
-    "x-ratelimit-reset-tokens",
-)
 REDIS_RETRY_S = 1.0
 LEASE_RETRY_S = 0.25
 log = structlog.get_logger("tierq.broker")
@@ -53,13 +47,7 @@ def now_ms() -> int:
 
 def response_wait_s(response: AttemptResponse, now_s: float) -> float | None:
     """The first usable wait a failed response asks for (Retry-After and friends)."""
-    lowered = {k.lower(): v for k, v in response.headers.items()}
-    for name in WAIT_HEADERS:
-        for value in lowered.get(name, []):
-            wait = parse_response_wait(value, now_s)
-            if wait is not None:
-                return wait
-    return None
+    return headers_wait(response.headers, now_s)
 
 
 def classify(response: AttemptResponse, retried: int, max_retries: int) -> str:

@@ -8,6 +8,7 @@ seconds, an HTTP date or a Go-style duration (``6m5s``, ``500ms``).
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Mapping
 from email.utils import parsedate_to_datetime
 
 _UNIT_S = {
@@ -25,6 +26,13 @@ _PART = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|μs|ms|s|m|h|d)")
 _NUMBER = re.compile(r"\d+(?:\.\d+)?")
 
 MAX_RESPONSE_WAIT_S = 86400.0
+WAIT_HEADERS = (
+    "retry-after",
+    "x-ratelimit-reset",
+    "x-ratelimit-reset-requests",
+    "x-ratelimit-reset-tokens",
+)
+"""The response headers a failed delivery may ask for a wait in, first usable one wins."""
 
 
 def parse_duration(text: str) -> float:
@@ -67,3 +75,17 @@ def _http_date_wait(text: str, now_s: float) -> float | None:
     except (TypeError, ValueError, IndexError):
         return None
     return max(0.0, when.timestamp() - now_s)
+
+
+def headers_wait(headers: Mapping[str, Iterable[str]], now_s: float) -> float | None:
+    """The first usable wait a failed response asks for in :data:`WAIT_HEADERS` (names in any
+    case, each with its values), or ``None``."""
+    lowered: dict[str, list[str]] = {}
+    for name, values in headers.items():
+        lowered.setdefault(name.lower(), []).extend(values)
+    for name in WAIT_HEADERS:
+        for value in lowered.get(name, []):
+            wait = parse_response_wait(value, now_s)
+            if wait is not None:
+                return wait
+    return None

@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from tierq.events.state import JobState
 from tierq.worker.result import Err, Ok, Reply, Result, done, error_reply
 
 Action = Literal["run", "cancel"]
@@ -22,21 +23,21 @@ class Decision:
 
 
 def decide(
-    state: dict[str, str] | None,
+    state: JobState | None,
     message_id: str,
     runner_alive: bool,
     retry_after_s: int,
 ) -> Result[Decision, Reply]:
     if state is None:
         return Err(done("gone", message="the job's records expired or it was never admitted"))
-    status = state.get("status", "")
+    status = state.status
     if status in ("completed", "cancelled"):
         return Err(done(status))
     if status == "failed":
-        if state.get("failedMessageId") == message_id:
+        if state.failed_message_id == message_id:
             return Err(done("failed"))
         return Ok(Decision("run", revive=True))
-    if state.get("cancelRequested") == "1":
+    if state.cancel_requested:
         return Ok(Decision("cancel"))
     if status == "running" and runner_alive:
         return Err(
