@@ -260,3 +260,13 @@ def tierq_dev(tmp_path: Path, *options: str, stop_s: float) -> Iterator[DevComma
         except subprocess.TimeoutExpired:
             proc.kill()
             dev.code = proc.wait()
+
+
+def most_at_once(intervals: list[tuple[int, int]]) -> int:
+    """The most intervals that overlap at one instant (an end before a start at the same ms)."""
+    edges = sorted([(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals])
+    running = most = 0
+    for _, step in edges:
+        running += step
+        most = max(most, running)
+    return most

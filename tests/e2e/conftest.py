@@ -1,14 +1,17 @@
 from __future__ import annotations
 
+import io
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+import structlog
 
 from brokers import Broker
 from openai_upstream import UPSTREAM_KEY, UPSTREAM_KEY_ENV, FakeOpenAI
 from system import System, start_system
 from tierq.config import ModelSettings, ServiceSettings
+from tierq.observability.logging import configure_logging
 
 
 @pytest.fixture
@@ -63,3 +66,12 @@ def openai_system(
 def broker_url(broker: Broker) -> str:
     """One embedded broker (in a thread) on the test's Redis, for ``tierq serve`` processes."""
     return broker.url
+
+
+@pytest.fixture
+def audit_log() -> Iterator[io.StringIO]:
+    """The audit stream (JSON lines) of whatever logs during the test; logging reset after."""
+    main, audit_out = io.StringIO(), io.StringIO()
+    configure_logging(json_output=True, stream=main, audit_stream=audit_out)
+    yield audit_out
+    structlog.reset_defaults()

@@ -11,14 +11,12 @@ from urllib.parse import quote
 
 import httpx
 import pytest
-import structlog
 from qstash import QStash
 
 from helpers import wait_until
 from system import DEV, PAID, System
 from tierq.broker.qstash_api import checked_dlq_id, dlq_path
 from tierq.errors import ClientError
-from tierq.observability.logging import configure_logging
 from tierq.queues import QueueId
 
 FATAL = {"prompt": "x", "simulate": {"fail": "fatal"}}
@@ -73,14 +71,6 @@ def qstash(system: System) -> Iterator[QStash]:
     client = QStash(DEV.token, base_url=system.broker.url)
     yield client
     client.http._client.close()  # type: ignore[attr-defined]
-
-
-@pytest.fixture
-def audit_log() -> Iterator[io.StringIO]:
-    main, audit_out = io.StringIO(), io.StringIO()
-    configure_logging(json_output=True, stream=main, audit_stream=audit_out)
-    yield audit_out
-    structlog.reset_defaults()
 
 
 def records(stream: io.StringIO) -> list[dict[str, Any]]:

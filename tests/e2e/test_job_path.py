@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from qstash import QStash
 
+from helpers import most_at_once
 from system import DEV, FREE, PAID, System
 from tierq.config import ModelSettings, QueueSettings, TierLimits
 from tierq.queues import QueueId
@@ -104,16 +105,6 @@ def test_six_combinations_reach_their_route(
     assert delivered[0].queue == reply["queueId"]
 
 
-def overlap(intervals: list[tuple[int, int]]) -> int:
-    """The largest number of intervals open at one instant."""
-    points = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals])
-    best = current = 0
-    for _, step in points:
-        current += step
-        best = max(best, current)
-    return best
-
-
 def test_queue_parallelism_is_honoured(make_system: Callable[..., System]) -> None:
     queues = {q: QueueSettings(parallelism=1, admission_depth=100) for q in QueueId}
     queues[QueueId.PAID_BATCH] = QueueSettings(parallelism=3, admission_depth=100)
@@ -131,7 +122,7 @@ def test_queue_parallelism_is_honoured(make_system: Callable[..., System]) -> No
         events = system.events(reply["jobId"], reply["eventsToken"])
         by_type = {e.event: e.data["ts"] for e in events}
         intervals.append((by_type["started"], by_type["completed"]))
-    assert overlap(intervals) == 3
+    assert most_at_once(intervals) == 3
 
 
 def test_paused_queue_holds_jobs_until_resumed(system: System) -> None:

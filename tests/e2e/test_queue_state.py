@@ -13,7 +13,6 @@ from typing import Any
 
 import httpx
 import pytest
-import structlog
 from qstash import QStash
 from typer.testing import CliRunner
 
@@ -23,7 +22,6 @@ from tierq.app import create_app
 from tierq.cli import app as cli_app
 from tierq.cli_ops import Code
 from tierq.config import QueueSettings
-from tierq.observability.logging import configure_logging
 from tierq.ops.queue_state import seed_lock_key
 from tierq.queues import QueueId
 from tierq.runtime import REDIS_CLIENT_NAME
@@ -31,14 +29,6 @@ from tierq.runtime import REDIS_CLIENT_NAME
 pytestmark = pytest.mark.timeout(120)
 
 HANG = {"prompt": "x", "simulate": {"fail": "hang"}}
-
-
-@pytest.fixture
-def audit_log() -> Iterator[io.StringIO]:
-    main, audit_out = io.StringIO(), io.StringIO()
-    configure_logging(json_output=True, stream=main, audit_stream=audit_out)
-    yield audit_out
-    structlog.reset_defaults()
 
 
 def audits(stream: io.StringIO, event: str) -> list[dict[str, Any]]:

@@ -33,7 +33,7 @@ from test_workers import (
     submit,
 )
 
-from helpers import ServerThread, answer_lifespan, read_body, wait_until
+from helpers import ServerThread, answer_lifespan, most_at_once, read_body, wait_until
 from system import FREE, PAID, sample
 from tierq.embedded_redis import free_port
 from tierq.keys import AppKeys
@@ -117,16 +117,6 @@ class LeaseProbe:
             for key, held in zip(self.keys, pipe.execute(), strict=True):
                 self.most[key] = max(self.most[key], int(held))
             self.samples += 1
-
-
-def most_at_once(intervals: list[tuple[int, int]]) -> int:
-    """The most intervals that overlap at one instant (an end before a start at the same ms)."""
-    edges = sorted([(start, 1) for start, _ in intervals] + [(end, -1) for _, end in intervals])
-    running = most = 0
-    for _, step in edges:
-        running += step
-        most = max(most, running)
-    return most
 
 
 @dataclass
