@@ -39,10 +39,6 @@ def user_rpm(rpm: int) -> TierRates:
     return TierRates(paid=Rate(rpm=rpm))
 
 
-def rate_key(system: System, kind: str, user: str = "dev-paid") -> str:
-    return f"{system.keys.sched}:rate:user:{user}:{kind}"
-
-
 def submit(system: System, prompt: str = "hi", key: str = PAID, **job: Any) -> Any:
     return system.submit(key, input={"prompt": prompt, "simulate": {"tokens": 2}}, **job)
 
