@@ -14,7 +14,7 @@ import typer
 
 from tierq.cli_ops import register
 from tierq.config import Settings
-from tierq.processes import broker_accounts, dev_settings, run_server
+from tierq.processes import broker_accounts, dev_settings, run_server, settle_heap
 
 if TYPE_CHECKING:
     from tierq.broker.server.credentials import Account
@@ -76,6 +76,7 @@ def run_broker(settings: Settings, redis_url: str) -> None:
     url = f"http://{broker.host}:{broker.port}"
 
     def started() -> None:
+        settle_heap()
         typer.echo(broker_banner(url, shown, accept_dev, broker.allowed_destinations))
         sys.stdout.flush()
 

@@ -36,6 +36,7 @@ import argparse
 import asyncio
 import contextlib
 import ctypes
+import gc
 import math
 import os
 import selectors
@@ -167,6 +168,23 @@ def bind_socket(host: str, port: int) -> socket.socket:
 # -- one app process ---------------------------------------------------------------------------
 
 
+GC_YOUNG = 10_000
+"""Allocations (net) between collections of the youngest generation (Python's default: 700)."""
+GC_OLDER = 20
+"""Collections of a generation between two of the next (Python's default: 10)."""
+
+
+def settle_heap() -> None:
+    """Once started: move everything alive now (modules, the app, its schemas and scripts) out
+    of the cyclic GC's reach, and collect the young generation less often. Requests allocate
+    many short-lived objects; with the defaults the collector ran every 700 allocations and each
+    full collection re-walked the whole start-up heap (``gc_collect_main`` was 8 % of the app's
+    samples under 500 streams, ``py-spy --native``)."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_YOUNG, GC_OLDER, GC_OLDER)
+
+
 class AppServer(uvicorn.Server):
     """uvicorn's server, with two differences: ``on_started`` runs once the app has started and
     the socket listens, and a signal that stopped it gracefully is not raised again afterwards
@@ -178,8 +196,10 @@ class AppServer(uvicorn.Server):
 
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
-        if self.started and not self.should_exit and self.on_started is not None:
-            self.on_started()
+        if self.started and not self.should_exit:
+            settle_heap()
+            if self.on_started is not None:
+                self.on_started()
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:

@@ -20,6 +20,7 @@ from tierq.keys import AppKeys
 from tierq.observability.metrics import Metrics
 from tierq.providers.registry import ProviderRegistry
 from tierq.redis_cluster import cluster_client
+from tierq.redis_pool import LeanPool
 from tierq.usage.ledger import Ledger
 
 
@@ -57,7 +58,7 @@ def redis_clients(settings: Settings) -> RedisClients:
     name = REDIS_CLIENT_NAME  # every connection says who it is (CLIENT LIST)
     if settings.redis_cluster:
         return _cluster_clients(settings, url)
-    pool = aioredis.BlockingConnectionPool.from_url(
+    pool = LeanPool.from_url(
         url,
         max_connections=settings.redis_max_connections,
         timeout=settings.redis_pool_timeout_s,

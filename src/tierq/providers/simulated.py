@@ -85,23 +85,27 @@ class SimulatedProvider:
         return _Plan(tokens=max(tokens, 0), latency_s=latency_ms / 1000, fail=fail)
 
     async def run(self, request: ProviderRequest) -> AsyncGenerator[Chunk | Finish, None]:
-        """Yield a Chunk per token (stream only), then the Finish; or fail as asked."""
+        """Yield the tokens as Chunks (stream only; one per token, or those already out when
+        the consumer fell behind), then the Finish; or fail as asked."""
         plan = self._plan(request)
         await _fail_early(plan.fail)
         stream = request.experience == "stream"
         vision = request.experience == "vision"
         parts = [image_label(len(request.input.images))] if vision else []
         fail_at = plan.tokens // 2 if plan.fail == "error" else None
-        for index in range(plan.tokens):
-            if index == fail_at:
-                _raise_simulated_error(index, plan.tokens)
-            await _pace(plan.latency_s, index)
-            word = simulated_word(request.input.prompt, index)
+        end = plan.tokens if fail_at is None else fail_at
+        clock = _Clock(plan.latency_s)
+        index = 0
+        while index < end:
+            due = min(await clock.due(index), end)  # tokens [index, due) are out by now
+            words = [simulated_word(request.input.prompt, i) for i in range(index, due)]
             if stream:
-                yield Chunk(word if not parts else " " + word)
-            parts.append(word)
-        if fail_at is not None:  # zero tokens: nothing to emit before failing
-            _raise_simulated_error(0, plan.tokens)
+                text = " ".join(words)
+                yield Chunk(text if not parts else " " + text)
+            parts.extend(words)
+            index = due
+        if fail_at is not None:  # after half the tokens (with none, at once)
+            _raise_simulated_error(fail_at, plan.tokens)
         usage = Usage(
             prompt_tokens=prompt_usage(request.input, vision=vision),
             completion_tokens=plan.tokens,
@@ -129,9 +133,26 @@ def _raise_simulated_error(emitted: int, total: int) -> None:
     )
 
 
-async def _pace(latency_s: float, index: int) -> None:
-    """Sleep before token ``index``; with zero latency, still yield control now and then."""
-    if latency_s > 0:
-        await asyncio.sleep(latency_s)
-    elif index % YIELD_EVERY == 0:
-        await asyncio.sleep(0)
+class _Clock:
+    """The model's own pace: token ``i`` is out ``(i + 1) * latency`` after the start, whatever
+    the consumer does (a real upstream does not slow down for a busy reader). A consumer that
+    fell behind gets every token already out in one chunk, as a network stream hands over what
+    arrived meanwhile; with zero latency, one token at a time, yielding control now and then."""
+
+    __slots__ = ("latency_s", "start")
+
+    def __init__(self, latency_s: float) -> None:
+        self.latency_s = latency_s
+        self.start = asyncio.get_running_loop().time() if latency_s > 0 else 0.0
+
+    async def due(self, index: int) -> int:
+        """Wait until token ``index`` is out; how many tokens are out then (> ``index``)."""
+        if self.latency_s <= 0:
+            if index % YIELD_EVERY == 0:
+                await asyncio.sleep(0)
+            return index + 1
+        loop = asyncio.get_running_loop()
+        wait = self.start + (index + 1) * self.latency_s - loop.time()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        return max(index + 1, int((loop.time() - self.start) / self.latency_s))

@@ -30,6 +30,7 @@ from tierq.broker.server.store import BrokerStore
 from tierq.config import BrokerSettings
 from tierq.errors import ClientError
 from tierq.observability.metrics import Metrics
+from tierq.redis_pool import LeanPool
 
 log = structlog.get_logger("tierq.broker")
 
@@ -86,7 +87,7 @@ def create_broker_app(
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         # Bounded pool; callers wait for a free connection instead of failing under load.
-        pool = aioredis.BlockingConnectionPool.from_url(
+        pool = LeanPool.from_url(
             redis_url,
             max_connections=settings.redis_max_connections,
             timeout=settings.redis_pool_timeout_s,
