@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 from redis.asyncio.connection import AbstractConnection, BlockingConnectionPool, Connection
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -73,17 +73,18 @@ class LeanPool(BlockingConnectionPool):
         idle = self._available_connections
         if idle and not self._in_maintenance:
             connection = idle.pop()
-            if connection.is_connected and not connection.should_reconnect():
+            if connection.is_connected and not connection.should_reconnect():  # type: ignore[no-untyped-call] # redis-py leaves it untyped
                 self._in_use_connections.add(connection)
                 return connection
             idle.append(connection)  # the stock path reconnects it
-        return await super().get_connection()
+        connection = await super().get_connection()  # type: ignore[no-untyped-call] # as above
+        return cast(AbstractConnection, connection)
 
     async def release(self, connection: AbstractConnection) -> None:
         if (
             self._in_maintenance
-            or connection.should_reconnect()
-            or self._condition._waiters  # type: ignore[attr-defined] # someone waits: notify them
+            or connection.should_reconnect()  # type: ignore[no-untyped-call] # as above
+            or self._condition._waiters  # someone waits: the stock path notifies them
             or connection not in self._in_use_connections
         ):
             await super().release(connection)

@@ -19,6 +19,9 @@ from collections.abc import Callable
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+BODY = "tierq.body"
+"""The scope key under which :class:`BodyGuard` leaves the whole body (bytes) for routes that
+parse it themselves (``tierq.fastpath``); the app still receives the same body too."""
 Reject = Callable[[str, int, str, str], Response]
 """``(path, status, code, message) -> response``: the refusal in the error shape of the surface
 that ``path`` belongs to."""
@@ -92,6 +95,7 @@ class BodyGuard:
             await self.reject(path, 400, "json_too_deep", message)(scope, receive, send)
             return
         pending = [first]
+        scope[BODY] = first.get("body", b"")
 
         async def replay() -> Message:
             return pending.pop() if pending else await receive()
