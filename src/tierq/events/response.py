@@ -4,9 +4,9 @@ Two tasks per connection, nothing else: the request's own, which writes, and one
 the client's disconnect and closes the follower (its next wait returns at once; after a
 disconnect the server's ``send`` is a no-op, so the writer is never stuck on a gone client).
 Entries that arrived together go out in one write. Keep-alive pings are sent only when idle.
-Each write is bounded by ``send_timeout_s``; a client whose backlog in the tail hub outgrows its
-bound is cut off at once, even in the middle of a write that cannot complete (it resumes with
-``Last-Event-ID``).
+Each write is bounded by ``send_timeout_s`` (one lazy timer per connection, not one per write);
+a client whose backlog in the tail hub outgrows its bound is cut off at once, even in the middle
+of a write that cannot complete (it resumes with ``Last-Event-ID``).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
 from tierq.events.codec import PING, sse_frame
+from tierq.events.hub import TIMER_SLACK_S
 from tierq.events.sse import JobFollower
 
 log = structlog.get_logger("tierq.events")
@@ -50,7 +51,8 @@ class JobEventsResponse(Response):
         self.on_open = on_open
         self.on_close = on_close
         self._task: asyncio.Task[Any] | None = None  # the one writing
-        self._writing: asyncio.TimerHandle | None = None  # set while a write is in progress
+        self._writing: float | None = None  # when the write in progress began (loop time)
+        self._timer: asyncio.TimerHandle | None = None  # the lazy send timer (see _write)
         self._cut_off = False
         follower.on_drop = self._abort_write
 
@@ -76,8 +78,11 @@ class JobEventsResponse(Response):
         try:
             async for batch in batches:
                 body = b"".join(sse_frame(item) for item in batch) if batch else PING
-                # A bare timer, not asyncio.timeout(): this runs once per event sent.
-                self._writing = timer = loop.call_later(self.send_timeout_s, self._abort_write)
+                # One lazy timer, not one per write (this runs once per event sent): it fires
+                # at most once per send_timeout_s and re-arms for the write then in progress.
+                self._writing = loop.time()
+                if self._timer is None:
+                    self._timer = loop.call_at(self._writing + self.send_timeout_s, self._check)
                 try:
                     await send({"type": "http.response.body", "body": body, "more_body": True})
                 except asyncio.CancelledError:
@@ -87,11 +92,25 @@ class JobEventsResponse(Response):
                         log.info("sse.send_timeout", job_id=self.follower.job_id)
                     return False
                 finally:
-                    timer.cancel()
                     self._writing = None
         finally:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
             await batches.aclose()
         return True
+
+    def _check(self) -> None:
+        """The lazy send timer: cut off a write that has lasted ``send_timeout_s``."""
+        self._timer = None
+        if self._writing is None:
+            return  # not writing now: the next write arms a timer again
+        loop = asyncio.get_running_loop()
+        deadline = self._writing + self.send_timeout_s
+        if loop.time() + TIMER_SLACK_S >= deadline:
+            self._abort_write()
+        else:
+            self._timer = loop.call_at(deadline, self._check)
 
     def _abort_write(self) -> None:
         """End the write in progress now: it timed out, or the client is too slow for its

@@ -53,13 +53,16 @@ class JobFollower:
             self._sub.close()
 
     def _fresh(self, rows: Rows) -> list[Entry]:
-        out = []
-        for entry_id, raw in rows:
-            position = stream_id(entry_id)
-            if position > self._last:
-                self._last, self.after = position, entry_id
-                out.append(entry(entry_id, raw))
-        return out
+        """The entries of ``rows`` (in stream order) after this follower's position."""
+        if not rows:
+            return []
+        if stream_id(rows[0][0]) <= self._last:  # rare: skip what this follower already has
+            rows = [row for row in rows if stream_id(row[0]) > self._last]
+            if not rows:
+                return []
+        last_id = rows[-1][0]
+        self._last, self.after = stream_id(last_id), last_id
+        return [entry(entry_id, raw) for entry_id, raw in rows]
 
     async def _upto_final(self, items: list[Entry]) -> tuple[list[Entry], bool]:
         """``items`` up to the job's final event, and whether it is among them."""
@@ -79,7 +82,9 @@ class JobFollower:
         suspended frame, not a stack of nested generators."""
         try:
             while (batch := await self._next()) is not None:
-                items, final = await self._upto_final(batch)
+                items, final = batch, False
+                if any(item.terminal for item in batch):
+                    items, final = await self._upto_final(batch)
                 if items or not batch:
                     yield items
                 if final:
