@@ -101,6 +101,8 @@ HEALTHZ_SAMPLES = 20
 WARMUP_JOBS = 10
 DEFAULT_KS = (50, 100, 200, 500)
 QUICK_KS = (20, 50)
+APP_SETTINGS: dict[str, str] = {}
+"""``--app-env NAME=VALUE``: more of ``tierq serve``'s environment (e.g. TIERQ_DELTA_FLUSH_MS)."""
 AUTH = {"Authorization": f"Bearer {PAID_KEY}"}
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
@@ -135,6 +137,7 @@ def app_env(redis_url: str, app_port: int, broker_url: str) -> dict[str, str]:
             "TIERQ_USER_LIMITS": json.dumps(limits),
             "TIERQ_USER_QUEUE_LIMITS": json.dumps(limits),
             "TIERQ_SSE_PING_S": "600",
+            **APP_SETTINGS,
         },
     )
 
@@ -755,7 +758,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--deadline-s", type=float, default=120.0, help="per scenario (120)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
     parser.add_argument("--log-dir", type=Path, default=None, help="keep app/broker logs here")
+    parser.add_argument(
+        "--app-env", action="append", default=[], metavar="NAME=VALUE",
+        help="more environment for tierq serve, e.g. TIERQ_DELTA_FLUSH_MS=40 (repeatable)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    for item in args.app_env:
+        name, sep, value = item.partition("=")
+        if not sep or not name.startswith("TIERQ_"):
+            parser.error(f"--app-env takes TIERQ_NAME=VALUE, not {item!r}")
+        APP_SETTINGS[name] = value
     args.ks = args.ks or (QUICK_KS if args.quick else DEFAULT_KS)
     if args.idle is None:
         args.idle = 300 if args.quick else 5000
@@ -777,6 +789,7 @@ def config(args: argparse.Namespace, nofile: tuple[int, int]) -> dict[str, Any]:
         "warmup_jobs": WARMUP_JOBS,
         "deadline_s": args.deadline_s,
         "sse_ping_s": 600,
+        "app_env": dict(APP_SETTINGS),
         "client_loop": "uvloop" if LOOP_FACTORY else "asyncio",
         "client_json": loads.__module__ or "json",
         "rlimit_nofile": list(nofile),

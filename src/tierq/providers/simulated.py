@@ -139,11 +139,12 @@ class _Clock:
     fell behind gets every token already out in one chunk, as a network stream hands over what
     arrived meanwhile; with zero latency, one token at a time, yielding control now and then."""
 
-    __slots__ = ("latency_s", "start")
+    __slots__ = ("latency_s", "loop", "start")
 
     def __init__(self, latency_s: float) -> None:
         self.latency_s = latency_s
-        self.start = asyncio.get_running_loop().time() if latency_s > 0 else 0.0
+        self.loop = asyncio.get_running_loop()  # once: each call costs a getpid() system call
+        self.start = self.loop.time()
 
     async def due(self, index: int) -> int:
         """Wait until token ``index`` is out; how many tokens are out then (> ``index``)."""
@@ -151,8 +152,7 @@ class _Clock:
             if index % YIELD_EVERY == 0:
                 await asyncio.sleep(0)
             return index + 1
-        loop = asyncio.get_running_loop()
-        wait = self.start + (index + 1) * self.latency_s - loop.time()
+        wait = self.start + (index + 1) * self.latency_s - self.loop.time()
         if wait > 0:
             await asyncio.sleep(wait)
-        return max(index + 1, int((loop.time() - self.start) / self.latency_s))
+        return max(index + 1, int((self.loop.time() - self.start) / self.latency_s))
