@@ -16,10 +16,12 @@ these ~36 µs. Where it went, per command:
 for a connection (asyncio runs one task at a time, so the lists need no lock); otherwise, and
 whenever redis-py's maintenance mode is on, it is the stock pool. :class:`LeanConnection` writes
 at once and waits (bounded by ``socket_timeout``) only when the kernel did not take everything.
-Behaviour kept: at most ``max_connections``, callers wait up to ``timeout`` for one, a broken
-connection is reconnected by the stock path (a command that fails on a connection Redis closed
-is retried by the client's ``Retry``, as before), a cancelled or failed command drops its
-connection (redis-py disconnects it; ``is_connected`` is then false).
+Behaviour kept: at most ``max_connections``, callers wait up to ``timeout`` for one; a cancelled
+or failed command drops its connection (redis-py disconnects it). One thing is better than the
+stock pool: a connection Redis closed while it sat in the pool (a restart, ``CLIENT KILL``, an
+idle timeout) or that holds unread bytes is disconnected and connected again before use, where
+redis-py 8's pool hands it out and the next command fails ("Connection closed by server").
+Tested: ``tests/integration/test_redis_pool.py``.
 """
 
 from __future__ import annotations
@@ -62,6 +64,21 @@ class LeanConnection(Connection):
             raise
 
 
+def _clean(connection: AbstractConnection) -> bool:
+    """Connected, and nothing arrived while it sat idle: no bytes (a stray reply would be read
+    as the next command's), no end of stream (Redis closed it: restarted, or killed the client),
+    no error. What the stock pool's probe read finds out, read off the stream's state instead
+    (the event loop has fed it everything that arrived while the connection was idle)."""
+    reader = connection._reader
+    return (
+        reader is not None
+        and connection._writer is not None
+        and not reader._buffer  # type: ignore[attr-defined] # asyncio.StreamReader's buffer
+        and not reader.at_eof()
+        and reader.exception() is None
+    )
+
+
 class LeanPool(BlockingConnectionPool):
     """``BlockingConnectionPool`` with a lock-free fast path (see the module doc)."""
 
@@ -73,10 +90,15 @@ class LeanPool(BlockingConnectionPool):
         idle = self._available_connections
         if idle and not self._in_maintenance:
             connection = idle.pop()
-            if connection.is_connected and not connection.should_reconnect():  # type: ignore[no-untyped-call] # redis-py leaves it untyped
+            clean = _clean(connection)
+            if clean and not connection.should_reconnect():  # type: ignore[no-untyped-call] # redis-py leaves it untyped
                 self._in_use_connections.add(connection)
                 return connection
-            idle.append(connection)  # the stock path reconnects it
+            if not clean and connection.is_connected:
+                # The stock pool would hand it out (its probe is skipped with maintenance
+                # notifications on, the default) and the command would fail: reconnect instead.
+                await connection.disconnect()
+            idle.append(connection)  # the stock path connects it again
         connection = await super().get_connection()  # type: ignore[no-untyped-call] # as above
         return cast(AbstractConnection, connection)
 

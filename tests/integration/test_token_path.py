@@ -287,3 +287,93 @@ async def test_a_failed_flush_fails_the_job_text_and_is_raised_on_close() -> Non
     finally:
         await writer.stop()
         await client.aclose()
+
+
+# -- lazy timers: one per subscription / connection, not one per event ------------------------
+
+
+async def _never_disconnects() -> dict[str, Any]:
+    await asyncio.Event().wait()
+    raise AssertionError("unreachable")
+
+
+async def test_a_write_that_hangs_past_the_send_timeout_ends_the_stream(parts: Parts) -> None:
+    job_id = await parts.running_job()
+    bodies: list[bytes] = []
+
+    async def hangs_on_the_second_write(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body" and message["body"]:
+            bodies.append(message["body"])
+            if len(bodies) > 1:
+                await asyncio.Event().wait()  # the client stopped reading
+
+    follower = JobFollower(parts.store, parts.hub, job_id, None, idle_s=30)
+    response = JobEventsResponse(follower, send_timeout_s=0.3)
+    task = asyncio.create_task(response({}, _never_disconnects, hangs_on_the_second_write))
+    await async_wait_until(lambda: _followed_by(parts, 1))
+    buffer = parts.writer.buffer(job_id)
+    buffer.add("stuck")
+    await buffer.close()
+    started = time.monotonic()
+    await asyncio.wait_for(task, 5)  # cut off, not stuck for ever
+    assert 0.2 <= time.monotonic() - started < 3
+    assert len(bodies) == 2
+    assert parts.hub.followed == 0
+
+
+async def test_quick_writes_over_many_send_timeouts_are_never_cut_off(parts: Parts) -> None:
+    """The lazy send timer fires while writes keep going: it must re-arm for the write in
+    progress, not cut off a stream whose every write is quick."""
+    job_id = await parts.running_job()
+    bodies: list[bytes] = []
+
+    async def slowish(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.body":
+            bodies.append(message["body"])
+            await asyncio.sleep(0.03)  # each write takes a while, far below the timeout
+
+    follower = JobFollower(parts.store, parts.hub, job_id, None, idle_s=30)
+    response = JobEventsResponse(follower, send_timeout_s=0.1)
+    task = asyncio.create_task(response({}, _never_disconnects, slowish))
+    await async_wait_until(lambda: _followed_by(parts, 1))
+    buffer = parts.writer.buffer(job_id)
+    deadline = time.monotonic() + 0.8  # eight send timeouts of steady writing
+    sent = 0
+    while time.monotonic() < deadline:
+        buffer.add(f"w{sent} ")
+        await buffer.close()
+        sent += 1
+        await asyncio.sleep(0.02)
+    await parts.complete(job_id, "")
+    await asyncio.wait_for(task, 5)
+    joined = b"".join(bodies)
+    assert b"event: completed" in joined  # the stream reached its end: never cut off
+    assert all(f"w{i} ".encode() in joined for i in range(sent))
+
+
+async def test_an_idle_wait_ends_after_its_interval_and_a_busy_one_never_does(
+    parts: Parts,
+) -> None:
+    busy = parts.hub.subscribe("busy-stream", "0-0")
+    idle = parts.hub.subscribe("idle-stream", "0-0")
+    results: list[Any] = []
+
+    async def pushes() -> None:
+        for n in range(30):  # 0.6 s of entries, 20 ms apart: never 0.1 s without one
+            busy.push([(f"{n + 1}-0", "x")], 1)
+            await asyncio.sleep(0.02)
+
+    async def takes() -> None:
+        while len(results) < 30 and not any(r is None for r in results):
+            rows = await busy.next(0.1)
+            results.extend([None] if rows is None else rows)
+
+    started = time.monotonic()
+    assert await asyncio.wait_for(idle.next(0.2), 2) is None  # idle: ends after its interval
+    assert 0.15 <= time.monotonic() - started < 1.5
+    await asyncio.wait_for(asyncio.gather(pushes(), takes()), 5)
+    assert None not in results
+    assert len(results) == 30
+    assert await asyncio.wait_for(busy.next(0.1), 2) is None  # and idle again once it stops
+    parts.hub.unsubscribe(busy)
+    parts.hub.unsubscribe(idle)

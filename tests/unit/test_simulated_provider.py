@@ -229,6 +229,25 @@ async def test_settings_latency_applies_without_override() -> None:
     assert time.monotonic() - started >= 0.09
 
 
+async def test_the_model_keeps_its_own_pace_for_a_reader_that_falls_behind() -> None:
+    """Tokens leave the model on its clock, not when the reader asks: a reader that pauses
+    gets what came out meanwhile in one chunk (one token a chunk when the model paced itself
+    after each token the reader took)."""
+    chunks: list[str] = []
+    provider = SimulatedProvider(FAST)
+    async for item in provider.run(request(tokens=10, token_latency_ms=20)):
+        if isinstance(item, Chunk):
+            chunks.append(item.text)
+            if len(chunks) == 1:
+                await asyncio.sleep(0.12)  # a busy reader: 6 more tokens come out meanwhile
+        else:
+            finish = item
+    assert "".join(chunks) == finish.text
+    assert len(finish.text.split()) == 10
+    assert len(chunks[1].split()) >= 5  # what came out during the pause, at once
+    assert len(chunks) < 10
+
+
 async def test_zero_latency_is_fast_and_yields_control() -> None:
     ticks = 0
 
