@@ -132,16 +132,21 @@ def procs_running(
             proc.stop()
 
 
+BROKER_SETTINGS: dict[str, str] = {}
+"""More of ``tierq broker``'s environment for every system a bench starts (``--broker-env``)."""
+
+
 def broker_proc(
     workdir: Path, port: int, redis_url: str, key_prefix: str, env: Mapping[str, str] | None = None
 ) -> Proc:
     """``tierq broker`` on ``HOST:port`` over ``redis_url``, logging to ``workdir/broker.log``;
-    its environment is this one's without tierq or QStash settings, plus ``env``."""
+    its environment is this one's without tierq or QStash settings, plus ``env`` and
+    ``BROKER_SETTINGS``."""
     return Proc(
         "broker",
         [sys.executable, "-m", "tierq", "broker", "--host", HOST, "--port", str(port),
          "--redis-url", redis_url, "--key-prefix", key_prefix],
-        {**clean_env(), **(env or {})},
+        {**clean_env(), **(env or {}), **BROKER_SETTINGS},
         workdir / "broker.log",
     )  # fmt: skip
 

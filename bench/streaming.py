@@ -52,6 +52,7 @@ from urllib.parse import quote
 import httpx
 
 from common import (
+    BROKER_SETTINGS,
     HOST,
     LOOP_FACTORY,
     RESULTS_DIR,
@@ -762,12 +763,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--app-env", action="append", default=[], metavar="NAME=VALUE",
         help="more environment for tierq serve, e.g. TIERQ_DELTA_FLUSH_MS=40 (repeatable)",
     )  # fmt: skip
+    parser.add_argument(
+        "--broker-env", action="append", default=[], metavar="NAME=VALUE",
+        help="more environment for tierq broker, e.g. TIERQ_BROKER__HTTP_SHARDS=32",
+    )  # fmt: skip
     args = parser.parse_args(argv)
-    for item in args.app_env:
-        name, sep, value = item.partition("=")
-        if not sep or not name.startswith("TIERQ_"):
-            parser.error(f"--app-env takes TIERQ_NAME=VALUE, not {item!r}")
-        APP_SETTINGS[name] = value
+    for option, into in ((args.app_env, APP_SETTINGS), (args.broker_env, BROKER_SETTINGS)):
+        for item in option:
+            name, sep, value = item.partition("=")
+            if not sep or not name.startswith("TIERQ_"):
+                parser.error(f"--app-env/--broker-env take TIERQ_NAME=VALUE, not {item!r}")
+            into[name] = value
     args.ks = args.ks or (QUICK_KS if args.quick else DEFAULT_KS)
     if args.idle is None:
         args.idle = 300 if args.quick else 5000
@@ -790,6 +796,7 @@ def config(args: argparse.Namespace, nofile: tuple[int, int]) -> dict[str, Any]:
         "deadline_s": args.deadline_s,
         "sse_ping_s": 600,
         "app_env": dict(APP_SETTINGS),
+        "broker_env": dict(BROKER_SETTINGS),
         "client_loop": "uvloop" if LOOP_FACTORY else "asyncio",
         "client_json": loads.__module__ or "json",
         "rlimit_nofile": list(nofile),
