@@ -42,7 +42,7 @@ from typing import Any
 import httpx
 from qstash import QStash
 
-from common import Proc, clean_env, cpu_seconds, machine_info, pct, write_results
+from common import BROKER_SETTINGS, Proc, clean_env, cpu_seconds, machine_info, pct, write_results
 from tierq.broker.server.credentials import DEV_TOKEN
 from tierq.embedded_redis import EmbeddedRedis, free_port
 
@@ -216,7 +216,7 @@ def running_system(workdir: Path) -> Iterator[System]:
             "broker",
             [sys.executable, "-m", "tierq", "broker", "--host", HOST, "--port", str(broker_port),
              "--redis-url", redis.url, "--key-prefix", BROKER_KEY_PREFIX],
-            clean_env(),
+            {**clean_env(), **BROKER_SETTINGS},
             workdir / "broker.log",
         )  # fmt: skip
         broker.start(workdir)
