@@ -10,7 +10,9 @@ these ~36 µs. Where it went, per command:
   an instant ago;
 - the connection: with a ``socket_timeout`` every send runs under ``asyncio.wait_for``, which
   wraps the write in a new Task, although a socket write only waits when the kernel's buffer
-  is full.
+  is full; and redis-py packs commands in Python, growing one bytes object argument by
+  argument (1.4 ms for the 1,500 arguments of one delta flush of 500 jobs; hiredis's C
+  packer, byte for byte the same output, 0.11 ms).
 
 :class:`LeanPool` hands out an idle connection directly when one is connected and nobody waits
 for a connection (asyncio runs one task at a time, so the lists need no lock); otherwise, and
@@ -30,13 +32,35 @@ import asyncio
 from collections.abc import Iterable
 from typing import Any, cast
 
+from hiredis import pack_command as _pack
 from redis.asyncio.connection import AbstractConnection, BlockingConnectionPool, Connection
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 
 class LeanConnection(Connection):
-    """A TCP connection whose sends do not start a Task each (see the module doc)."""
+    """A TCP connection whose sends do not start a Task each, and whose commands are packed by
+    hiredis (see the module doc)."""
+
+    def pack_command(self, *args: Any) -> list[bytes]:
+        name = args[0] if args else None
+        simple = (isinstance(name, str) and " " not in name) or (
+            isinstance(name, bytes) and b" " not in name
+        )  # redis-py splits a name like "CONFIG GET" into two arguments; hiredis would not
+        if simple and self._utf8:
+            try:
+                return [_pack(args)]
+            except TypeError:  # e.g. a bool: the stock packer raises redis-py's own error
+                pass
+        return super().pack_command(*args)
+
+    @property
+    def _utf8(self) -> bool:
+        """hiredis encodes text as UTF-8, strictly: the stock packer does the same only then."""
+        encoder = self.encoder
+        return bool(encoder.encoding.replace("-", "").lower() == "utf8") and bool(
+            encoder.encoding_errors == "strict"
+        )
 
     async def send_packed_command(
         self, command: bytes | str | Iterable[bytes], check_health: bool = True

@@ -20,7 +20,7 @@ from tierq.keys import AppKeys
 from tierq.observability.metrics import Metrics
 from tierq.providers.registry import ProviderRegistry
 from tierq.redis_cluster import cluster_client
-from tierq.redis_pool import LeanPool
+from tierq.redis_pool import LeanConnection, LeanPool
 from tierq.usage.ledger import Ledger
 
 
@@ -69,6 +69,7 @@ def redis_clients(settings: Settings) -> RedisClients:
         commands=aioredis.Redis.from_pool(pool),  # the client owns (and closes) the pool
         tails=aioredis.Redis.from_url(
             url,
+            connection_class=LeanConnection,  # the hub's XREAD names every followed stream
             max_connections=2,
             socket_timeout=BLOCK_MS / 1000 + settings.redis_socket_timeout_s,
             client_name=name,

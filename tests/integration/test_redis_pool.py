@@ -101,3 +101,33 @@ async def test_a_connection_redis_closed_is_replaced(redis_url: str) -> None:
     finally:
         await admin.aclose()
         await r.aclose()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("SET", "k", "v"),
+        ("SET", b"k", b"\x00\xff"),
+        ("SET", "k", 0.5),
+        ("SET", "k", 1e-7),
+        ("SET", "k", -3),
+        ("SET", "k", 12345678901234567890123),
+        ("SET", "k", "é€"),
+        ("SET", "k", memoryview(b"ab")),
+        ("CONFIG GET", "maxmemory"),  # a two-word name: split into two arguments
+        ("EVALSHA", "a" * 40, 2, *(f"key{i}" for i in range(600)), *(["x" * 100] * 300)),
+    ],
+)
+def test_commands_are_packed_exactly_as_redis_py_packs_them(args: tuple[object, ...]) -> None:
+    from redis.asyncio.connection import Connection  # noqa: PLC0415
+
+    assert b"".join(LeanConnection().pack_command(*args)) == b"".join(
+        Connection().pack_command(*args)
+    )
+
+
+def test_a_value_redis_py_refuses_is_still_refused() -> None:
+    from redis.exceptions import DataError  # noqa: PLC0415
+
+    with pytest.raises(DataError):
+        LeanConnection().pack_command("SET", "k", True)
