@@ -13,7 +13,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from helpers import async_wait_until
-from tierq.contracts import Completed, Queued, Started
+from tierq.contracts import Completed, Progress, Queued, Started
 from tierq.embedded_redis import free_port
 from tierq.errors import UpstreamError
 from tierq.events.deltas import DeltaWriter
@@ -377,3 +377,65 @@ async def test_an_idle_wait_ends_after_its_interval_and_a_busy_one_never_does(
     assert await asyncio.wait_for(busy.next(0.1), 2) is None  # and idle again once it stops
     parts.hub.unsubscribe(busy)
     parts.hub.unsubscribe(idle)
+
+
+# -- this process's own deltas reach its followers without being read back ---------------------
+
+
+@pytest.fixture
+async def local(clients: tuple[aioredis.Redis, aioredis.Redis]) -> AsyncIterator[Parts]:
+    """Parts whose delta writer hands its deltas to the hub (as in an app process)."""
+    p = Parts(*clients, flush_ms=20)
+    p.writer = DeltaWriter(p.store, 20, max_chars=1000, hub=p.hub)
+    yield p
+    await p.writer.stop()
+    await p.hub.stop()
+
+
+async def test_the_hub_takes_this_process_deltas_without_reading_them_back(local: Parts) -> None:
+    jobs = [await local.running_job() for _ in range(20)]
+    buffers = [local.writer.buffer(j) for j in jobs]  # the runs begin: their logs are local
+    tasks = [asyncio.create_task(follow_all(local, j)) for j in jobs]
+    await async_wait_until(lambda: _followed_by(local, len(jobs)))
+    reads = local.hub.reads
+    for n in range(30):
+        for buffer in buffers:
+            buffer.add(f" t{n}")
+        await asyncio.sleep(0.005)  # a model's pace: the writer flushes every few tokens
+    assert local.hub.reads - reads <= 1  # not one read per flush tick (30 ticks of 20 logs)
+    for buffer in buffers:
+        await buffer.close()  # the run ends: back to XREAD for what follows
+    for job_id in jobs:
+        await local.complete(job_id, "".join(f" t{n}" for n in range(30)))
+    for job_id, task in zip(jobs, tasks, strict=True):
+        events = await asyncio.wait_for(task, 10)
+        assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+        assert "".join(e["text"] for e in events if e["type"] == "delta") == "".join(
+            f" t{n}" for n in range(30)
+        )
+        assert events[-1]["type"] == "completed"
+        assert events == await local.log(job_id)  # exactly the log, each entry once
+
+
+async def test_an_event_written_elsewhere_during_a_local_run_is_not_lost(local: Parts) -> None:
+    """Another writer appends to the log between two of this process's deltas: the hub
+    never reads it (the log is local), so the follower must notice the gap in ``seq``."""
+    job_id = await local.running_job()
+    buffer = local.writer.buffer(job_id)
+    task = asyncio.create_task(follow_all(local, job_id))
+    await async_wait_until(lambda: _followed_by(local, 1))
+    buffer.add("a")  # a job's first text is written at once
+    await async_wait_until(lambda: _has_deltas(local, job_id, 1))
+    # written by someone else: not through this writer, so not handed to the hub
+    assert await local.store.append(Progress(jobId=job_id, value=0.5), status="running")
+    buffer.add(" b")
+    await buffer.close()
+    await local.complete(job_id, "a b")
+    events = await asyncio.wait_for(task, 10)
+    assert [e["type"] for e in events] == ["queued", "started", "delta", "progress", "delta",
+                                           "completed"]  # fmt: skip
+    assert [e["seq"] for e in events] == list(range(1, 7))
+
+
+async def _has_deltas(parts: Parts, job_id: str, count: int) -> bool:
+    return len(await parts.deltas(job_id)) >= count
