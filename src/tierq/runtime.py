@@ -148,6 +148,13 @@ def build_runtime(
     dispatcher = Dispatcher(client, keys, settings, gateway, metrics, jobs)
     ledger = Ledger(client, keys, settings.usage_retention_days, settings.usage_ledger)
     dispatcher.also_scripts.append(ledger.script)  # queued on its pipelines too
+    hub = TailHub(
+        tail_client or client,
+        client,
+        keys.tail_wake,
+        settings.sse_client_buffer_bytes,
+        cluster=settings.redis_cluster,
+    )
     return Runtime(
         settings=settings,
         redis=client,
@@ -164,14 +171,9 @@ def build_runtime(
             settings.delta_flush_ms,
             settings.delta_flush_max_chars,
             cluster=settings.redis_cluster,
+            hub=hub,
         ),
-        hub=TailHub(
-            tail_client or client,
-            client,
-            keys.tail_wake,
-            settings.sse_client_buffer_bytes,
-            cluster=settings.redis_cluster,
-        ),
+        hub=hub,
         dispatcher=dispatcher,
         streams=StreamCaps(settings.sse_max_per_job, settings.sse_max_per_user),
         ledger=ledger,

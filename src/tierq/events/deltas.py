@@ -28,7 +28,7 @@ import contextlib
 import time
 from collections.abc import Sequence
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 from redis.crc import key_slot
@@ -37,7 +37,10 @@ from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 from tierq.aio import raise_if_cancelled
 from tierq.errors import UpstreamError
 from tierq.events.codec import delta_prefix
-from tierq.events.log import JobStore
+from tierq.events.log import JobStore, Written, written
+
+if TYPE_CHECKING:
+    from tierq.events.hub import TailHub
 
 log = structlog.get_logger("tierq.events")
 
@@ -49,8 +52,8 @@ def _now_ms() -> int:
 class DeltaBuffer:
     """One job's text not yet written. Only the job's own worker adds to it."""
 
-    __slots__ = ("_changed", "_writer", "chars", "error", "first_ts", "flushed", "inflight",
-                 "job_id", "parts", "rejected")  # fmt: skip
+    __slots__ = ("_changed", "_local", "_writer", "chars", "error", "first_ts", "flushed",
+                 "inflight", "job_id", "parts", "rejected")  # fmt: skip
 
     def __init__(self, writer: DeltaWriter, job_id: str) -> None:
         self._writer = writer
@@ -63,6 +66,7 @@ class DeltaBuffer:
         self.rejected = False  # the job is gone or ended: stop the run
         self.error: UpstreamError | None = None
         self._changed: asyncio.Future[None] | None = None
+        self._local: str | None = None  # the log the hub takes from us while we run
 
     def add(self, text: str) -> None:
         """Queue ``text`` for the next flush (at once when it is the job's first)."""
@@ -78,11 +82,16 @@ class DeltaBuffer:
     async def close(self) -> None:
         """Write what is pending and wait until it is written; raise the flush's error if one
         failed (the caller's next write would fail the same way)."""
-        while self.parts or self.inflight:
-            if self.parts:
-                self._writer.mark(self, urgent=True)
-            self._changed = asyncio.get_running_loop().create_future()
-            await self._changed
+        try:
+            while self.parts or self.inflight:
+                if self.parts:
+                    self._writer.mark(self, urgent=True)
+                self._changed = asyncio.get_running_loop().create_future()
+                await self._changed
+        finally:
+            if self._local is not None and self._writer.hub is not None:
+                self._writer.hub.end_local(self._local)  # what follows comes by XREAD again
+                self._local = None
         if self.error is not None:
             raise self.error
 
@@ -95,11 +104,11 @@ class DeltaBuffer:
         self.inflight = True
         return self.first_ts, text
 
-    def settle(self, result: int | UpstreamError) -> None:
+    def settle(self, result: Written | UpstreamError) -> None:
         self.inflight = False
         if isinstance(result, UpstreamError):
             self.error = result
-        elif result == 0:
+        elif result is None:
             self.rejected = True
         else:
             self.flushed += 1
@@ -111,9 +120,16 @@ class DeltaWriter:
     """The process's flusher (see module doc). Starts its task on first use."""
 
     def __init__(
-        self, store: JobStore, flush_ms: float, max_chars: int, *, cluster: bool = False
+        self,
+        store: JobStore,
+        flush_ms: float,
+        max_chars: int,
+        *,
+        cluster: bool = False,
+        hub: TailHub | None = None,
     ) -> None:
         self.store = store
+        self.hub = hub  # this process's tail hub: it takes our deltas from us, not by XREAD
         self.flush_s = flush_ms / 1000
         self.max_chars = max_chars
         self.cluster = cluster
@@ -129,7 +145,13 @@ class DeltaWriter:
         self.calls = 0  # script calls made: one a tick, or one per slot on Cluster
 
     def buffer(self, job_id: str) -> DeltaBuffer:
-        return DeltaBuffer(self, job_id)
+        """A running job's buffer; until it is closed, this process's tail hub takes the
+        job's deltas straight from this writer (see :meth:`TailHub.begin_local`)."""
+        buffer = DeltaBuffer(self, job_id)
+        if self.hub is not None:
+            buffer._local = self.store.keys.job_events(job_id)
+            self.hub.begin_local(buffer._local)
+        return buffer
 
     def mark(self, buffer: DeltaBuffer, *, urgent: bool) -> None:
         self._pending[buffer.job_id] = buffer
@@ -193,6 +215,7 @@ class DeltaWriter:
         for buffer in batch:
             ts, text = buffer.take()
             items.append((buffer.job_id, delta_prefix(buffer.job_id, ts, text)))
+        results: list[Written | UpstreamError]
         self.flushes += 1
         try:
             results = await self._append(items)
@@ -203,10 +226,14 @@ class DeltaWriter:
             for buffer in batch:
                 buffer.settle(UpstreamError(f"flush interrupted: {type(exc).__name__}"))
             raise
-        for buffer, result in zip(batch, results, strict=True):
+        hub = self.hub
+        for buffer, (_, prefix), result in zip(batch, items, results, strict=True):
+            if hub is not None and buffer._local is not None and isinstance(result, tuple):
+                seq, entry_id = result
+                hub.local_entry(buffer._local, entry_id, f'{prefix.decode()},"seq":{seq}}}')
             buffer.settle(result)
 
-    async def _append(self, items: list[tuple[str, bytes]]) -> list[int | UpstreamError]:
+    async def _append(self, items: list[tuple[str, bytes]]) -> list[Written | UpstreamError]:
         """One delta per job: one script call (a single node, or one slot), else one per
         slot, pipelined; each result as :meth:`JobStore.append_deltas` gives it, or the error
         of its slot's call."""
@@ -221,13 +248,13 @@ class DeltaWriter:
             return list(await self.store.append_deltas(items))
         groups = list(slots.values())
         replies = await self._pipelined([[items[i] for i in group] for group in groups])
-        results: list[int | UpstreamError] = [0] * len(items)
+        results: list[Written | UpstreamError] = [None] * len(items)
         for group, reply in zip(groups, replies, strict=True):
             for position, index in enumerate(group):
                 if isinstance(reply, BaseException):
                     results[index] = UpstreamError(f"redis: {reply}")
                 else:
-                    results[index] = int(reply[position])
+                    results[index] = written(reply[position])
         return results
 
     async def _pipelined(self, groups: Sequence[Sequence[tuple[str, bytes]]]) -> list[Any]:

@@ -147,10 +147,10 @@ class JobStore:
         args = self._append_args(event, status, fields, "")
         pipe.evalsha(self._scripts["append"].sha, 2, *self._job_keys(event.job_id), *args)
 
-    async def append_deltas(self, items: Sequence[tuple[str, bytes]]) -> list[int]:
+    async def append_deltas(self, items: Sequence[tuple[str, bytes]]) -> list[Written]:
         """Append one ``delta`` event per job (``(job id, delta_prefix(...))``) in one round
         trip and one script call: what one flush tick of the process writes. Each result is
-        the seq the event got, or ``0`` when the job was gone or terminal.
+        ``(seq, entry id)`` of the event, or ``0`` when the job was gone or terminal.
 
         One call for many jobs' keys needs them on one Redis node (a single server, as today;
         under Redis Cluster the call must be split by hash slot)."""
@@ -161,7 +161,7 @@ class JobStore:
             )
         except RedisError as exc:
             raise UpstreamError(f"redis: {exc}") from exc
-        return [int(seq) for seq in seqs]
+        return [written(reply) for reply in seqs]
 
     async def request_cancel(self, event: WorkerEvent, channel: str, now_ms: int) -> str:
         """``cancelled`` (it was queued), ``requested`` (its worker will stop it), ``missing``,
@@ -212,6 +212,18 @@ class JobStore:
             self.keys.job_events(job_id), min=start, max=until or "+", count=count
         )
         return [(_s(i), _s(f[b"e"] if b"e" in f else f["e"])) for i, f in rows]
+
+
+Written = tuple[int, str] | None
+"""A delta the flush script wrote: ``(seq, log entry id)``; ``None``: skipped (job gone or
+ended)."""
+
+
+def written(reply: Any) -> Written:
+    """One job's part of the ``append_deltas`` script's reply."""
+    if isinstance(reply, (list, tuple)):
+        return int(reply[0]), _s(reply[1])
+    return None
 
 
 def appended(reply: Any) -> Appended | str:

@@ -2,11 +2,16 @@
 after the last event.
 
 The SSE ``id`` of each message is the log entry id, so a reconnect with ``Last-Event-ID`` resumes
-exactly after the last event the client saw. Shutdown paths: the terminal event ends the
-stream; a resume at or after the terminal event ends it at once; the job's log expiring ends it
-(noticed when idle); :meth:`JobFollower.close` (the client went away) ends it at its next wait;
-a client too slow for its bounded backlog is dropped by the hub and the stream ends (the client
-resumes with ``Last-Event-ID``).
+exactly after the last event the client saw. Live entries are checked against the job's dense
+``seq``: the hub hands over this process's own deltas without reading them back, so an entry
+written meanwhile by someone else may reach the follower after a later one, or not at all; a
+gap (or a live batch with nothing sent before it to compare with) makes the follower read that
+stretch of the log itself, so every entry still goes out once, in order.
+
+Shutdown paths: the terminal event ends the stream; a resume at or after the terminal event
+ends it at once; the job's log expiring ends it (noticed when idle); :meth:`JobFollower.close`
+(the client went away) ends it at its next wait; a client too slow for its bounded backlog is
+dropped by the hub and the stream ends (the client resumes with ``Last-Event-ID``).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ class JobFollower:
         self._phase = "replay"  # replay → backfill → live ⇄ check → drain → end
         self._until: str | None = None  # inclusive end of the read in progress
         self._replayed = False
+        self._seq: int | None = None  # seq of the last entry sent
         self.closed = False
         self.dropped = False  # ended because the client could not keep up
         self.on_drop: Callable[[], None] | None = None  # e.g. abort the client's blocked write
@@ -85,6 +91,8 @@ class JobFollower:
                 items, final = batch, False
                 if any(item.terminal for item in batch):
                     items, final = await self._upto_final(batch)
+                if items:
+                    self._seq = items[-1].seq
                 if items or not batch:
                     yield items
                 if final:
@@ -144,7 +152,34 @@ class JobFollower:
         if rows is None:  # idle: see whether the job ended (or expired) on the next turn
             self._phase = "check"
             return []
-        return self._fresh(rows)
+        last, after = self._last, self.after
+        items = self._fresh(rows)
+        if items and not self._dense(items):  # read what the hub did not bring, in order
+            self._last, self.after = last, after
+            return self._fresh(await self._read_through(items[-1].id))
+        return items
+
+    def _dense(self, items: list[Entry]) -> bool:
+        """Whether ``items`` follow what was sent with no ``seq`` missing."""
+        seq = self._seq
+        if seq is None:
+            return False  # nothing to compare with (a resume at the end): read to be sure
+        for item in items:
+            seq += 1
+            if item.seq != seq:
+                return False
+        return True
+
+    async def _read_through(self, until: str) -> Rows:
+        """The log after this follower's position, up to ``until`` (inclusive)."""
+        rows: Rows = []
+        after = self.after
+        while True:
+            page = await self.store.read(self.job_id, after, PAGE, until=until)
+            rows.extend(page)
+            if len(page) < PAGE:
+                return rows
+            after = page[-1][0]
 
     async def _ended(self) -> bool | None:
         """``None`` while the job may still log events; ``True`` once it ended; ``False`` when

@@ -3,7 +3,7 @@
 -- text never follows a terminal event.
 -- KEYS: job state hash and job event stream, a pair per job (2i-1, 2i)
 -- ARGV: per job, its event JSON without the closing brace and without seq
--- Returns, per job, the seq given to its event, or 0 when it was skipped.
+-- Returns, per job, {seq, entry id} of its event, or 0 when it was skipped.
 local out = {}
 for i = 1, #ARGV do
   local job, events = KEYS[2 * i - 1], KEYS[2 * i]
@@ -12,8 +12,7 @@ for i = 1, #ARGV do
     out[i] = 0
   else
     local seq = redis.call('HINCRBY', job, 'seq', 1)
-    redis.call('XADD', events, '*', 'e', ARGV[i] .. ',"seq":' .. seq .. '}')
-    out[i] = seq
+    out[i] = {seq, redis.call('XADD', events, '*', 'e', ARGV[i] .. ',"seq":' .. seq .. '}')}
   end
 end
 return out
