@@ -71,6 +71,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import importlib
 import json
 import os
@@ -768,16 +769,8 @@ async def tierq_batch(
 ) -> tuple[Measured, Probe]:
     """``n`` no-op jobs with ``concurrency`` submits in flight, followed to their end."""
     keys = AppKeys(APP_KEY_PREFIX)
-    submit = tierq_submitter(system.app_port, keys)
-    conns = [HttpConn(system.app_port) for _ in range(concurrency)]
-    free = list(conns)
-
-    async def one(index: int) -> Job | str:
-        conn = free.pop()
-        try:
-            return await submit(conn, index)
-        finally:
-            free.append(conn)
+    pool = ConnPool(system.app_port)  # closed loop: at most ``concurrency`` connections
+    one = functools.partial(pool.submit, tierq_submitter(system.app_port, keys))
 
     async def run(batch: Batch) -> None:
         await closed_loop(n, concurrency, one, batch)
@@ -788,8 +781,7 @@ async def tierq_batch(
         m = await measured(run, app.poll_records, probes, system_trees(system), deadline_s)
         await app.read_records(m.batch.jobs)
     finally:
-        for conn in conns:
-            conn.close()
+        pool.close()
         for p in probes.values():
             if p is not app:
                 await p.aclose()
@@ -840,8 +832,8 @@ async def throughput(system: System, n: int, concurrency: int) -> dict[str, Any]
 
 
 class ConnPool:
-    """Idle connections to the app, a new one when none is idle (open loop: as many as the
-    submits in flight)."""
+    """Idle connections to the app, a new one when none is idle (as many as the submits in
+    flight)."""
 
     def __init__(self, port: int) -> None:
         self.port = port
@@ -861,6 +853,16 @@ class ConnPool:
     def close(self) -> None:
         for conn in self.all:
             conn.close()
+
+    async def submit(
+        self, submit: Callable[[HttpConn, int], Awaitable[Job | str]], index: int
+    ) -> Job | str:
+        """``submit`` job ``index`` on an idle connection (a new one when none is idle)."""
+        conn = self.take()
+        try:
+            return await submit(conn, index)
+        finally:
+            self.give(conn)
 
 
 async def open_loop(
@@ -904,15 +906,8 @@ async def latency(system: System, rate: float, duration_s: float) -> dict[str, A
     """Scenario 2: ``open_loop`` at ``rate`` for ``duration_s``; submit -> started."""
     n = max(1, round(rate * duration_s))
     deadline_s = duration_s + 60.0
-    submit = tierq_submitter(system.app_port, AppKeys(APP_KEY_PREFIX))
     pool = ConnPool(system.app_port)
-
-    async def one(index: int) -> Job | str:
-        conn = pool.take()
-        try:
-            return await submit(conn, index)
-        finally:
-            pool.give(conn)
+    one = functools.partial(pool.submit, tierq_submitter(system.app_port, AppKeys(APP_KEY_PREFIX)))
 
     async def run(batch: Batch) -> None:
         await open_loop(n, rate, one, batch)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 
 def raise_if_cancelled() -> None:
@@ -16,3 +17,52 @@ def raise_if_cancelled() -> None:
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError
+
+
+TIMER_SLACK_S = 0.001
+"""uvloop's clock and timers have millisecond resolution: a deadline this close counts as
+reached (instead of re-arming for a fraction of a millisecond)."""
+
+
+class LazyDeadline:
+    """One timer for a deadline that moves forward once per event (an SSE wait, an SSE write):
+    :meth:`arm` only moves the deadline while a timer is pending, and the timer, when it fires
+    early, re-arms itself for the deadline then in force, so it fires at most about once per
+    interval instead of a timer being made and cancelled per event (that cost more than the
+    wait itself under load; measured with ``bench/streaming.py``). ``on_due`` runs once the
+    armed deadline has passed without :meth:`disarm`."""
+
+    __slots__ = ("_due", "_handle", "_loop", "_on_due")
+
+    def __init__(self, on_due: Callable[[], None]) -> None:
+        self._on_due = on_due
+        self._due: float | None = None  # loop time; None: nothing is due
+        self._handle: asyncio.TimerHandle | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def arm(self, loop: asyncio.AbstractEventLoop, due: float) -> None:
+        self._due = due
+        if self._handle is None:
+            self._loop = loop
+            self._handle = loop.call_at(due, self._fire)
+
+    def disarm(self) -> None:
+        """Nothing is due now (a pending timer stays, and does nothing when it fires)."""
+        self._due = None
+
+    def cancel(self) -> None:
+        self._due = None
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _fire(self) -> None:
+        self._handle = None
+        due, loop = self._due, self._loop
+        if due is None or loop is None:
+            return  # disarmed: the next arm makes a timer again
+        if loop.time() + TIMER_SLACK_S >= due:
+            self._due = None
+            self._on_due()
+        else:
+            self._handle = loop.call_at(due, self._fire)

@@ -42,25 +42,26 @@ class LeanConnection(Connection):
     """A TCP connection whose sends do not start a Task each, and whose commands are packed by
     hiredis (see the module doc)."""
 
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        # hiredis encodes text as UTF-8, strictly: the stock packer does the same only then
+        encoder = self.encoder
+        self._hiredis_packs = (
+            encoder.encoding.replace("-", "").lower() == "utf8"
+            and encoder.encoding_errors == "strict"
+        )
+
     def pack_command(self, *args: Any) -> list[bytes]:
         name = args[0] if args else None
         simple = (isinstance(name, str) and " " not in name) or (
             isinstance(name, bytes) and b" " not in name
         )  # redis-py splits a name like "CONFIG GET" into two arguments; hiredis would not
-        if simple and self._utf8:
+        if simple and self._hiredis_packs:
             try:
                 return [_pack(args)]
             except TypeError:  # e.g. a bool: the stock packer raises redis-py's own error
                 pass
         return super().pack_command(*args)
-
-    @property
-    def _utf8(self) -> bool:
-        """hiredis encodes text as UTF-8, strictly: the stock packer does the same only then."""
-        encoder = self.encoder
-        return bool(encoder.encoding.replace("-", "").lower() == "utf8") and bool(
-            encoder.encoding_errors == "strict"
-        )
 
     async def send_packed_command(
         self, command: bytes | str | Iterable[bytes], check_health: bool = True

@@ -45,7 +45,7 @@ import structlog
 from redis.crc import key_slot
 from redis.exceptions import RedisClusterException, RedisError
 
-from tierq.aio import raise_if_cancelled
+from tierq.aio import LazyDeadline, raise_if_cancelled
 from tierq.events.codec import stream_id
 
 log = structlog.get_logger("tierq.events")
@@ -56,9 +56,6 @@ READ_COUNT = 1024
 """Entries per stream per read (a job's live tail; replays are read by their followers)."""
 WAKE_TTL_MS = 3_600_000
 RETRY_S = 0.5
-TIMER_SLACK_S = 0.001
-"""uvloop's clock and timers have millisecond resolution: a lazy timer that fires this close to
-its deadline counts as on time (instead of re-arming for a fraction of a millisecond)."""
 
 
 def _s(value: Any) -> str:
@@ -72,8 +69,8 @@ def _raw(response: Any, **options: Any) -> Any:
 class Subscription:
     """What one follower of one stream receives from the hub."""
 
-    __slots__ = ("_idle_at", "_timer", "_waiter", "backfill_to", "closed", "key", "limit",
-                 "on_overflow", "overflowed", "rows", "size")  # fmt: skip
+    __slots__ = ("_idle", "_waiter", "backfill_to", "closed", "key", "limit", "on_overflow",
+                 "overflowed", "rows", "size")  # fmt: skip
 
     def __init__(self, key: str, limit: int, on_overflow: Callable[[], None] | None) -> None:
         self.key = key
@@ -85,8 +82,7 @@ class Subscription:
         self.overflowed = False  # dropped as too slow: the follower must end
         self.closed = False
         self._waiter: asyncio.Future[None] | None = None
-        self._idle_at = 0.0  # loop time at which the wait in progress counts as idle
-        self._timer: asyncio.TimerHandle | None = None
+        self._idle = LazyDeadline(self._wake)  # the wait in progress ends idle at its deadline
 
     def push(self, rows: Rows, size: int) -> None:
         """Hand over ``rows`` (``size``: their bytes, counted once for every subscriber)."""
@@ -105,9 +101,7 @@ class Subscription:
     def close(self) -> None:
         """End the follower's wait (the client went away); idempotent."""
         self.closed = True
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._idle.cancel()
         self._wake()
 
     def _wake(self) -> None:
@@ -118,33 +112,19 @@ class Subscription:
         """Entries received since the last call, waiting up to ``timeout_s``; ``None`` when
         nothing came. Returns ``[]`` at once once closed or overflowed."""
         if not (self.rows or self.closed or self.overflowed):
-            # One lazy timer, not one per wait: this runs once per event sent. The timer fires
-            # at most once per idle interval and re-arms itself for the wait then in progress
-            # (a timer per wait cost more than the wait itself under load; measured).
+            # A lazy deadline, not a timer per wait: this runs once per event sent.
             loop = asyncio.get_running_loop()
             self._waiter = waiter = loop.create_future()
-            self._idle_at = loop.time() + timeout_s
-            if self._timer is None:
-                self._timer = loop.call_at(self._idle_at, self._on_timer)
+            self._idle.arm(loop, loop.time() + timeout_s)
             try:
                 await waiter
             finally:
                 self._waiter = None
+                self._idle.disarm()
             if not (self.rows or self.closed or self.overflowed):
                 return None
         rows, self.rows, self.size = self.rows, [], 0
         return rows
-
-    def _on_timer(self) -> None:
-        self._timer = None
-        waiter = self._waiter
-        if waiter is None or waiter.done() or self.closed:
-            return  # not waiting now: the next wait arms a timer again
-        loop = asyncio.get_running_loop()
-        if loop.time() + TIMER_SLACK_S >= self._idle_at:
-            waiter.set_result(None)  # idle for the whole interval
-        else:
-            self._timer = loop.call_at(self._idle_at, self._on_timer)
 
 
 class _Followed:

@@ -150,7 +150,7 @@ class JobStore:
     async def append_deltas(self, items: Sequence[tuple[str, bytes]]) -> list[Written]:
         """Append one ``delta`` event per job (``(job id, delta_prefix(...))``) in one round
         trip and one script call: what one flush tick of the process writes. Each result is
-        ``(seq, entry id)`` of the event, or ``0`` when the job was gone or terminal.
+        ``(seq, entry id)`` of the event, or ``None`` when the job was gone or terminal.
 
         One call for many jobs' keys needs them on one Redis node (a single server, as today;
         under Redis Cluster the call must be split by hash slot)."""

@@ -19,8 +19,8 @@ import structlog
 from starlette.responses import Response
 from starlette.types import Receive, Scope, Send
 
+from tierq.aio import LazyDeadline
 from tierq.events.codec import PING, sse_frame
-from tierq.events.hub import TIMER_SLACK_S
 from tierq.events.sse import JobFollower
 
 log = structlog.get_logger("tierq.events")
@@ -51,8 +51,8 @@ class JobEventsResponse(Response):
         self.on_open = on_open
         self.on_close = on_close
         self._task: asyncio.Task[Any] | None = None  # the one writing
-        self._writing: float | None = None  # when the write in progress began (loop time)
-        self._timer: asyncio.TimerHandle | None = None  # the lazy send timer (see _write)
+        self._writing = False  # a write is in progress
+        self._send_deadline = LazyDeadline(self._abort_write)  # bounds the write in progress
         self._cut_off = False
         follower.on_drop = self._abort_write
 
@@ -78,11 +78,9 @@ class JobEventsResponse(Response):
         try:
             async for batch in batches:
                 body = b"".join(sse_frame(item) for item in batch) if batch else PING
-                # One lazy timer, not one per write (this runs once per event sent): it fires
-                # at most once per send_timeout_s and re-arms for the write then in progress.
-                self._writing = loop.time()
-                if self._timer is None:
-                    self._timer = loop.call_at(self._writing + self.send_timeout_s, self._check)
+                # A lazy deadline, not a timer per write: this runs once per event sent.
+                self._writing = True
+                self._send_deadline.arm(loop, loop.time() + self.send_timeout_s)
                 try:
                     await send({"type": "http.response.body", "body": body, "more_body": True})
                 except asyncio.CancelledError:
@@ -92,30 +90,17 @@ class JobEventsResponse(Response):
                         log.info("sse.send_timeout", job_id=self.follower.job_id)
                     return False
                 finally:
-                    self._writing = None
+                    self._writing = False
+                    self._send_deadline.disarm()
         finally:
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
+            self._send_deadline.cancel()
             await batches.aclose()
         return True
-
-    def _check(self) -> None:
-        """The lazy send timer: cut off a write that has lasted ``send_timeout_s``."""
-        self._timer = None
-        if self._writing is None:
-            return  # not writing now: the next write arms a timer again
-        loop = asyncio.get_running_loop()
-        deadline = self._writing + self.send_timeout_s
-        if loop.time() + TIMER_SLACK_S >= deadline:
-            self._abort_write()
-        else:
-            self._timer = loop.call_at(deadline, self._check)
 
     def _abort_write(self) -> None:
         """End the write in progress now: it timed out, or the client is too slow for its
         backlog (the tail hub dropped it)."""
-        if self._writing is not None and self._task is not None and not self._cut_off:
+        if self._writing and self._task is not None and not self._cut_off:
             self._cut_off = True
             self._task.cancel()
 
