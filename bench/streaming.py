@@ -765,7 +765,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )  # fmt: skip
     parser.add_argument(
         "--broker-env", action="append", default=[], metavar="NAME=VALUE",
-        help="more environment for tierq broker, e.g. TIERQ_BROKER__HTTP_SHARDS=32",
+        help="more environment for tierq broker, e.g. TIERQ_BROKER__MAX_IN_FLIGHT=500",
     )  # fmt: skip
     args = parser.parse_args(argv)
     for option, into in ((args.app_env, APP_SETTINGS), (args.broker_env, BROKER_SETTINGS)):

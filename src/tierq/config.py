@@ -55,10 +55,6 @@ class BrokerSettings(BaseModel):
     max_queues: int = 1000
     dedup_window_s: float = 600.0
     max_in_flight: int = 1000
-    # Delivery HTTP clients: httpcore walks a client's whole pool (a poll() per idle connection)
-    # on every request, so many small clients cost less than a few big ones. 64 measured best
-    # (bench/broker.py and bench/jobs.py: broker CPU per no-op job 2.7 -> 1.7 ms against 8).
-    http_shards: int = 64
     redis_max_connections: int = 128
     redis_pool_timeout_s: float = 30.0
     redis_socket_timeout_s: float = 10.0

@@ -32,10 +32,15 @@ import asyncio
 from collections.abc import Iterable
 from typing import Any, cast
 
+import redis
 from hiredis import pack_command as _pack
 from redis.asyncio.connection import AbstractConnection, BlockingConnectionPool, Connection
+from redis.driver_info import DriverInfo
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+
+DRIVER_INFO = DriverInfo(name="redis-py", lib_version=redis.__version__)
 
 
 class LeanConnection(Connection):
@@ -43,6 +48,9 @@ class LeanConnection(Connection):
     hiredis (see the module doc)."""
 
     def __init__(self, **kwargs: Any) -> None:
+        # what CLIENT SETINFO reports, made once: redis-py looks its own version up in the
+        # installed packages' metadata for every new connection (files read, parsed)
+        kwargs.setdefault("driver_info", DRIVER_INFO)
         super().__init__(**kwargs)
         # hiredis encodes text as UTF-8, strictly: the stock packer does the same only then
         encoder = self.encoder

@@ -5,9 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
-from http.cookiejar import CookieJar, DefaultCookiePolicy
 
-import httpx
 import redis.asyncio as aioredis
 import structlog
 import uvicorn
@@ -23,6 +21,7 @@ from starlette.responses import Response
 from tierq.broker.server import routes_dlq, routes_messages, routes_queues
 from tierq.broker.server.context import BrokerContext, error, ok
 from tierq.broker.server.credentials import Account
+from tierq.broker.server.delivery_http import DeliveryClient
 from tierq.broker.server.destinations import AllowList
 from tierq.broker.server.dispatcher import Dispatcher
 from tierq.broker.server.keyring import KeyRing
@@ -52,26 +51,6 @@ async def _redis_error(request: Request, exc: Exception) -> Response:
 
 async def _healthz(request: Request) -> Response:
     return ok({"status": "ok"})
-
-
-def delivery_clients(settings: BrokerSettings) -> list[httpx.AsyncClient]:
-    """Several small HTTP clients instead of one big one: httpcore walks a client's whole pool
-    on every request, so per-delivery CPU grows with its size (measured by bench/broker.py)."""
-    shards = max(1, settings.http_shards)
-    per_shard = -(-settings.max_in_flight // shards)
-    limits = httpx.Limits(max_connections=per_shard, max_keepalive_connections=min(per_shard, 64))
-    tls = httpx.create_ssl_context()  # one for all: each client would load the CA bundle (~25 ms)
-    return [
-        httpx.AsyncClient(
-            verify=tls,
-            # Deliveries of different users share these clients: they must never keep cookies.
-            cookies=CookieJar(policy=DefaultCookiePolicy(allowed_domains=[])),
-            limits=limits,
-            timeout=httpx.Timeout(settings.max_timeout_s, connect=10.0),
-            follow_redirects=False,
-        )
-        for _ in range(shards)
-    ]
 
 
 def create_broker_app(
@@ -104,7 +83,7 @@ def create_broker_app(
         store = BrokerStore(client, settings)
         keyring = KeyRing(store, accounts)
         await keyring.load()
-        http = delivery_clients(settings)
+        http = DeliveryClient(settings.max_in_flight)
         dispatcher = Dispatcher(
             store,
             keyring,
@@ -120,8 +99,7 @@ def create_broker_app(
             await dispatcher.stop()
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
-            for shard in http:
-                await shard.aclose()
+            await http.close()
             await client.aclose()
 
     from starlette.routing import Route  # noqa: PLC0415 - keeps the route tables together

@@ -20,18 +20,16 @@ import functools
 import itertools
 import json
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 
-import httpx
 import structlog
 from redis.exceptions import RedisError
 
 from tierq.broker.server.backoff import next_delay_s, storage_retry_delay_s
-from tierq.broker.server.destinations import is_private_address
+from tierq.broker.server.delivery_http import DeliveryClient
 from tierq.broker.server.durations import headers_wait
 from tierq.broker.server.keyring import KeyRing
 from tierq.broker.server.model import AttemptResponse, FollowUp, StoredMessage, log_event
-from tierq.broker.server.requests import canonical_header
 from tierq.broker.server.signing import random_id, sign
 from tierq.broker.server.store import BrokerStore, Claimed, FollowUpMessage
 from tierq.config import BrokerSettings
@@ -149,45 +147,19 @@ def delivery_headers(msg: StoredMessage, retried: int, signature: str) -> list[t
     return headers
 
 
-def peer_is_private(resp: httpx.Response) -> bool:
-    """Whether the answer came from a non-global address; unknown counts as private."""
-    stream = resp.extensions.get("network_stream")
-    try:
-        addr = stream.get_extra_info("server_addr") if stream is not None else None
-    except Exception:  # a transport without the information: assume the worst
-        addr = None
-    if not isinstance(addr, tuple) or not addr:
-        return True
-    return is_private_address(str(addr[0]))
-
-
-async def read_capped(resp: httpx.Response, cap: int) -> bytes:
-    """At most ``cap`` bytes of the body; the rest is never read."""
-    body = bytearray()
-    chunks = resp.aiter_bytes()
-    try:
-        async for chunk in chunks:
-            body += chunk[: cap - len(body)]
-            if len(body) >= cap:
-                break
-    finally:
-        await chunks.aclose()  # type: ignore[attr-defined] # an async generator at runtime
-    return bytes(body)
-
-
 class Dispatcher:
     def __init__(
         self,
         store: BrokerStore,
         keyring: KeyRing,
         settings: BrokerSettings,
-        http: Sequence[httpx.AsyncClient],
+        http: DeliveryClient,
         on_attempt: Callable[[StoredMessage, str], None] | None = None,
     ) -> None:
         self.store = store
         self.keyring = keyring
         self.settings = settings
-        self._clients = itertools.cycle(http)
+        self._http = http
         self._on_attempt = on_attempt
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
@@ -289,25 +261,18 @@ class Dispatcher:
                 return await self._request(item)
         except TimeoutError:
             return AttemptResponse(status=0, error=f"timeout after {timeout:g}s")
-        except Exception as exc:  # httpx.HTTPError, InvalidURL, ...: all are outcomes
+        except Exception as exc:  # aiohttp.ClientError, InvalidURL, ...: all are outcomes
             return AttemptResponse(status=0, error=f"{type(exc).__name__}: {exc}")
 
     async def _request(self, item: Claimed) -> AttemptResponse:
         msg = item.msg
         signature = sign(self.keyring.current(msg.user), msg.url, item.body, int(time.time()))
-        async with next(self._clients).stream(
+        return await self._http.send(
             msg.method,
             msg.url,
-            content=item.body or None,
-            headers=delivery_headers(msg, item.retried, signature),
-        ) as resp:
-            body = await read_capped(resp, self.settings.response_body_max_bytes)
-            private = peer_is_private(resp)
-        headers: dict[str, list[str]] = {}
-        for name, value in resp.headers.multi_items():
-            headers.setdefault(canonical_header(name), []).append(value)
-        return AttemptResponse(
-            status=resp.status_code, headers=headers, body=body, private_peer=private
+            item.body or None,
+            delivery_headers(msg, item.retried, signature),
+            self.settings.response_body_max_bytes,
         )
 
     async def _deliver(self, item: Claimed) -> None:
