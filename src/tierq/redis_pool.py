@@ -39,7 +39,6 @@ from redis.driver_info import DriverInfo
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-
 DRIVER_INFO = DriverInfo(name="redis-py", lib_version=redis.__version__)
 
 
