@@ -20,7 +20,7 @@ from tierq.keys import AppKeys
 from tierq.observability.metrics import Metrics
 from tierq.providers.registry import ProviderRegistry
 from tierq.redis_cluster import cluster_client
-from tierq.redis_pool import LeanConnection, LeanPool
+from tierq.redis_pool import LeanConnection, LeanPool, LeanRedis
 from tierq.usage.ledger import Ledger
 
 
@@ -66,7 +66,7 @@ def redis_clients(settings: Settings) -> RedisClients:
         client_name=name,
     )
     return RedisClients(
-        commands=aioredis.Redis.from_pool(pool),  # the client owns (and closes) the pool
+        commands=LeanRedis.from_pool(pool),  # the client owns (and closes) the pool
         tails=aioredis.Redis.from_url(
             url,
             connection_class=LeanConnection,  # the hub's XREAD names every followed stream

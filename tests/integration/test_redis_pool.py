@@ -1,5 +1,7 @@
 """tierq's Redis pool (``tierq/redis_pool.py``) on a real Redis: the fast checkout keeps the
-stock pool's promises — a bound on connections, waiting for one, reconnecting a broken one."""
+stock pool's promises — a bound on connections, waiting for one, reconnecting a broken one —
+and the lean commands and pipelines give what redis-py's own give, fail as they fail and leave
+no connection out of step with its replies."""
 
 from __future__ import annotations
 
@@ -8,16 +10,31 @@ import time
 
 import pytest
 import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from tierq.redis_pool import LeanConnection, LeanPool
+from tierq.redis_pool import LeanConnection, LeanPipeline, LeanPool, LeanRedis
 
 
-def lean(redis_url: str, max_connections: int = 4, timeout: float = 5.0) -> aioredis.Redis:
+def lean(
+    redis_url: str,
+    max_connections: int = 4,
+    timeout: float = 5.0,
+    socket_timeout: float = 5.0,
+    retry: Retry | None = None,
+) -> aioredis.Redis:
+    options = {} if retry is None else {"retry": retry}
     pool = LeanPool.from_url(
-        redis_url, max_connections=max_connections, timeout=timeout, socket_timeout=5
+        redis_url,
+        max_connections=max_connections,
+        timeout=timeout,
+        socket_timeout=socket_timeout,
+        **options,
     )
-    return aioredis.Redis.from_pool(pool)
+    return LeanRedis.from_pool(pool)
 
 
 async def in_use(r: aioredis.Redis, count: int, within_s: float = 5.0) -> None:
@@ -131,3 +148,145 @@ def test_a_value_redis_py_refuses_is_still_refused() -> None:
 
     with pytest.raises(DataError):
         LeanConnection().pack_command("SET", "k", True)
+
+
+# -- lean pipelines and commands ----------------------------------------------------------------
+
+
+def _queue_mix(pipe: aioredis.client.Pipeline, sha: str) -> None:
+    pipe.delete("lp:h", "lp:z", "lp:s")
+    pipe.hset("lp:h", mapping={"a": "1", "b": "2"})
+    pipe.hgetall("lp:h")
+    pipe.get("lp:missing")
+    pipe.zadd("lp:z", {"m": 1.5})
+    pipe.zscore("lp:z", "m")
+    pipe.set("lp:s", "text")
+    pipe.incr("lp:s")  # an error reply in the middle
+    pipe.evalsha(sha, 1, "lp:h", "x")
+    pipe.exists("lp:h", "lp:z")
+
+
+async def test_a_lean_pipeline_answers_as_redis_pys_own(redis_url: str) -> None:
+    r = lean(redis_url)
+    stock = aioredis.Redis.from_url(redis_url)
+    try:
+        sha = await r.script_load("return {KEYS[1], ARGV[1]}")
+        answers = []
+        for client in (r, stock):
+            pipe = client.pipeline(transaction=False)
+            _queue_mix(pipe, sha)
+            answers.append(await pipe.execute(raise_on_error=False))
+        assert isinstance(r.pipeline(transaction=False), LeanPipeline)
+        mine, theirs = answers
+        assert [type(x) for x in mine] == [type(x) for x in theirs]
+        assert isinstance(mine[7], ResponseError)
+        # (the first DELETE found the keys the first run left: 0 vs 3)
+        assert [x for x in mine[1:] if not isinstance(x, Exception)] == [
+            x for x in theirs[1:] if not isinstance(x, Exception)
+        ]
+        assert mine[2] == {b"a": b"1", b"b": b"2"}
+        assert mine[5] == 1.5
+        assert mine[3] is None
+        pipe = r.pipeline(transaction=False)
+        _queue_mix(pipe, sha)
+        with pytest.raises(ResponseError):
+            await pipe.execute()  # raise_on_error: the first error reply
+        assert await r.get("lp:s") == b"text"  # the connection is still in step
+    finally:
+        await r.aclose()
+        await stock.aclose()
+
+
+async def test_a_lean_pipeline_that_times_out_leaves_no_reply_behind(redis_url: str) -> None:
+    r = lean(redis_url, max_connections=1, socket_timeout=0.3)
+    try:
+        await r.delete("lp:empty")
+        pipe = r.pipeline(transaction=False)
+        pipe.set("lp:t", "1")
+        pipe.blpop(["lp:empty"], timeout=2)  # outlasts the socket timeout
+        with pytest.raises(RedisTimeoutError):
+            await pipe.execute()
+        pusher = aioredis.Redis.from_url(redis_url)
+        try:
+            await pusher.rpush("lp:empty", "late")  # the abandoned BLPOP would take it
+        finally:
+            await pusher.aclose()
+        pipe = r.pipeline(transaction=False)
+        pipe.get("lp:t")
+        pipe.lrange("lp:empty", 0, -1)
+        assert await pipe.execute() == [b"1", [b"late"]]  # one connection: it is a fresh one
+    finally:
+        await r.aclose()
+
+
+async def test_a_cancelled_lean_pipeline_leaves_no_reply_behind(redis_url: str) -> None:
+    r = lean(redis_url, max_connections=1)
+    try:
+        await r.delete("lp:c")
+        pipe = r.pipeline(transaction=False)
+        pipe.blpop(["lp:c"], timeout=3)
+        task = asyncio.create_task(pipe.execute())
+        await in_use(r, 1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await r.rpush("lp:c", "v")
+        pipe = r.pipeline(transaction=False)
+        pipe.lrange("lp:c", 0, -1)
+        pipe.llen("lp:c")
+        assert await pipe.execute() == [[b"v"], 1]
+    finally:
+        await r.aclose()
+
+
+@pytest.mark.parametrize("how", ["pipeline", "command"])
+async def test_lean_calls_retry_a_connection_redis_dropped(redis_url: str, how: str) -> None:
+    """The retry policy still applies: the connection dies under a blocked call, which is sent
+    again on a new one and answers."""
+    r = lean(redis_url, max_connections=1, retry=Retry(NoBackoff(), 1))
+    admin = aioredis.Redis.from_url(redis_url)
+    try:
+        await r.delete("lp:r")
+        if how == "pipeline":
+            pipe = r.pipeline(transaction=False)
+            pipe.blpop(["lp:r"], timeout=5)
+            call = asyncio.create_task(pipe.execute())
+        else:
+            call = asyncio.create_task(r.blpop(["lp:r"], timeout=5))
+        deadline = time.monotonic() + 5
+        while not [c for c in await admin.client_list() if c.get("cmd") == "blpop"]:
+            assert time.monotonic() < deadline, "the call never blocked"
+            await asyncio.sleep(0.01)
+        victim = next(c for c in await admin.client_list() if c.get("cmd") == "blpop")
+        await admin.client_kill_filter(_id=victim["id"])
+        while not [
+            c
+            for c in await admin.client_list()
+            if c.get("cmd") == "blpop" and c["id"] != victim["id"]
+        ]:
+            assert time.monotonic() < deadline, "the call was not sent again"
+            await asyncio.sleep(0.01)
+        await admin.rpush("lp:r", "v")
+        answer = await asyncio.wait_for(call, 5)
+        assert answer == ([(b"lp:r", b"v")] if how == "pipeline" else (b"lp:r", b"v"))
+    finally:
+        await r.aclose()
+        await admin.aclose()
+
+
+async def test_lean_commands_answer_through_the_reply_callbacks(redis_url: str) -> None:
+    r = lean(redis_url)
+    try:
+        await r.delete("lc:h", "lc:z")
+        await r.hset("lc:h", mapping={"a": "1"})
+        await r.zadd("lc:z", {"m": 2.5})
+        assert await r.hgetall("lc:h") == {b"a": b"1"}
+        assert await r.zscore("lc:z", "m") == 2.5
+        assert await r.get("lc:missing") is None
+        assert await r.exists("lc:h") == 1
+        await r.set("lc:s", "text")
+        with pytest.raises(ResponseError):
+            await r.incr("lc:s")
+        assert await r.get("lc:s") == b"text"
+    finally:
+        await r.aclose()

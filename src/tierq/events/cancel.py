@@ -18,12 +18,15 @@ _RECONNECT_S = 1.0
 
 
 async def poll_cancel_flag(
-    jobs: JobStore, job_id: str, cancel: asyncio.Event, every_s: float
+    jobs: JobStore, job_id: str, cancel: asyncio.Event, every_s: float, first_s: float | None = None
 ) -> None:
     """A safety net beside the pub/sub signal (which a reconnect can miss): look at the job's
-    ``cancelRequested`` flag every ``every_s`` and set ``cancel`` when it is there."""
+    ``cancelRequested`` flag every ``every_s`` (the first time after ``first_s``, by default
+    ``every_s``) and set ``cancel`` when it is there."""
+    wait = every_s if first_s is None else first_s
     while not cancel.is_set():
-        await asyncio.sleep(every_s)
+        await asyncio.sleep(wait)
+        wait = every_s
         try:
             state = await jobs.state(job_id)
         except RedisError as exc:

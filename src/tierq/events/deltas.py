@@ -72,8 +72,13 @@ class DeltaBuffer:
         """Queue ``text`` for the next flush (at once when it is the job's first)."""
         if not text:
             return
-        if not self.parts:
-            self.first_ts = _now_ms()
+        if self.parts:  # marked already (by the add that began them): only size may matter
+            self.parts.append(text)
+            self.chars += len(text)
+            if self.chars >= self._writer.max_chars:
+                self._writer.mark(self, urgent=True)
+            return
+        self.first_ts = _now_ms()
         self.parts.append(text)
         self.chars += len(text)
         first = self.flushed == 0 and not self.inflight

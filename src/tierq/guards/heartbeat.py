@@ -22,9 +22,10 @@ async def heartbeat(
     ttl_s: float,
     every_s: float,
     on_lost: Callable[[str], None] | None = None,
+    first_s: float | None = None,
 ) -> None:
     """Renew every ``(key, holder)`` lease in ``held`` to ``ttl_s`` every ``every_s`` seconds
-    (the first renewal comes after one interval) until cancelled.
+    (the first renewal comes after ``first_s``, by default one interval) until cancelled.
 
     When a renewal reports a lease lost, ``on_lost(key)`` is called once for it (in this task;
     it must not raise) and that lease is no longer renewed; once every lease is lost the
@@ -34,8 +35,10 @@ async def heartbeat(
     if not 0 < every_s < ttl_s:
         raise ValueError(f"heartbeat needs 0 < every_s < ttl_s, got {every_s!r}, {ttl_s!r}")
     live = list(held)
+    wait = every_s if first_s is None else first_s
     while live:
-        await asyncio.sleep(every_s)
+        await asyncio.sleep(wait)
+        wait = every_s
         live = await _beat(leases, live, ttl_s, on_lost)
         raise_if_cancelled()  # cancelled at cleanup, even through redis-py
 

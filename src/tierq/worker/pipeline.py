@@ -287,10 +287,13 @@ async def _start(
     return _Run(number, now)
 
 
-async def _beat(rt: Runtime, job_id: str, every_s: float) -> None:
-    """Tell later deliveries this run is alive (``beatAt`` on the job record)."""
+async def _beat(rt: Runtime, job_id: str, every_s: float, first_s: float) -> None:
+    """Tell later deliveries this run is alive (``beatAt`` on the job record): after
+    ``first_s``, then every ``every_s``."""
+    wait = first_s
     while True:
-        await asyncio.sleep(every_s)
+        await asyncio.sleep(wait)
+        wait = every_s
         try:
             await rt.jobs.set_if_exists(job_id, {"beatAt": str(int(time.time() * 1000))})
         except UpstreamError as exc:
@@ -301,15 +304,22 @@ async def _beat(rt: Runtime, job_id: str, every_s: float) -> None:
 async def _execute(
     rt: Runtime, body: WorkerBody, run: _Run, held: list[tuple[str, str]], cancel: asyncio.Event
 ) -> Outcome:
-    """The model run, with its siblings: the lease heartbeat and the cancel-flag poll."""
+    """The model run, with its siblings: the lease heartbeat, the cancel-flag poll and the
+    run's beat. Each first acts one ``heartbeat_s`` into the run, so they are started only
+    then: a run shorter than that (most) never creates their three tasks."""
     every = rt.settings.heartbeat_s
-    siblings = [
-        asyncio.create_task(
-            heartbeat(rt.leases, held, rt.settings.lease_ttl_s, every, rt.metrics.lease_lost)
-        ),
-        asyncio.create_task(poll_cancel_flag(rt.jobs, body.job_id, cancel, every)),
-        asyncio.create_task(_beat(rt, body.job_id, every)),
-    ]
+    siblings: list[asyncio.Task[Any]] = []
+
+    def start_siblings() -> None:
+        siblings.extend([
+            asyncio.create_task(heartbeat(
+                rt.leases, held, rt.settings.lease_ttl_s, every, rt.metrics.lease_lost, first_s=0
+            )),
+            asyncio.create_task(poll_cancel_flag(rt.jobs, body.job_id, cancel, every, first_s=0)),
+            asyncio.create_task(_beat(rt, body.job_id, every, first_s=0)),
+        ])  # fmt: skip
+
+    later = asyncio.get_running_loop().call_later(every, start_siblings)
     try:
         attributes = {"tierq.job_id": body.job_id, "tierq.model": body.model_id,
                       "tierq.attempt": run.number}  # fmt: skip
@@ -317,8 +327,10 @@ async def _execute(
             outcome = await execute(rt, body, run.number, cancel)
             call.set_attribute("tierq.outcome", outcome.kind)
     finally:
+        later.cancel()
         for task in siblings:
             task.cancel()
-        await asyncio.gather(*siblings, return_exceptions=True)
+        if siblings:
+            await asyncio.gather(*siblings, return_exceptions=True)
     rt.metrics.run_time.labels(body.queue_id.value).observe(time.time() - run.started_ms / 1000)
     return outcome

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
 
-import redis.asyncio as aioredis
 import structlog
 import uvicorn
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -29,7 +28,7 @@ from tierq.broker.server.store import BrokerStore
 from tierq.config import BrokerSettings
 from tierq.errors import ClientError
 from tierq.observability.metrics import Metrics
-from tierq.redis_pool import LeanPool
+from tierq.redis_pool import LeanPool, LeanRedis
 
 log = structlog.get_logger("tierq.broker")
 
@@ -79,7 +78,7 @@ def create_broker_app(
             # reconnect and send once more (every script is safe to repeat; accept.lua notes how).
             retry=Retry(NoBackoff(), 1),
         )
-        client = aioredis.Redis.from_pool(pool)  # owns (and closes) the pool
+        client = LeanRedis.from_pool(pool)  # owns (and closes) the pool
         store = BrokerStore(client, settings)
         keyring = KeyRing(store, accounts)
         await keyring.load()
