@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import string
 import time
+from collections import Counter
 
 import jwt
 import pytest
@@ -15,6 +17,7 @@ from tierq.broker.server.signing import (
     TOKEN_LIFETIME_S,
     body_hash,
     new_signing_key,
+    random_id,
     sign,
     signature_claims,
 )
@@ -171,3 +174,16 @@ def test_receiver_rejects(
     receiver = Receiver(current_signing_key=CURRENT, next_signing_key=NEXT)
     with pytest.raises(SignatureError):
         receiver.verify(signature=token, body=verify_body, url=verify_url)
+
+
+def test_random_ids_are_letters_and_digits_drawn_evenly() -> None:
+    ids = [random_id("msg_") for _ in range(5000)]
+    assert len(set(ids)) == len(ids)
+    assert all(i.startswith("msg_") and len(i) == 4 + 24 and i[4:].isalnum() for i in ids)
+    counts = Counter("".join(i[4:] for i in ids))
+    assert set(counts) <= set(string.ascii_letters + string.digits)
+    assert len(counts) == 62
+    expected = 5000 * 24 / 62  # ~1935 each; a mapping with modulo bias would skew 8 of them
+    assert max(abs(n - expected) for n in counts.values()) < 0.12 * expected
+    assert random_id("sig_", 28)[4:].isalnum()
+    assert len(random_id("sig_", 28)) == 32

@@ -10,12 +10,14 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import sys
 from collections.abc import Iterable, Mapping, MutableMapping
 from typing import Any, TextIO
 
+import orjson
 import structlog
 
 from tierq.observability.tracing import add_trace_ids
@@ -50,12 +52,26 @@ class SecretMasker:
     def __call__(
         self, logger: Any, name: str, event_dict: MutableMapping[str, Any]
     ) -> MutableMapping[str, Any]:
-        for key in list(event_dict):
-            if key.lower() in SENSITIVE_KEYS:
+        secrets = self.secrets
+        for key, value in event_dict.items():  # values replaced in place, no key added
+            if key in SENSITIVE_KEYS or key.lower() in SENSITIVE_KEYS:
                 event_dict[key] = MASK
-            else:
-                event_dict[key] = self._clean(event_dict[key])
+            elif type(value) is str:  # the common case, without _clean's dispatch
+                if any(secret in value for secret in secrets):
+                    event_dict[key] = self._clean(value)
+            elif not isinstance(value, int | float | bool | type(None)):
+                event_dict[key] = self._clean(value)
         return event_dict
+
+
+def _json(obj: Any, **options: Any) -> str:
+    """structlog's JSON serializer: orjson (a fifth of json.dumps's time for a log line), the
+    standard library's for what orjson refuses (e.g. an int wider than 64 bits)."""
+    default = options.get("default")
+    try:
+        return orjson.dumps(obj, default=default, option=orjson.OPT_NON_STR_KEYS).decode()
+    except TypeError:
+        return json.dumps(obj, **options)
 
 
 def configure_logging(
@@ -68,7 +84,7 @@ def configure_logging(
 ) -> None:
     """Set up structlog and stdlib logging once per process (CLI entry points call this)."""
     renderer: Any = (
-        structlog.processors.JSONRenderer()
+        structlog.processors.JSONRenderer(serializer=_json)
         if json_output
         else structlog.dev.ConsoleRenderer(colors=False)
     )
