@@ -12,14 +12,18 @@ Which queue state wins (configuration, QStash, an operator's change) is decided 
 from __future__ import annotations
 
 import asyncio
+import urllib.request
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
+import aiohttp
 import httpx
 import orjson
 from qstash import AsyncQStash
 from qstash.errors import QStashError
-from qstash.message import BatchRequest
+from qstash.http import raise_for_non_ok_status
+from qstash.message import BatchRequest, parse_batch_response, prepare_batch_message_body
 
 from tierq.broker.qstash_api import (
     DLQ_PAGE_MAX,
@@ -50,7 +54,7 @@ MAX_BATCH = 100
 """Messages per QStash batch request at most."""
 MAX_SENDERS = 4
 """Batch requests in flight at once; publishes beyond them wait and go out together."""
-_FAILURES = (QStashError, httpx.HTTPError)
+_FAILURES = (QStashError, httpx.HTTPError, aiohttp.ClientError, TimeoutError)
 
 
 def qstash_client(settings: Settings) -> AsyncQStash:
@@ -62,12 +66,26 @@ def qstash_client(settings: Settings) -> AsyncQStash:
     return client
 
 
+def _env_proxy(url: str) -> str | None:
+    """The proxy the environment names for ``url`` (``HTTPS_PROXY``/``HTTP_PROXY``, not for
+    hosts in ``NO_PROXY``), as httpx would use it; ``None`` for none."""
+    parts = urlsplit(url)
+    if urllib.request.proxy_bypass(parts.hostname or ""):
+        return None
+    return urllib.request.getproxies().get(parts.scheme)
+
+
 class QStashGateway:
     """Publishing is a group commit through QStash's ``/v2/batch``: a publish goes out at once
     (no added latency) while fewer than :data:`MAX_SENDERS` requests are in flight; publishes
     that arrive while all are busy wait for one and then go out together in one request, each
     to its own queue. Under load that is one HTTP request (and one signed round trip in the
-    broker) for many jobs instead of one each."""
+    broker) for many jobs instead of one each.
+
+    The batch request is the SDK's own (its body, its error for a refused request, its reading
+    of the answer) sent over aiohttp instead of the SDK's httpx client: with a few requests in
+    flight httpx took ~1.2 ms of CPU per request on this project's 2-core machine, aiohttp
+    ~0.4 ms, and the publish is on every job's path. Everything else goes through the SDK."""
 
     def __init__(self, qstash: AsyncQStash, settings: Settings) -> None:
         self._qstash = qstash
@@ -79,6 +97,9 @@ class QStashGateway:
         self._waiting: list[tuple[BatchRequest, asyncio.Future[str]]] = []
         self._senders: set[asyncio.Task[None]] = set()
         self.requests = 0  # publish HTTP requests made (for tests and metrics)
+        self._batch_url = self._base_url + "/v2/batch"
+        self._proxy = _env_proxy(self._batch_url)
+        self._session: aiohttp.ClientSession | None = None  # made on first use, in the loop
 
     async def publish(self, body: WorkerBody, url: str) -> str:
         """Enqueue one job into its named queue; returns the QStash message id."""
@@ -140,7 +161,27 @@ class QStashGateway:
 
     async def _send(self, requests: list[BatchRequest]) -> list[str]:
         self.requests += 1
-        replies = await self._qstash.message.batch(requests)
+        session = self._session
+        if session is None or session.closed:
+            session = self._session = aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(
+                    limit=2 * MAX_SENDERS, ssl=httpx.create_ssl_context()
+                ),
+                timeout=aiohttp.ClientTimeout(total=self.settings.qstash_timeout_s),
+                cookie_jar=aiohttp.DummyCookieJar(),
+            )
+        async with session.post(
+            self._batch_url,
+            data=prepare_batch_message_body(requests).encode(),
+            headers={**self._auth, "Content-Type": "application/json"},
+            proxy=self._proxy,
+        ) as res:
+            content = await res.read()
+            if not 200 <= res.status < 300:  # the SDK's own error (429s told apart)
+                raise_for_non_ok_status(
+                    httpx.Response(res.status, headers=list(res.headers.items()), content=content)
+                )
+        replies = parse_batch_response(orjson.loads(content))
         return [str(reply.message_id) for reply in replies]  # type: ignore[union-attr]
 
     async def cancel(self, message_id: str) -> None:
@@ -233,7 +274,9 @@ class QStashGateway:
             raise UpstreamError(f"{what}: {exc}") from exc
 
     async def aclose(self) -> None:
-        """Close the HTTP client (the SDK never closes its own)."""
+        """Close the HTTP clients (the SDK never closes its own)."""
+        if self._session is not None:
+            await self._session.close()
         await self._http.aclose()
 
     # -- the dead-letter queue (QStash's REST API) -------------------------------------------
