@@ -1,7 +1,12 @@
 """Which URLs the broker delivers to: syntax, the allow-list, and what counts as private.
 
-Pure: no I/O. A destination is parsed once with httpx (the client that will deliver it), so
-what is checked here is exactly what would be requested.
+Pure: no I/O. A destination is parsed with httpx (its rules decide what is valid) and must
+read the same — scheme, host and port — to yarl, the parser of aiohttp, which delivers: so what
+is checked here (allow-list, private addresses) is exactly what will be requested. The two
+disagree only on URLs whose authority is ambiguous (a backslash or a second ``@`` in it, a
+bracketed address in the user part...), where httpx picks a host and yarl refuses the URL;
+such a URL is refused at publish (tested over a generated corpus of such tricks:
+``tests/unit/test_destinations.py``).
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from dataclasses import dataclass
 from urllib.parse import unquote
 
 import httpx
+import yarl
 
 from tierq.errors import TierqError
 
@@ -54,7 +60,21 @@ def parse_url(url: str) -> httpx.URL:
         raise InvalidDestinationError(f"invalid host {host!r}")
     if parsed.port is not None and not 0 < parsed.port < 65536:
         raise InvalidDestinationError(f"invalid port {parsed.port}")
+    if _as_delivered(url) != (parsed.scheme, _normal_host(host), _port(parsed)):
+        raise InvalidDestinationError("ambiguous host: HTTP clients read this url differently")
     return parsed
+
+
+def _as_delivered(url: str) -> tuple[str, str, int] | None:
+    """Scheme, host and port as aiohttp (yarl) reads ``url``; ``None`` when it refuses it."""
+    try:
+        sent = yarl.URL(url)
+    except ValueError:
+        return None
+    host = sent.raw_host
+    if host is None or sent.port is None:
+        return None
+    return sent.scheme, _normal_host(host), sent.port
 
 
 def _port(url: httpx.URL) -> int:
