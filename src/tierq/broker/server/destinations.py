@@ -11,6 +11,7 @@ such a URL is refused at publish (tested over a generated corpus of such tricks:
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 from collections.abc import Iterable
@@ -45,8 +46,11 @@ def valid_host(host: str) -> bool:
     return 0 < len(name) <= 253 and all(_LABEL.fullmatch(label) for label in name.split("."))
 
 
+@functools.lru_cache(maxsize=4096)
 def parse_url(url: str) -> httpx.URL:
-    """The URL as httpx will request it; :class:`InvalidDestinationError` when it cannot be."""
+    """The URL as httpx reads it; :class:`InvalidDestinationError` when it cannot be delivered
+    to. Cached (a publish checks its URL twice: syntax, then the allow-list; a URL is immutable,
+    and a refused one is not cached)."""
     if any(ord(c) <= 0x20 or ord(c) == 0x7F for c in url):
         raise InvalidDestinationError("control characters or spaces in the url")
     try:
