@@ -4,6 +4,7 @@ what is delivered, deduplication, and every failure becoming ``UpstreamError``."
 from __future__ import annotations
 
 import asyncio
+import gzip
 import json
 import socket
 
@@ -87,3 +88,54 @@ def test_proxies_come_from_the_environment_unless_bypassed(
     assert _env_proxy("https://qstash.upstash.io/v2/batch") == "http://proxy.internal:3128"
     monkeypatch.setenv("NO_PROXY", "qstash.upstash.io")
     assert _env_proxy("https://qstash.upstash.io/v2/batch") is None
+
+
+async def raw_server(answer: bytes) -> asyncio.Server:
+    """An HTTP server that answers every request with ``answer`` (raw bytes)."""
+
+    async def reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = (await reader.readuntil(b"\r\n\r\n")).decode()
+        length = next(
+            (int(line.split(":")[1]) for line in head.split("\r\n")
+             if line.lower().startswith("content-length:")),
+            0,
+        )  # fmt: skip
+        await reader.readexactly(length)
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    return await asyncio.start_server(reply, "127.0.0.1", 0)
+
+
+@pytest.mark.parametrize(
+    ("answer", "told"),
+    [
+        # a redirect is refused, not followed (the SDK's client does not follow them either)
+        (b"HTTP/1.1 307 Temporary Redirect\r\nLocation: http://127.0.0.1:9/v2/batch\r\n"
+         b"Content-Length: 0\r\n\r\n", "307"),
+        # a compressed error body is read once: its status and text reach the error
+        (b"HTTP/1.1 500 Internal Server Error\r\nContent-Encoding: gzip\r\nContent-Length: "
+         + str(len(gzip.compress(b"boom inside"))).encode() + b"\r\n\r\n"
+         + gzip.compress(b"boom inside"), "boom inside"),
+    ],
+)  # fmt: skip
+async def test_a_qstash_that_answers_oddly_is_an_upstream_error(answer: bytes, told: str) -> None:
+    srv = await raw_server(answer)
+    port = srv.sockets[0].getsockname()[1]
+    gw = gateway(f"http://127.0.0.1:{port}", "token")
+    try:
+        with pytest.raises(UpstreamError, match=told):
+            await gw.publish_raw("q_gw", "http://127.0.0.1:9/x", "{}", 0)
+    finally:
+        await gw.aclose()
+        srv.close()
+        await srv.wait_closed()
+
+
+async def test_a_closed_gateway_publishes_nothing(broker: Broker) -> None:
+    gw = gateway(broker.url, broker.token)
+    await gw.aclose()
+    with pytest.raises(UpstreamError, match="closed"):
+        await gw.publish_raw("q_gw", "http://127.0.0.1:9/x", "{}", 0)
+    assert gw._session is None  # nothing opened after close

@@ -6,6 +6,7 @@ no connection out of step with its replies."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import time
 
 import pytest
@@ -288,5 +289,26 @@ async def test_lean_commands_answer_through_the_reply_callbacks(redis_url: str) 
         with pytest.raises(ResponseError):
             await r.incr("lc:s")
         assert await r.get("lc:s") == b"text"
+    finally:
+        await r.aclose()
+
+
+async def test_a_socket_timeout_mid_pipeline_raises_and_answers_nothing(redis_url: str) -> None:
+    """A read that fails with ETIMEDOUT (a TimeoutError since Python 3.11) must fail the batch
+    as redis-py does, never turn the replies still to come into ``None``s."""
+    r = lean(redis_url, max_connections=1)
+    try:
+        await r.set("lp:to", "v")
+        await r.delete("lp:none")
+        connection = r.connection_pool._available_connections[-1]
+        pipe = r.pipeline(transaction=False)
+        pipe.blpop(["lp:none"], timeout=2)
+        pipe.get("lp:to")
+        task = asyncio.create_task(pipe.execute())
+        await in_use(r, 1)
+        connection._reader.set_exception(TimeoutError(errno.ETIMEDOUT, "Connection timed out"))
+        with pytest.raises(RedisTimeoutError):
+            await asyncio.wait_for(task, 5)
+        assert await r.get("lp:to") == b"v"  # and the next call is in step again
     finally:
         await r.aclose()

@@ -55,6 +55,7 @@ MAX_BATCH = 100
 MAX_SENDERS = 4
 """Batch requests in flight at once; publishes beyond them wait and go out together."""
 _FAILURES = (QStashError, httpx.HTTPError, aiohttp.ClientError, TimeoutError)
+_DECODED = frozenset({"content-encoding", "content-length", "transfer-encoding"})
 
 
 def qstash_client(settings: Settings) -> AsyncQStash:
@@ -100,6 +101,7 @@ class QStashGateway:
         self._batch_url = self._base_url + "/v2/batch"
         self._proxy = _env_proxy(self._batch_url)
         self._session: aiohttp.ClientSession | None = None  # made on first use, in the loop
+        self._closed = False
 
     async def publish(self, body: WorkerBody, url: str) -> str:
         """Enqueue one job into its named queue; returns the QStash message id."""
@@ -161,6 +163,8 @@ class QStashGateway:
 
     async def _send(self, requests: list[BatchRequest]) -> list[str]:
         self.requests += 1
+        if self._closed:
+            raise UpstreamError("qstash publish failed: the gateway is closed")
         session = self._session
         if session is None or session.closed:
             session = self._session = aiohttp.ClientSession(
@@ -175,11 +179,15 @@ class QStashGateway:
             data=prepare_batch_message_body(requests).encode(),
             headers={**self._auth, "Content-Type": "application/json"},
             proxy=self._proxy,
+            allow_redirects=False,  # as the SDK's client: a redirect is an error, not a GET
         ) as res:
             content = await res.read()
             if not 200 <= res.status < 300:  # the SDK's own error (429s told apart)
+                headers = [  # the body is decoded already: httpx must not decode it again
+                    (k, v) for k, v in res.headers.items() if k.lower() not in _DECODED
+                ]
                 raise_for_non_ok_status(
-                    httpx.Response(res.status, headers=list(res.headers.items()), content=content)
+                    httpx.Response(res.status, headers=headers, content=content)
                 )
         replies = parse_batch_response(orjson.loads(content))
         return [str(reply.message_id) for reply in replies]  # type: ignore[union-attr]
@@ -274,7 +282,8 @@ class QStashGateway:
             raise UpstreamError(f"{what}: {exc}") from exc
 
     async def aclose(self) -> None:
-        """Close the HTTP clients (the SDK never closes its own)."""
+        """Close the HTTP clients (the SDK never closes its own); later publishes fail."""
+        self._closed = True
         if self._session is not None:
             await self._session.close()
         await self._http.aclose()

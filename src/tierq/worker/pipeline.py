@@ -310,14 +310,23 @@ async def _execute(
     every = rt.settings.heartbeat_s
     siblings: list[asyncio.Task[Any]] = []
 
-    def start_siblings() -> None:
-        siblings.extend([
-            asyncio.create_task(heartbeat(
-                rt.leases, held, rt.settings.lease_ttl_s, every, rt.metrics.lease_lost, first_s=0
-            )),
-            asyncio.create_task(poll_cancel_flag(rt.jobs, body.job_id, cancel, every, first_s=0)),
-            asyncio.create_task(_beat(rt, body.job_id, every, first_s=0)),
-        ])  # fmt: skip
+    def start_siblings() -> None:  # each kept as soon as made: the finally below stops it
+        siblings.append(
+            asyncio.create_task(
+                heartbeat(
+                    rt.leases,
+                    held,
+                    rt.settings.lease_ttl_s,
+                    every,
+                    rt.metrics.lease_lost,
+                    first_s=0,
+                )
+            )
+        )
+        siblings.append(
+            asyncio.create_task(poll_cancel_flag(rt.jobs, body.job_id, cancel, every, first_s=0))
+        )
+        siblings.append(asyncio.create_task(_beat(rt, body.job_id, every, first_s=0)))  # fmt: skip
 
     later = asyncio.get_running_loop().call_later(every, start_siblings)
     try:

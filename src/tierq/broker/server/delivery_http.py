@@ -35,6 +35,14 @@ from tierq.broker.server.requests import canonical_header
 _NO_AUTO = frozenset({"Content-Type"})
 """aiohttp labels a bytes body ``application/octet-stream`` unless told not to; a message's
 own ``Content-Type`` (a header it was published with) still goes out."""
+MAX_HEADER_BYTES = 128 * 1024
+"""Longest response header line or field accepted (aiohttp's default, 8,190, would fail an
+attempt the destination accepted, e.g. with a long ``Content-Security-Policy``: the message
+would be delivered again; httpx took ~100 KiB)."""
+
+
+class ConnectTimeout(Exception):
+    """No connection within the connect timeout (told apart from the message's own timeout)."""
 
 
 class DeliveryClient:
@@ -49,6 +57,8 @@ class DeliveryClient:
             ),
             cookie_jar=aiohttp.DummyCookieJar(),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=connect_timeout_s),
+            max_line_size=MAX_HEADER_BYTES,
+            max_field_size=MAX_HEADER_BYTES,
             trust_env=False,  # see the module doc
             auto_decompress=True,
         )
@@ -64,32 +74,47 @@ class DeliveryClient:
         """One attempt: the answer's status, headers and at most ``cap`` bytes of its body.
         Raises what aiohttp raises (no answer, a refused URL): the caller records it as an
         attempt without an answer."""
-        async with self._session.request(
-            method,
-            url,
-            data=body or None,
-            headers=list(headers),
-            allow_redirects=False,
-            skip_auto_headers=_NO_AUTO,
-        ) as resp:
-            private = _peer_is_private(resp)
-            content = await _read_capped(resp.content, cap)
-            out: dict[str, list[str]] = {}
-            for raw_name, raw_value in resp.raw_headers:
-                name = canonical_header(raw_name.decode("latin-1"))
-                out.setdefault(name, []).append(raw_value.decode("latin-1"))
-            return AttemptResponse(
-                status=resp.status, headers=out, body=content, private_peer=private
-            )
+        try:
+            async with self._session.request(
+                method,
+                url,
+                data=body or None,
+                headers=list(headers),
+                allow_redirects=False,
+                skip_auto_headers=_NO_AUTO,
+            ) as resp:
+                private = _peer_is_private(resp)
+                content = await _read_capped(resp.content, cap)
+                out: dict[str, list[str]] = {}
+                for raw_name, raw_value in resp.raw_headers:
+                    name = canonical_header(raw_name.decode("latin-1"))
+                    out.setdefault(name, []).append(_header_value(raw_value))
+                return AttemptResponse(
+                    status=resp.status, headers=out, body=content, private_peer=private
+                )
+        except aiohttp.ServerTimeoutError as exc:  # the connect timeout, not the message's own
+            raise ConnectTimeout(str(exc) or "no connection in time") from None
 
     async def close(self) -> None:
         await self._session.close()
 
 
+def _header_value(raw: bytes) -> str:
+    """A response header value as httpx decoded it: UTF-8 when it is, else Latin-1."""
+    try:
+        return raw.decode()
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
 def _peer_is_private(resp: aiohttp.ClientResponse) -> bool:
-    """Whether the answer came from a non-global address; unknown counts as private."""
-    connection = resp.connection
-    transport = connection.transport if connection is not None else None
+    """Whether the answer came from a non-global address; unknown counts as private. Read off
+    the response's protocol: aiohttp hands the connection back to its pool (``resp.connection``
+    is ``None``) as soon as a small body has arrived, but the protocol keeps its transport."""
+    protocol = getattr(resp, "_protocol", None)
+    transport = getattr(protocol, "transport", None)
+    if transport is None and resp.connection is not None:
+        transport = resp.connection.transport
     addr = transport.get_extra_info("peername") if transport is not None else None
     if not isinstance(addr, tuple) or not addr:
         return True

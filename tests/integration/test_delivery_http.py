@@ -1,0 +1,85 @@
+"""The broker's delivery client (aiohttp) against a real HTTP server answering raw bytes: what a
+delivery reports of the answer, as the httpx client it replaced did."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+
+import pytest
+
+from tierq.broker.server import delivery_http
+from tierq.broker.server.delivery_http import DeliveryClient
+
+ANSWERS = {
+    "small": b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello",
+    "empty": b"HTTP/1.1 204 No Content\r\n\r\n",
+    "long-header": b"HTTP/1.1 200 OK\r\nContent-Security-Policy: "
+    + b"a" * 9000
+    + b"\r\nContent-Length: 2\r\n\r\nok",
+    "utf8": "HTTP/1.1 200 OK\r\nX-Name: caf\u00e9\r\nContent-Length: 0\r\n\r\n".encode(),
+    "big": b"HTTP/1.1 200 OK\r\nContent-Length: 300000\r\n\r\n" + b"x" * 300000,
+}
+
+
+@pytest.fixture
+async def server() -> AsyncIterator[str]:
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = (await reader.readuntil(b"\r\n\r\n")).decode()
+                length = next(
+                    (int(line.split(":")[1]) for line in head.split("\r\n")
+                     if line.lower().startswith("content-length:")),
+                    0,
+                )  # fmt: skip
+                await reader.readexactly(length)
+                writer.write(ANSWERS[head.split(" ")[1].strip("/")])
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    srv = await asyncio.start_server(answer, "127.0.0.1", 0)
+    port = srv.sockets[0].getsockname()[1]
+    yield f"http://127.0.0.1:{port}"
+    srv.close()
+    await srv.wait_closed()
+
+
+@pytest.mark.parametrize("path", ["small", "empty", "big"])
+async def test_the_peer_address_is_known_however_small_the_answer(
+    server: str, path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """aiohttp hands a connection back as soon as a small body arrived; the peer must still be
+    judged by its address, not taken for unknown (private): here every address counts as
+    public, so ``private_peer`` must be False."""
+    monkeypatch.setattr(delivery_http, "is_private_address", lambda host: False)
+    client = DeliveryClient(4)
+    try:
+        got = await client.send("POST", f"{server}/{path}", b"{}", [("User-Agent", "t")], 1000)
+        assert got.private_peer is False
+        assert got.status in (200, 204)
+        assert len(got.body) == {"small": 5, "empty": 0, "big": 1000}[path]  # capped at 1000
+    finally:
+        await client.close()
+
+
+async def test_loopback_counts_as_private(server: str) -> None:
+    client = DeliveryClient(4)
+    try:
+        got = await client.send("POST", f"{server}/small", b"{}", [], 1000)
+        assert got.private_peer is True
+    finally:
+        await client.close()
+
+
+async def test_long_and_non_ascii_response_headers_are_read(server: str) -> None:
+    client = DeliveryClient(4)
+    try:
+        got = await client.send("POST", f"{server}/long-header", b"{}", [], 1000)
+        assert got.status == 200
+        assert len(got.headers["Content-Security-Policy"][0]) == 9000
+        got = await client.send("POST", f"{server}/utf8", b"{}", [], 1000)
+        assert got.headers["X-Name"] == ["caf\u00e9"]
+    finally:
+        await client.close()
