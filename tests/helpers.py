@@ -270,3 +270,28 @@ def most_at_once(intervals: list[tuple[int, int]]) -> int:
         running += step
         most = max(most, running)
     return most
+
+
+async def raw_http_server(answer: Callable[[str], bytes]) -> asyncio.Server:
+    """An HTTP/1.1 server on a free loopback port that reads each request (head and a
+    ``Content-Length`` body) and writes ``answer(path)`` back as raw bytes, keeping the
+    connection open until the client closes it. For answers no framework would write."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                head = (await reader.readuntil(b"\r\n\r\n")).decode("latin-1")
+                length = next(
+                    (int(line.split(":", 1)[1]) for line in head.split("\r\n")
+                     if line.lower().startswith("content-length:")),
+                    0,
+                )  # fmt: skip
+                await reader.readexactly(length)
+                writer.write(answer(head.split(" ")[1]))
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    return await asyncio.start_server(serve, "127.0.0.1", 0)

@@ -3,11 +3,11 @@ delivery reports of the answer, as the httpx client it replaced did."""
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 
 import pytest
 
+from helpers import raw_http_server
 from tierq.broker.server import delivery_http
 from tierq.broker.server.delivery_http import DeliveryClient
 
@@ -24,22 +24,7 @@ ANSWERS = {
 
 @pytest.fixture
 async def server() -> AsyncIterator[str]:
-    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        try:
-            while True:
-                head = (await reader.readuntil(b"\r\n\r\n")).decode()
-                length = next(
-                    (int(line.split(":")[1]) for line in head.split("\r\n")
-                     if line.lower().startswith("content-length:")),
-                    0,
-                )  # fmt: skip
-                await reader.readexactly(length)
-                writer.write(ANSWERS[head.split(" ")[1].strip("/")])
-                await writer.drain()
-        except (asyncio.IncompleteReadError, ConnectionError):
-            writer.close()
-
-    srv = await asyncio.start_server(answer, "127.0.0.1", 0)
+    srv = await raw_http_server(lambda path: ANSWERS[path.strip("/")])
     port = srv.sockets[0].getsockname()[1]
     yield f"http://127.0.0.1:{port}"
     srv.close()

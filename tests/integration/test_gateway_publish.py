@@ -11,7 +11,7 @@ import socket
 import pytest
 
 from brokers import Broker
-from helpers import Destination, wait_until
+from helpers import Destination, raw_http_server, wait_until
 from tierq.broker.client import QStashGateway, _env_proxy, qstash_client
 from tierq.config import Settings
 from tierq.errors import UpstreamError
@@ -90,24 +90,6 @@ def test_proxies_come_from_the_environment_unless_bypassed(
     assert _env_proxy("https://qstash.upstash.io/v2/batch") is None
 
 
-async def raw_server(answer: bytes) -> asyncio.Server:
-    """An HTTP server that answers every request with ``answer`` (raw bytes)."""
-
-    async def reply(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = (await reader.readuntil(b"\r\n\r\n")).decode()
-        length = next(
-            (int(line.split(":")[1]) for line in head.split("\r\n")
-             if line.lower().startswith("content-length:")),
-            0,
-        )  # fmt: skip
-        await reader.readexactly(length)
-        writer.write(answer)
-        await writer.drain()
-        writer.close()
-
-    return await asyncio.start_server(reply, "127.0.0.1", 0)
-
-
 @pytest.mark.parametrize(
     ("answer", "told"),
     [
@@ -121,7 +103,7 @@ async def raw_server(answer: bytes) -> asyncio.Server:
     ],
 )  # fmt: skip
 async def test_a_qstash_that_answers_oddly_is_an_upstream_error(answer: bytes, told: str) -> None:
-    srv = await raw_server(answer)
+    srv = await raw_http_server(lambda path: answer)
     port = srv.sockets[0].getsockname()[1]
     gw = gateway(f"http://127.0.0.1:{port}", "token")
     try:
