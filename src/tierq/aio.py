@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 
 
 def raise_if_cancelled() -> None:
@@ -17,6 +17,16 @@ def raise_if_cancelled() -> None:
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError
+
+
+async def ticks(every_s: float, first_s: float | None = None) -> AsyncIterator[None]:
+    """Yield every ``every_s`` seconds for ever, the first time after ``first_s`` (by default
+    one interval): the rhythm of a periodic task."""
+    wait = every_s if first_s is None else first_s
+    while True:
+        await asyncio.sleep(wait)
+        wait = every_s
+        yield
 
 
 TIMER_SLACK_S = 0.001

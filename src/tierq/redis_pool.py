@@ -41,8 +41,8 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-from collections.abc import Iterable
-from typing import Any, cast
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, TypeVar, cast
 
 import redis
 from hiredis import pack_command as _pack
@@ -54,6 +54,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+T = TypeVar("T")
 DRIVER_INFO = DriverInfo(name="redis-py", lib_version=redis.__version__)
 
 
@@ -183,27 +184,16 @@ class LeanPipeline(Pipeline):
             or self.connection is not None
             or not isinstance(pool, LeanPool)
             or any(args[0] in _STATEFUL for args, _ in stack)
+            or _himport_in_use(pool)
         ):
             return await super().execute(raise_on_error)
-        connection = cast(LeanConnection, await pool.get_connection())
-        registry = getattr(connection, "himport_registry", None)
-        if registry is not None and registry.revision:  # HIMPORT in use: redis-py's own path
-            await pool.release(connection)
-            return await super().execute(raise_on_error)
-
-        async def failed(error: Exception) -> None:
-            await connection.disconnect()
-
         try:
-            return await connection.retry.call_with_retry(
-                lambda: self._round_trip(connection, stack, raise_on_error), failed
+            return await _on_connection(
+                pool, lambda connection: self._round_trip(connection, stack, raise_on_error)
             )
         finally:
             self.command_stack = []
             self.scripts = set()
-            if not pool.release_now(connection):
-                # as redis-py does: a second cancel must not split the pool's bookkeeping
-                await asyncio.shield(pool.release(connection))
 
     async def _round_trip(
         self, connection: LeanConnection, stack: list[Any], raise_on_error: bool
@@ -234,6 +224,30 @@ class LeanPipeline(Pipeline):
         return reply if callback is None else callback(reply, **options)
 
 
+async def _on_connection(pool: LeanPool, do: Callable[[LeanConnection], Awaitable[T]]) -> T:
+    """``do(connection)`` on a connection of ``pool``, under the connection's retry policy (a
+    failed try drops the connection; the next one connects again), the connection back in the
+    pool whatever happens."""
+    connection = cast(LeanConnection, await pool.get_connection())
+
+    async def failed(error: Exception) -> None:
+        await connection.disconnect()
+
+    try:
+        return await connection.retry.call_with_retry(lambda: do(connection), failed)
+    finally:
+        if not pool.release_now(connection):
+            # as redis-py's pipelines do: a second cancel must not split the pool's bookkeeping
+            await asyncio.shield(pool.release(connection))
+
+
+def _himport_in_use(pool: LeanPool) -> bool:
+    """Whether an ``HIMPORT`` fieldset was ever prepared on ``pool``: redis-py's own path
+    then (it prepares fieldsets per connection)."""
+    registry = getattr(pool, "himport_registry", None)
+    return registry is not None and bool(registry.revision)
+
+
 _NOT_FOR_CALLBACKS = frozenset({EMPTY_RESPONSE, NEVER_DECODE, "keys"})
 _STATEFUL = frozenset({"WATCH", "UNWATCH", "MULTI", "EXEC", "DISCARD"})
 """Commands that change a connection's state: redis-py's own path tracks them."""
@@ -254,19 +268,12 @@ class LeanRedis(Redis):
             or (isinstance(name, str) and name.upper().startswith("HIMPORT"))
         ):
             return await super().execute_command(*args, **options)  # type: ignore[no-untyped-call]
-        connection = cast(LeanConnection, await pool.get_connection())
 
-        async def failed(error: Exception) -> None:
-            await connection.disconnect()
-
-        async def once() -> Any:
+        async def once(connection: LeanConnection) -> Any:
             await connection.send_packed_command(connection.pack_command(*args), check_health=False)
             return await self.parse_response(connection, name, **options)
 
-        try:
-            return await connection.retry.call_with_retry(once, failed)
-        finally:
-            await pool.release(connection)
+        return await _on_connection(pool, once)
 
     def pipeline(self, transaction: bool = True, shard_hint: str | None = None) -> Pipeline:
         cls = Pipeline if transaction else LeanPipeline

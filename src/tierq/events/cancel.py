@@ -10,7 +10,7 @@ import redis.asyncio as aioredis
 import structlog
 from redis.exceptions import RedisClusterException, RedisError
 
-from tierq.aio import raise_if_cancelled
+from tierq.aio import raise_if_cancelled, ticks
 from tierq.events.log import JobStore
 
 log = structlog.get_logger("tierq.worker")
@@ -23,18 +23,19 @@ async def poll_cancel_flag(
     """A safety net beside the pub/sub signal (which a reconnect can miss): look at the job's
     ``cancelRequested`` flag every ``every_s`` (the first time after ``first_s``, by default
     ``every_s``) and set ``cancel`` when it is there."""
-    wait = every_s if first_s is None else first_s
-    while not cancel.is_set():
-        await asyncio.sleep(wait)
-        wait = every_s
+    if cancel.is_set():
+        return
+    async for _ in ticks(every_s, first_s):
         try:
             state = await jobs.state(job_id)
         except RedisError as exc:
             log.warning("cancel_poll.failed", error=str(exc))
-            continue
-        raise_if_cancelled()  # stopped at cleanup even if redis-py swallowed the cancel
-        if state is not None and state.cancel_requested:
-            cancel.set()
+        else:
+            raise_if_cancelled()  # stopped at cleanup even if redis-py swallowed the cancel
+            if state is not None and state.cancel_requested:
+                cancel.set()
+        if cancel.is_set():
+            return
 
 
 class CancelHub:

@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import structlog
 
-from tierq.aio import raise_if_cancelled
+from tierq.aio import raise_if_cancelled, ticks
 from tierq.errors import UpstreamError
 from tierq.guards.leases import Leases
 
@@ -35,12 +35,13 @@ async def heartbeat(
     if not 0 < every_s < ttl_s:
         raise ValueError(f"heartbeat needs 0 < every_s < ttl_s, got {every_s!r}, {ttl_s!r}")
     live = list(held)
-    wait = every_s if first_s is None else first_s
-    while live:
-        await asyncio.sleep(wait)
-        wait = every_s
+    if not live:
+        return
+    async for _ in ticks(every_s, first_s):
         live = await _beat(leases, live, ttl_s, on_lost)
         raise_if_cancelled()  # cancelled at cleanup, even through redis-py
+        if not live:
+            return
 
 
 async def _beat(

@@ -16,7 +16,7 @@ from typing import Any
 import structlog
 from opentelemetry.trace import SpanKind
 
-from tierq.aio import raise_if_cancelled
+from tierq.aio import raise_if_cancelled, ticks
 from tierq.contracts import Started, WorkerBody
 from tierq.errors import UpstreamError
 from tierq.events.cancel import poll_cancel_flag
@@ -290,10 +290,7 @@ async def _start(
 async def _beat(rt: Runtime, job_id: str, every_s: float, first_s: float) -> None:
     """Tell later deliveries this run is alive (``beatAt`` on the job record): after
     ``first_s``, then every ``every_s``."""
-    wait = first_s
-    while True:
-        await asyncio.sleep(wait)
-        wait = every_s
+    async for _ in ticks(every_s, first_s):
         try:
             await rt.jobs.set_if_exists(job_id, {"beatAt": str(int(time.time() * 1000))})
         except UpstreamError as exc:
