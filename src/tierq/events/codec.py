@@ -17,19 +17,31 @@ PING = b": ping\n\n"
 """An SSE comment: keeps proxies and the browser from timing the connection out."""
 
 
+def delta_data(job_id: str, ts: int, text: str) -> dict[str, Any]:
+    """A ``delta`` event's fields, but its ``seq`` (the append script gives it)."""
+    return {"jobId": job_id, "ts": ts, "type": "delta", "text": text}
+
+
+def prefix_of(data: dict[str, Any]) -> bytes:
+    """An event as the append scripts take it: JSON without ``seq`` and without its closing
+    brace (the script adds both)."""
+    return orjson.dumps(data)[:-1]
+
+
 def delta_prefix(job_id: str, ts: int, text: str) -> bytes:
-    """A ``delta`` event as the append scripts take it: JSON without ``seq`` and without its
-    closing brace (the script adds both)."""
-    return orjson.dumps({"jobId": job_id, "ts": ts, "type": "delta", "text": text})[:-1]
+    """A ``delta`` event as the append scripts take it (see :func:`prefix_of`)."""
+    return prefix_of(delta_data(job_id, ts, text))
 
 
 @dataclass(frozen=True, slots=True)
 class Entry:
-    """One entry of a job's event log, parsed once (``data``) for whoever follows it."""
+    """One entry of a job's event log, parsed once (``data``, and its id as ``pos``) for
+    every follower of it."""
 
     id: str
     raw: str
     data: dict[str, Any]
+    pos: tuple[int, int]  # stream_id(id): comparable
 
     @property
     def type(self) -> str:
@@ -46,7 +58,14 @@ class Entry:
 
 
 def entry(entry_id: str, raw: str) -> Entry:
-    return Entry(entry_id, raw, orjson.loads(raw))
+    return Entry(entry_id, raw, orjson.loads(raw), stream_id(entry_id))
+
+
+def delta_entry(entry_id: str, prefix: bytes, seq: int, data: dict[str, Any]) -> Entry:
+    """The entry of a ``delta`` this process just wrote (``prefix``: what
+    :func:`delta_prefix` made of ``data``), without parsing the JSON it built itself."""
+    data["seq"] = seq
+    return Entry(entry_id, f'{prefix.decode()},"seq":{seq}}}', data, stream_id(entry_id))
 
 
 def delta_of(item: Entry) -> tuple[str, str]:

@@ -24,7 +24,6 @@ fails fails only its own jobs' buffers.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Sequence
 from importlib import resources
@@ -36,7 +35,7 @@ from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from tierq.aio import raise_if_cancelled
 from tierq.errors import UpstreamError
-from tierq.events.codec import delta_prefix
+from tierq.events.codec import delta_data, delta_entry, prefix_of
 from tierq.events.log import JobStore, Written, written
 
 if TYPE_CHECKING:
@@ -47,6 +46,11 @@ log = structlog.get_logger("tierq.events")
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
+
+
+def _resolve(waiter: asyncio.Future[bool]) -> None:
+    if not waiter.done():
+        waiter.set_result(True)
 
 
 class DeltaBuffer:
@@ -144,7 +148,7 @@ class DeltaWriter:
         self._pending: dict[str, DeltaBuffer] = {}
         self._urgent_ids: set[str] = set()
         self._has_pending = asyncio.Event()
-        self._urgent = asyncio.Event()
+        self._wait: asyncio.Future[bool] | None = None  # the tick's wait (see _sleep_until)
         self._task: asyncio.Task[None] | None = None
         self.flushes = 0  # ticks written: one round trip each (for tests and metrics)
         self.calls = 0  # script calls made: one a tick, or one per slot on Cluster
@@ -163,7 +167,8 @@ class DeltaWriter:
         self._has_pending.set()
         if urgent:
             self._urgent_ids.add(buffer.job_id)
-            self._urgent.set()
+            if self._wait is not None and not self._wait.done():
+                self._wait.set_result(False)
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run(), name="tierq-delta-writer")
 
@@ -186,12 +191,9 @@ class DeltaWriter:
             await self._has_pending.wait()
             tick_at = loop.time() + self.flush_s
             while True:
-                remaining = tick_at - loop.time()
-                if remaining > 0 and not self._urgent_ids:
-                    self._urgent.clear()
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._urgent.wait(), remaining)
                 whole = loop.time() >= tick_at
+                if not whole and not self._urgent_ids:
+                    whole = await self._sleep_until(loop, tick_at)
                 try:
                     await self._flush(None if whole else set(self._urgent_ids))
                 except Exception:  # a bug here must not stop every job's text (buffers settled)
@@ -199,6 +201,20 @@ class DeltaWriter:
                 raise_if_cancelled()  # stop() must end this loop, even through redis-py
                 if whole or not self._pending:
                     break
+
+    async def _sleep_until(self, loop: asyncio.AbstractEventLoop, when: float) -> bool:
+        """Wait until ``when`` (``True``) or an urgent buffer (``False``). A bare future and
+        one timer: ``asyncio.wait_for`` over an event costs a task per tick and, at the
+        deadline, three more loop turns to cancel it, and under load every turn delays the
+        tick's text."""
+        waiter: asyncio.Future[bool] = loop.create_future()
+        self._wait = waiter
+        timer = loop.call_at(when, _resolve, waiter)
+        try:
+            return await waiter
+        finally:
+            timer.cancel()
+            self._wait = None
 
     async def _flush(self, only: set[str] | None) -> None:
         """Write the pending text of every buffer (``only``: of those jobs)."""
@@ -217,9 +233,12 @@ class DeltaWriter:
         if not batch:
             return
         items = []
+        events = []
         for buffer in batch:
             ts, text = buffer.take()
-            items.append((buffer.job_id, delta_prefix(buffer.job_id, ts, text)))
+            data = delta_data(buffer.job_id, ts, text)
+            events.append(data)
+            items.append((buffer.job_id, prefix_of(data)))
         results: list[Written | UpstreamError]
         self.flushes += 1
         try:
@@ -232,10 +251,10 @@ class DeltaWriter:
                 buffer.settle(UpstreamError(f"flush interrupted: {type(exc).__name__}"))
             raise
         hub = self.hub
-        for buffer, (_, prefix), result in zip(batch, items, results, strict=True):
+        for buffer, (_, prefix), data, result in zip(batch, items, events, results, strict=True):
             if hub is not None and buffer._local is not None and isinstance(result, tuple):
                 seq, entry_id = result
-                hub.local_entry(buffer._local, entry_id, f'{prefix.decode()},"seq":{seq}}}')
+                hub.local_entry(buffer._local, delta_entry(entry_id, prefix, seq, data))
             buffer.settle(result)
 
     async def _append(self, items: list[tuple[str, bytes]]) -> list[Written | UpstreamError]:

@@ -46,10 +46,11 @@ from redis.crc import key_slot
 from redis.exceptions import RedisClusterException, RedisError
 
 from tierq.aio import LazyDeadline, raise_if_cancelled
-from tierq.events.codec import stream_id
+from tierq.events.codec import Entry, entry, stream_id
 
 log = structlog.get_logger("tierq.events")
-Rows = list[tuple[str, str]]
+Rows = list[Entry]
+"""Log entries, each parsed once however many subscribers take it."""
 BLOCK_MS = 5000
 """How long one ``XREAD`` blocks (new streams wake it at once, so this only bounds idling)."""
 READ_COUNT = 1024
@@ -245,17 +246,17 @@ class TailHub:
         if followed is not None:
             self._cover(followed.reader, key)
 
-    def local_entry(self, key: str, entry_id: str, raw: str) -> None:
+    def local_entry(self, key: str, item: Entry) -> None:
         """A delta this process just wrote to ``key`` (see :meth:`begin_local`)."""
         followed = self._streams.get(key)
         if followed is None or key not in self._local:
             return
-        if stream_id(entry_id) <= stream_id(followed.pos):
+        if item.pos <= stream_id(followed.pos):
             return  # already fanned out (a read sent before the run began brought it)
-        followed.pos = entry_id
-        rows = [(entry_id, raw)]
+        followed.pos = item.id
+        rows = [item]
         for sub in followed.subs:
-            sub.push(rows, len(raw))
+            sub.push(rows, len(item.raw))
 
     def unsubscribe(self, sub: Subscription) -> None:
         sub.close()
@@ -356,9 +357,9 @@ class TailHub:
             followed = self._streams.get(key)
             if followed is None or followed.pos != asked.get(key):
                 continue  # no longer followed, or re-followed since: the next read covers it
-            rows = [(i.decode(), f[1].decode()) for i, f in entries]
-            followed.pos = rows[-1][0]
-            size = sum(len(raw) for _, raw in rows)
+            rows = [entry(i.decode(), f[1].decode()) for i, f in entries]
+            followed.pos = rows[-1].id
+            size = sum(len(item.raw) for item in rows)
             for sub in followed.subs:
                 sub.push(rows, size)
 

@@ -62,13 +62,13 @@ class JobFollower:
         """The entries of ``rows`` (in stream order) after this follower's position."""
         if not rows:
             return []
-        if stream_id(rows[0][0]) <= self._last:  # rare: skip what this follower already has
-            rows = [row for row in rows if stream_id(row[0]) > self._last]
+        if rows[0].pos <= self._last:  # rare: skip what this follower already has
+            rows = [row for row in rows if row.pos > self._last]
             if not rows:
                 return []
-        last_id = rows[-1][0]
-        self._last, self.after = stream_id(last_id), last_id
-        return [entry(entry_id, raw) for entry_id, raw in rows]
+        last = rows[-1]
+        self._last, self.after = last.pos, last.id
+        return rows
 
     async def _upto_final(self, items: list[Entry]) -> tuple[list[Entry], bool]:
         """``items`` up to the job's final event, and whether it is among them."""
@@ -120,7 +120,7 @@ class JobFollower:
                 continue
             if self._phase == "end":
                 return None
-            rows = await self.store.read(self.job_id, self.after, PAGE, until=self._until)
+            rows = await self._read(self.after, self._until)
             items = self._fresh(rows)
             if len(rows) < PAGE:
                 await self._after_reading(replayed=bool(rows))
@@ -175,11 +175,16 @@ class JobFollower:
         rows: Rows = []
         after = self.after
         while True:
-            page = await self.store.read(self.job_id, after, PAGE, until=until)
+            page = await self._read(after, until)
             rows.extend(page)
             if len(page) < PAGE:
                 return rows
-            after = page[-1][0]
+            after = page[-1].id
+
+    async def _read(self, after: str, until: str | None) -> Rows:
+        """A page of the log after ``after`` (up to ``until``), parsed."""
+        rows = await self.store.read(self.job_id, after, PAGE, until=until)
+        return [entry(entry_id, raw) for entry_id, raw in rows]
 
     async def _ended(self) -> bool | None:
         """``None`` while the job may still log events; ``True`` once it ended; ``False`` when
