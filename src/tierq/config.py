@@ -214,6 +214,11 @@ class Settings(BaseSettings):
     # Commands share a bounded pool (callers wait up to redis_pool_timeout_s for a connection);
     # SSE streams hold none: one tail hub per process reads for all of them.
     redis_max_connections: int = 64
+    # Job admission round trips in flight per process (a submit's admission, a delivery's claim
+    # and start); the others wait their turn. A burst of submits and job starts then cannot
+    # crowd the event loop so that the streams already running (their ticks, their SSE writes)
+    # wait behind it; the work is the same, only its order changes.
+    admission_concurrency: int = Field(default=16, ge=1)
     redis_pool_timeout_s: float = 10.0
     redis_socket_timeout_s: float = 10.0
     data_dir: Path = Path(".tierq")

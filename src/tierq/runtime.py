@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import asyncio
+from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 from qstash import Receiver
@@ -118,6 +119,9 @@ class Runtime:
     dispatcher: Dispatcher
     streams: StreamCaps
     ledger: Ledger
+    admission: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(1))
+    """Bounds the job-admission round trips in flight in this process (a submit's admission,
+    a delivery's claim and start; see ``Settings.admission_concurrency``)."""
 
     async def aclose_streams(self) -> None:
         """Stop dispatching, write pending deltas and stop following logs (at shutdown)."""
@@ -177,4 +181,5 @@ def build_runtime(
         dispatcher=dispatcher,
         streams=StreamCaps(settings.sse_max_per_job, settings.sse_max_per_user),
         ledger=ledger,
+        admission=asyncio.Semaphore(settings.admission_concurrency),
     )

@@ -13,8 +13,17 @@ import pytest
 import redis.asyncio as aioredis
 
 from helpers import async_wait_until
-from tierq.config import ModelSettings, QueueSettings, Settings, TierLimits, UserOverride
-from tierq.contracts import JobInput, Queued, Waiting, WorkerBody, parse_event
+from tierq.config import (
+    ModelSettings,
+    QueueSettings,
+    ServiceSettings,
+    Settings,
+    TierLimits,
+    UserOverride,
+    UserSettings,
+)
+from tierq.contracts import JobInput, JobRequest, Queued, Waiting, WorkerBody, parse_event
+from tierq.producer.submit import submit
 from tierq.queues import QueueId
 from tierq.runtime import Runtime, build_runtime
 
@@ -285,3 +294,33 @@ async def test_parked_jobs_hear_when_they_move_up(make_rt: Callable[..., Any]) -
     assert told == 3
     assert await rt.dispatcher.tell_positions() >= 0  # takes the lock
     assert await rt.dispatcher.tell_positions() == 0  # within the interval: nobody else
+
+
+async def test_admissions_in_flight_are_bounded_per_process(make_rt: Callable[..., Any]) -> None:
+    """``admission_concurrency``: a burst of submits never has more admission round trips in
+    flight than that (the others wait their turn), and every submit still gets through."""
+    services = {"chat": ServiceSettings(experiences=["batch"], models=["m1"])}
+    rt = await make_rt(admission_concurrency=2, services=services)
+    await rt.dispatcher.set_queue(QueueId.PAID_BATCH.value, paused=True)  # parked: no publish
+    admit = rt.dispatcher.admit
+    in_flight, most = 0, 0
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal in_flight, most
+        in_flight += 1
+        most = max(most, in_flight)
+        try:
+            await asyncio.sleep(0)  # let the others pile up behind the gate if they can
+            return await admit(*args, **kwargs)
+        finally:
+            in_flight -= 1
+
+    rt.dispatcher.admit = counted  # type: ignore[method-assign]
+    user = UserSettings(id="u1", plan="paid")
+    req = JobRequest(service="chat", experience="batch", mode="paid", model="m1",
+                     input=JobInput(prompt="p"))  # fmt: skip
+    replies = await asyncio.gather(*(submit(rt, user, req) for _ in range(12)))
+    assert len({r.job_id for r in replies}) == 12
+    assert most == 2
+    stats = await rt.dispatcher.queue_stats(QueueId.PAID_BATCH.value)
+    assert stats["parked"] == 12

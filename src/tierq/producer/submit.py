@@ -160,12 +160,13 @@ async def _submit(rt: Runtime, user: UserSettings, req: JobRequest) -> SubmitRes
     body, fields = job_records(job_id, user, tier, req, now_ms, settings.qstash_retries)
     body.traceparent = current_traceparent()
     body.estimated_tokens = estimate_tokens(settings, req)
-    admission = await rt.dispatcher.admit(
-        body,
-        body.model_dump_json(by_alias=True, exclude_none=True),
-        depth=settings.queues[queue].admission_depth,
-        share=settings.user_queue_limit(user.id, user.plan),
-    )
+    async with rt.admission:  # see Settings.admission_concurrency
+        admission = await rt.dispatcher.admit(
+            body,
+            body.model_dump_json(by_alias=True, exclude_none=True),
+            depth=settings.queues[queue].admission_depth,
+            share=settings.user_queue_limit(user.id, user.plan),
+        )
     if admission.refused:
         _refuse(rt, user, queue.value, admission)
     parked = admission.parked

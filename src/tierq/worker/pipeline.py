@@ -101,7 +101,8 @@ async def _run(rt: Runtime, body: WorkerBody, raw: bytes, message_id: str, retri
     with rt.cancels.watch(body.job_id) as cancel:  # before reading state: no cancel is missed
         # the claim goes with the read (one round trip); a delivery that must not run gives
         # back what it took, unless the job runs elsewhere (then they are that run's leases)
-        state, full, sent = await rt.dispatcher.claim_with_state(body)
+        async with rt.admission:  # see Settings.admission_concurrency
+            state, full, sent = await rt.dispatcher.claim_with_state(body)
         alive_s = _runner_alive_for(rt, state)
         # a redelivery while the run is alive comes back once the run would count as dead
         decision = decide(state, message_id, alive_s > 0, alive_s + 1)
@@ -141,7 +142,8 @@ async def _run(rt: Runtime, body: WorkerBody, raw: bytes, message_id: str, retri
                 await cleanup(rt, body, held, True, _ended_unrun(rt, body))
                 _track(body, "cancelled")
                 return reply
-            run = await _start(rt, body, state, decision.value.revive)
+            async with rt.admission:
+                run = await _start(rt, body, state, decision.value.revive)
             if run == "taken":  # a concurrent delivery of this job started this run first
                 hands_off = True
                 return done("running_elsewhere")
