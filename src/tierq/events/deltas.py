@@ -185,7 +185,8 @@ class DeltaWriter:
         """The ticks: on a fixed grid, one every ``flush_s``, while anything is pending (a
         chunk waits at most ``flush_s``, and a tick's own round trip does not push the next one
         back: measured at 500 streams, ticks counted from the first pending text came every
-        ~32 ms, not 25, and token delay p99 was ~55 ms instead of ~47). Urgent buffers (a job's
+        ~32 ms, not 25, and token delay p99 was ~55 ms instead of ~47), but never sooner than
+        half a tick after the previous one's round trip ended. Urgent buffers (a job's
         first text, an oversized one, one being closed) are written at once, alone: they do
         not cut the others' tick short (that would defeat coalescing whenever many jobs
         start)."""
@@ -202,13 +203,14 @@ class DeltaWriter:
                 due = loop.time() >= tick_at
                 if not due and not self._urgent_ids:
                     due = await self._sleep_until(loop, tick_at)
-                if due:  # the next point after this one and after now (ticks missed while
-                    # a flush was in flight are this one; a timer may fire a little early)
-                    tick_at = max(tick_at + step, next_point(loop.time()))
                 try:
                     await self._flush(None if due else set(self._urgent_ids))
                 except Exception:  # a bug here must not stop every job's text (buffers settled)
                     log.exception("deltas.flush_crashed")
+                if due:  # the next point, and never sooner than half a tick after this one
+                    # ended: a process too busy to flush in time coalesces more instead of
+                    # flushing back to back (more events, more CPU, further behind)
+                    tick_at = max(tick_at + step, loop.time() + step / 2)
                 raise_if_cancelled()  # stop() must end this loop, even through redis-py
                 if not self._pending:
                     break
