@@ -182,37 +182,27 @@ class DeltaWriter:
             self._task = None
 
     async def _run(self) -> None:
-        """The ticks: on a fixed grid, one every ``flush_s``, while anything is pending (a
-        chunk waits at most ``flush_s``, and a tick's own round trip does not push the next one
-        back: measured at 500 streams, ticks counted from the first pending text came every
-        ~32 ms, not 25, and token delay p99 was ~55 ms instead of ~47), but never sooner than
-        half a tick after the previous one's round trip ended. Urgent buffers (a job's
-        first text, an oversized one, one being closed) are written at once, alone: they do
-        not cut the others' tick short (that would defeat coalescing whenever many jobs
-        start)."""
+        """One tick: from the first pending text, wait ``flush_s``, then write every buffer.
+        (Not on a fixed grid: there a busy process flushes more often than this, since a
+        tick's round trip no longer delays the next; at 500 streams that made ~25 % more
+        events per job and more CPU, for a token delay within the machine's noise.) Urgent
+        buffers (a job's first text, an oversized one, one being closed) are written at once,
+        alone: they do not cut the others' tick short (that would defeat coalescing whenever
+        many jobs start)."""
         loop = asyncio.get_running_loop()
-        step = self.flush_s
-
-        def next_point(after: float) -> float:  # the grid's (with no coalescing asked: now)
-            return (int(after / step) + 1) * step if step > 0 else after
-
         while True:
             await self._has_pending.wait()
-            tick_at = next_point(loop.time())
+            tick_at = loop.time() + self.flush_s
             while True:
-                due = loop.time() >= tick_at
-                if not due and not self._urgent_ids:
-                    due = await self._sleep_until(loop, tick_at)
+                whole = loop.time() >= tick_at
+                if not whole and not self._urgent_ids:
+                    whole = await self._sleep_until(loop, tick_at)
                 try:
-                    await self._flush(None if due else set(self._urgent_ids))
+                    await self._flush(None if whole else set(self._urgent_ids))
                 except Exception:  # a bug here must not stop every job's text (buffers settled)
                     log.exception("deltas.flush_crashed")
-                if due:  # the next point, and never sooner than half a tick after this one
-                    # ended: a process too busy to flush in time coalesces more instead of
-                    # flushing back to back (more events, more CPU, further behind)
-                    tick_at = max(tick_at + step, loop.time() + step / 2)
                 raise_if_cancelled()  # stop() must end this loop, even through redis-py
-                if not self._pending:
+                if whole or not self._pending:
                     break
 
     async def _sleep_until(self, loop: asyncio.AbstractEventLoop, when: float) -> bool:
