@@ -147,6 +147,11 @@ def delivery_headers(msg: StoredMessage, retried: int, signature: str) -> list[t
     return headers
 
 
+def _resolve(waiter: asyncio.Future[None]) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
+
+
 class Dispatcher:
     def __init__(
         self,
@@ -161,7 +166,8 @@ class Dispatcher:
         self.settings = settings
         self._http = http
         self._on_attempt = on_attempt
-        self._wake = asyncio.Event()
+        self._woken = False  # something became due since the loop last looked
+        self._waiter: asyncio.Future[None] | None = None  # the loop's sleep in progress
         self._stop = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._running: set[tuple[str, int]] = set()  # (message id, attempt) leases held here
@@ -170,7 +176,9 @@ class Dispatcher:
 
     def wake(self) -> None:
         """Something became due now (a publish, a freed queue slot): look at once."""
-        self._wake.set()
+        self._woken = True
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
 
     @property
     def lease_ms(self) -> int:
@@ -200,14 +208,14 @@ class Dispatcher:
             free = self.settings.max_in_flight - len(self._tasks)
             claimed: list[Claimed] = []
             if free > 0:
-                self._wake.clear()
+                self._woken = False
                 limit = min(free, self.settings.claim_batch)
                 claimed = await self.store.claim(now_ms(), limit, self.lease_ms)
                 for item in claimed:
                     self._running.add((item.msg.id, item.attempt))
                     task = asyncio.create_task(self._deliver(item))
                     self._tasks.add(task)
-                    task.add_done_callback(self._tasks.discard)
+                    task.add_done_callback(self._delivered)
                 if len(claimed) == limit:
                     continue
             await self._sleep(free > 0)
@@ -218,8 +226,20 @@ class Dispatcher:
             due = await self.store.next_due_ms()
             if due is not None:
                 timeout = min(timeout, max(0.0, (due - now_ms()) / 1000))
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._wake.wait(), timeout)
+        if self._woken:
+            if can_claim:
+                return
+            self._woken = False  # nothing to claim into until a delivery ends (it wakes us)
+        # A bare future and one timer, not asyncio.wait_for over an event (a task per sleep,
+        # and loop turns to hand the wake-up through it: each publish wakes this loop)
+        loop = asyncio.get_running_loop()
+        self._waiter = waiter = loop.create_future()
+        timer = loop.call_later(timeout, _resolve, waiter)
+        try:
+            await waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
 
     async def _pause(self, seconds: float) -> None:
         """Sleep, or less when the dispatcher is stopped meanwhile."""
@@ -245,7 +265,7 @@ class Dispatcher:
     async def stop(self, grace_s: float = 5.0) -> None:
         self._stopping = True
         self._stop.set()
-        self._wake.set()
+        self.wake()
         if self._tasks:
             _, pending = await asyncio.wait(set(self._tasks), timeout=grace_s)
             for task in pending:
@@ -284,6 +304,10 @@ class Dispatcher:
             log.exception("broker.delivery_crashed", message_id=item.msg.id)
         finally:
             self._running.discard((item.msg.id, item.attempt))
+
+    def _delivered(self, task: asyncio.Task[None]) -> None:
+        """A delivery task ended: its slot is free (gone from ``_tasks``), look again."""
+        self._tasks.discard(task)
         self.wake()
 
     async def _record(self, item: Claimed, response: AttemptResponse) -> None:
