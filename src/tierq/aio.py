@@ -29,6 +29,40 @@ async def ticks(every_s: float, first_s: float | None = None) -> AsyncIterator[N
         yield
 
 
+class Alarm:
+    """A wait that ends at a deadline or when :meth:`wake` is called, whichever comes first:
+    a bare future and one timer. ``asyncio.wait_for`` over an event makes a task per wait and
+    takes several loop turns to hand a wake-up (or, at the deadline, a cancel) through it; on
+    a loop that waits like this for every tick or publish, each of those turns is latency."""
+
+    __slots__ = ("_waiter",)
+
+    def __init__(self) -> None:
+        self._waiter: asyncio.Future[bool] | None = None
+
+    def wake(self) -> None:
+        """End the wait in progress (its :meth:`until` returns ``False``); none: nothing."""
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(False)
+
+    async def until(self, when: float) -> bool:
+        """Wait until loop time ``when`` (``True``) or a :meth:`wake` (``False``)."""
+        loop = asyncio.get_running_loop()
+        waiter: asyncio.Future[bool] = loop.create_future()
+        self._waiter = waiter
+        timer = loop.call_at(when, _ring, waiter)
+        try:
+            return await waiter
+        finally:
+            timer.cancel()
+            self._waiter = None
+
+
+def _ring(waiter: asyncio.Future[bool]) -> None:
+    if not waiter.done():
+        waiter.set_result(True)
+
+
 TIMER_SLACK_S = 0.001
 """uvloop's clock and timers have millisecond resolution: a deadline this close counts as
 reached (instead of re-arming for a fraction of a millisecond)."""

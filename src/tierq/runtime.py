@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import redis.asyncio as aioredis
 from qstash import Receiver
@@ -119,7 +119,7 @@ class Runtime:
     dispatcher: Dispatcher
     streams: StreamCaps
     ledger: Ledger
-    admission: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(1))
+    admission: asyncio.Semaphore
     """Bounds the job-admission round trips in flight in this process (a submit's admission,
     a delivery's claim and start; see ``Settings.admission_concurrency``)."""
 

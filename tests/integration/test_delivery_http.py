@@ -31,40 +31,37 @@ async def server() -> AsyncIterator[str]:
     await srv.wait_closed()
 
 
+@pytest.fixture
+async def client() -> AsyncIterator[DeliveryClient]:
+    made = DeliveryClient(4)
+    yield made
+    await made.close()
+
+
 @pytest.mark.parametrize("path", ["small", "empty", "big"])
 async def test_the_peer_address_is_known_however_small_the_answer(
-    server: str, path: str, monkeypatch: pytest.MonkeyPatch
+    server: str, client: DeliveryClient, path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """aiohttp hands a connection back as soon as a small body arrived; the peer must still be
     judged by its address, not taken for unknown (private): here every address counts as
     public, so ``private_peer`` must be False."""
     monkeypatch.setattr(delivery_http, "is_private_address", lambda host: False)
-    client = DeliveryClient(4)
-    try:
-        got = await client.send("POST", f"{server}/{path}", b"{}", [("User-Agent", "t")], 1000)
-        assert got.private_peer is False
-        assert got.status in (200, 204)
-        assert len(got.body) == {"small": 5, "empty": 0, "big": 1000}[path]  # capped at 1000
-    finally:
-        await client.close()
+    got = await client.send("POST", f"{server}/{path}", b"{}", [("User-Agent", "t")], 1000)
+    assert got.private_peer is False
+    assert got.status in (200, 204)
+    assert len(got.body) == {"small": 5, "empty": 0, "big": 1000}[path]  # capped at 1000
 
 
-async def test_loopback_counts_as_private(server: str) -> None:
-    client = DeliveryClient(4)
-    try:
-        got = await client.send("POST", f"{server}/small", b"{}", [], 1000)
-        assert got.private_peer is True
-    finally:
-        await client.close()
+async def test_loopback_counts_as_private(server: str, client: DeliveryClient) -> None:
+    got = await client.send("POST", f"{server}/small", b"{}", [], 1000)
+    assert got.private_peer is True
 
 
-async def test_long_and_non_ascii_response_headers_are_read(server: str) -> None:
-    client = DeliveryClient(4)
-    try:
-        got = await client.send("POST", f"{server}/long-header", b"{}", [], 1000)
-        assert got.status == 200
-        assert len(got.headers["Content-Security-Policy"][0]) == 9000
-        got = await client.send("POST", f"{server}/utf8", b"{}", [], 1000)
-        assert got.headers["X-Name"] == ["caf\u00e9"]
-    finally:
-        await client.close()
+async def test_long_and_non_ascii_response_headers_are_read(
+    server: str, client: DeliveryClient
+) -> None:
+    got = await client.send("POST", f"{server}/long-header", b"{}", [], 1000)
+    assert got.status == 200
+    assert len(got.headers["Content-Security-Policy"][0]) == 9000
+    got = await client.send("POST", f"{server}/utf8", b"{}", [], 1000)
+    assert got.headers["X-Name"] == ["caf\u00e9"]

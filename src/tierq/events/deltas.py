@@ -33,7 +33,7 @@ import structlog
 from redis.crc import key_slot
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
-from tierq.aio import raise_if_cancelled
+from tierq.aio import Alarm, raise_if_cancelled
 from tierq.errors import UpstreamError
 from tierq.events.codec import delta_data, delta_entry, prefix_of
 from tierq.events.log import JobStore, Written, written
@@ -46,11 +46,6 @@ log = structlog.get_logger("tierq.events")
 
 def _now_ms() -> int:
     return int(time.time() * 1000)
-
-
-def _resolve(waiter: asyncio.Future[bool]) -> None:
-    if not waiter.done():
-        waiter.set_result(True)
 
 
 class DeltaBuffer:
@@ -148,7 +143,7 @@ class DeltaWriter:
         self._pending: dict[str, DeltaBuffer] = {}
         self._urgent_ids: set[str] = set()
         self._has_pending = asyncio.Event()
-        self._wait: asyncio.Future[bool] | None = None  # the tick's wait (see _sleep_until)
+        self._alarm = Alarm()  # the tick's wait: ends at the tick, or early for urgent text
         self._task: asyncio.Task[None] | None = None
         self.flushes = 0  # ticks written: one round trip each (for tests and metrics)
         self.calls = 0  # script calls made: one a tick, or one per slot on Cluster
@@ -167,8 +162,7 @@ class DeltaWriter:
         self._has_pending.set()
         if urgent:
             self._urgent_ids.add(buffer.job_id)
-            if self._wait is not None and not self._wait.done():
-                self._wait.set_result(False)
+            self._alarm.wake()
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._run(), name="tierq-delta-writer")
 
@@ -196,7 +190,7 @@ class DeltaWriter:
             while True:
                 whole = loop.time() >= tick_at
                 if not whole and not self._urgent_ids:
-                    whole = await self._sleep_until(loop, tick_at)
+                    whole = await self._alarm.until(tick_at)
                 try:
                     await self._flush(None if whole else set(self._urgent_ids))
                 except Exception:  # a bug here must not stop every job's text (buffers settled)
@@ -204,20 +198,6 @@ class DeltaWriter:
                 raise_if_cancelled()  # stop() must end this loop, even through redis-py
                 if whole or not self._pending:
                     break
-
-    async def _sleep_until(self, loop: asyncio.AbstractEventLoop, when: float) -> bool:
-        """Wait until ``when`` (``True``) or an urgent buffer (``False``). A bare future and
-        one timer: ``asyncio.wait_for`` over an event costs a task per tick and, at the
-        deadline, three more loop turns to cancel it, and under load every turn delays the
-        tick's text."""
-        waiter: asyncio.Future[bool] = loop.create_future()
-        self._wait = waiter
-        timer = loop.call_at(when, _resolve, waiter)
-        try:
-            return await waiter
-        finally:
-            timer.cancel()
-            self._wait = None
 
     async def _flush(self, only: set[str] | None) -> None:
         """Write the pending text of every buffer (``only``: of those jobs)."""

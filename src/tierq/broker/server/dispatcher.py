@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable
 import structlog
 from redis.exceptions import RedisError
 
+from tierq.aio import Alarm
 from tierq.broker.server.backoff import next_delay_s, storage_retry_delay_s
 from tierq.broker.server.delivery_http import DeliveryClient
 from tierq.broker.server.durations import headers_wait
@@ -147,11 +148,6 @@ def delivery_headers(msg: StoredMessage, retried: int, signature: str) -> list[t
     return headers
 
 
-def _resolve(waiter: asyncio.Future[None]) -> None:
-    if not waiter.done():
-        waiter.set_result(None)
-
-
 class Dispatcher:
     def __init__(
         self,
@@ -167,7 +163,7 @@ class Dispatcher:
         self._http = http
         self._on_attempt = on_attempt
         self._woken = False  # something became due since the loop last looked
-        self._waiter: asyncio.Future[None] | None = None  # the loop's sleep in progress
+        self._alarm = Alarm()  # the loop's sleep in progress
         self._stop = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
         self._running: set[tuple[str, int]] = set()  # (message id, attempt) leases held here
@@ -177,8 +173,7 @@ class Dispatcher:
     def wake(self) -> None:
         """Something became due now (a publish, a freed queue slot): look at once."""
         self._woken = True
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
+        self._alarm.wake()
 
     @property
     def lease_ms(self) -> int:
@@ -230,16 +225,8 @@ class Dispatcher:
             if can_claim:
                 return
             self._woken = False  # nothing to claim into until a delivery ends (it wakes us)
-        # A bare future and one timer, not asyncio.wait_for over an event (a task per sleep,
-        # and loop turns to hand the wake-up through it: each publish wakes this loop)
-        loop = asyncio.get_running_loop()
-        self._waiter = waiter = loop.create_future()
-        timer = loop.call_later(timeout, _resolve, waiter)
-        try:
-            await waiter
-        finally:
-            timer.cancel()
-            self._waiter = None
+        # woken by each publish and each finished delivery (see tierq.aio.Alarm)
+        await self._alarm.until(asyncio.get_running_loop().time() + timeout)
 
     async def _pause(self, seconds: float) -> None:
         """Sleep, or less when the dispatcher is stopped meanwhile."""
