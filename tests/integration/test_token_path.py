@@ -118,6 +118,47 @@ async def test_the_first_chunk_is_not_held_for_the_flush_interval(
         await parts.writer.stop()
 
 
+async def test_text_waits_one_interval_from_its_arrival_even_behind_a_slow_flush(
+    clients: tuple[aioredis.Redis, aioredis.Redis],
+) -> None:
+    """The tick is counted from the oldest pending text, not from the end of the previous
+    flush: a busy process whose round trip is slow does not add it to every token's wait."""
+    client = clients[0]
+    parts = await make_parts(clients, flush_ms=500)
+    try:
+        job_id = await parts.running_job()
+        buffer = parts.writer.buffer(job_id)
+        buffer.add("first")  # a job's first text goes at once
+        await async_wait_until(lambda: parts.deltas(job_id), within_s=2)
+        buffer.add(" second")  # its tick: 500 ms from now
+        await client.execute_command("CLIENT", "PAUSE", 1000, "WRITE")  # holds that tick
+        try:
+            await async_wait_until(lambda: _true(buffer.inflight), within_s=2, interval=0.005)
+            added_ms = time.time() * 1000
+            buffer.add(" third")  # arrives while " second" is held in Redis
+            await async_wait_until(
+                lambda: _has(parts.deltas(job_id), 3), within_s=3, interval=0.005
+            )
+        finally:
+            await client.execute_command("CLIENT", "UNPAUSE")
+        entries = await parts.store.read(job_id, None, 100)
+        written_ms = int(entries[-1][0].split("-")[0])  # Redis's clock, when XADDed
+        # one interval after it arrived (~500 ms, the held flush ends meanwhile); counted from
+        # the end of the held flush it would be ~1,000 ms
+        assert written_ms - added_ms < 750
+        assert await parts.deltas(job_id) == ["first", " second", " third"]
+    finally:
+        await parts.writer.stop()
+
+
+async def _true(value: bool) -> bool:
+    return value
+
+
+async def _has(deltas: Any, count: int) -> bool:
+    return len(await deltas) >= count
+
+
 async def test_one_round_trip_per_tick_for_all_jobs(parts: Parts) -> None:
     jobs = [await parts.running_job() for _ in range(50)]
     buffers = [parts.writer.buffer(j) for j in jobs]
