@@ -187,3 +187,33 @@ def test_supervisor_restarts_a_crashed_child_within_a_budget(
     assert started == [0, 1, 1, 1, 1]
     assert events(logs).count("serve.worker_restarted") == 3
     assert "serve.restarting_too_often" in events(logs)
+
+
+def test_after_settle_heap_no_collection_walks_a_growing_heap_at_once() -> None:
+    """A burst of jobs grows the heap by ~100,000 objects at a time; a collection stops the event
+    loop while it walks its generations, so collections of the young and middle generations
+    must stay small however much the heap grows (full ones are rare: none here)."""
+    import gc  # noqa: PLC0415
+
+    walked: list[tuple[int, int]] = []
+
+    def record(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            generation = info["generation"]
+            size = sum(len(gc.get_objects(g)) for g in range(generation + 1))
+            walked.append((generation, size))
+
+    before = gc.get_threshold()
+    try:
+        processes.settle_heap()
+        gc.callbacks.append(record)
+        held = [[i] for i in range(300_000)]  # alive and tracked (lists): collections walk them
+        gc.callbacks.remove(record)
+        assert held[-1] == [299_999]
+        assert {g for g, _ in walked} == {0, 1}  # young and middle collections, no full one
+        assert max(size for _, size in walked) <= 25_000  # was ~200,000 at 10,000 x 20
+    finally:
+        with contextlib.suppress(ValueError):
+            gc.callbacks.remove(record)
+        gc.unfreeze()
+        gc.set_threshold(*before)
