@@ -217,3 +217,52 @@ def test_after_settle_heap_no_collection_walks_a_growing_heap_at_once() -> None:
             gc.callbacks.remove(record)
         gc.unfreeze()
         gc.set_threshold(*before)
+
+
+async def test_an_app_process_listens_on_its_port_with_several_acceptors() -> None:
+    """Each TCP socket gets ``ACCEPTORS`` listening handles (one accept queue): every
+    connection is served whichever handle took it, and stopping closes them all."""
+    import asyncio  # noqa: PLC0415
+    import gc  # noqa: PLC0415
+
+    import uvicorn  # noqa: PLC0415
+
+    from tierq.embedded_redis import free_port  # noqa: PLC0415
+
+    async def hello(scope: dict, receive: object, send: object) -> None:  # type: ignore[type-arg]
+        assert scope["type"] == "http"
+        await send({"type": "http.response.start", "status": 200, "headers": []})  # type: ignore[operator]
+        await send({"type": "http.response.body", "body": b"hi"})  # type: ignore[operator]
+
+    def open_fds() -> int:
+        return len(os.listdir("/proc/self/fd"))
+
+    port = free_port()
+    config = uvicorn.Config(hello, host="127.0.0.1", port=port, lifespan="off", log_level="error")
+    started = asyncio.Event()
+    server = processes.AppServer(config, on_started=started.set)
+    before_fds, threshold = open_fds(), gc.get_threshold()
+    task = asyncio.create_task(server.serve())
+    try:
+        async with asyncio.timeout(10):
+            await started.wait()
+        assert len(server.servers) == processes.ACCEPTORS
+        assert {s.sockets[0].getsockname()[1] for s in server.servers} == {port}
+
+        async def get() -> bytes:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            answer = await reader.read()
+            writer.close()
+            return answer
+
+        async with asyncio.timeout(10):
+            answers = await asyncio.gather(*(get() for _ in range(50)))
+        assert all(a.startswith(b"HTTP/1.1 200") and b"\r\nhi\r\n" in a for a in answers)
+    finally:
+        server.should_exit = True
+        async with asyncio.timeout(10):
+            await task
+        gc.unfreeze()
+        gc.set_threshold(*threshold)
+    assert open_fds() == before_fds  # every duplicate closed
