@@ -40,6 +40,10 @@ D. Redis commands per job: every limit raised (nothing parks), 500 no-op jobs (0
    the app's Redis before and after, the bench's own reads subtracted, also corrected for the
    idle rate (the dispatcher's reconciler runs every 2 s) measured over 3 s before the run.
 
+``--repeat N`` runs the trees alternately N times (the VM's speed drifts by tens of percent
+within minutes, so one run of each tree compares little) and reports, per tree and scenario,
+the median of every figure (the per-model peak: the highest); each run is kept in the JSON.
+
 ``--baseline REF`` also runs D against ``git worktree add --detach`` of REF (broker and app
 started with this venv's python and ``PYTHONPATH=<worktree>/src``) and reports the difference
 in commands per job (what dispatch adds). A REF without the dispatcher ignores settings it
@@ -53,6 +57,7 @@ Usage::
     .venv/bin/python bench/dispatch.py --only A,D
     .venv/bin/python bench/dispatch.py --baseline HEAD       # D on HEAD too, and the difference
     .venv/bin/python bench/dispatch.py --baseline HEAD --baseline-all
+    .venv/bin/python bench/dispatch.py --only A --baseline HEAD --baseline-all --repeat 3
     .venv/bin/python bench/dispatch.py --out /tmp/dispatch.json --log-dir /tmp/dispatch-logs
 """
 
@@ -62,6 +67,7 @@ import argparse
 import asyncio
 import contextlib
 import json
+import statistics
 import sys
 import time
 from collections import Counter
@@ -1074,9 +1080,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--baseline-all", action="store_true", help="with --baseline: A-C on the baseline too"
     )
+    parser.add_argument(
+        "--repeat", type=int, default=1, help="run the trees alternately N times; report medians"
+    )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
     parser.add_argument("--log-dir", type=Path, default=None, help="keep app/broker logs here")
     args = parser.parse_args(argv)
+    if args.repeat < 1:
+        parser.error("--repeat wants a number >= 1")
     args.sizes = QUICK if args.quick else FULL
     return args
 
@@ -1127,16 +1138,22 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.time()
     machine = machine_info(("tierq", "httpx", "uvicorn", "starlette", "redis"))
-    runs: dict[str, dict[str, Any]] = {}
+    repeats: dict[str, list[dict[str, Any]]] = {"current": []}
     meta: dict[str, dict[str, Any]] = {}
-    if args.baseline:
-        only_base = args.only if args.baseline_all else args.only & {"D"}
+    only_base = (args.only if args.baseline_all else args.only & {"D"}) if args.baseline else set()
+    with contextlib.ExitStack() as stack:
+        base_src = None
         if only_base:
-            with worktree(args.baseline) as (path, commit):
-                meta["baseline"] = {"ref": args.baseline, "commit": commit, "src": str(path)}
-                runs["baseline"] = run_tree("baseline", path / "src", args, only_base)
-    meta["current"] = {**current_tree_info(), "src": str(ROOT / "src")}
-    runs["current"] = run_tree("current", ROOT / "src", args, args.only)
+            path, commit = stack.enter_context(worktree(args.baseline))
+            meta["baseline"] = {"ref": args.baseline, "commit": commit, "src": str(path)}
+            base_src, repeats = path / "src", {"baseline": [], "current": []}
+        meta["current"] = {**current_tree_info(), "src": str(ROOT / "src")}
+        for n in range(args.repeat):  # the trees alternate: the VM's drift hits both alike
+            tag = f" #{n + 1}" if args.repeat > 1 else ""
+            if base_src is not None:
+                repeats["baseline"].append(run_tree(f"baseline{tag}", base_src, args, only_base))
+            repeats["current"].append(run_tree(f"current{tag}", ROOT / "src", args, args.only))
+    runs = {label: median_run(done) for label, done in repeats.items()}
     comparison = d_comparison(runs["current"], runs["baseline"]) if "baseline" in runs else {}
     rows = targets(runs)
     doc = {
@@ -1147,12 +1164,40 @@ def main(argv: list[str] | None = None) -> int:
         "config": config(args),
         "trees": meta,
         "runs": runs,
+        "repeats": repeats if args.repeat > 1 else {},
         "targets": rows,
         "d_comparison": comparison,
     }
+    if args.repeat > 1:
+        print(f"\nmedians of {args.repeat} alternating runs per tree")
     print_table(rows, comparison)
     write_results(args.out, doc)
     return 0
+
+
+def median_run(done: list[dict[str, Any]]) -> dict[str, Any]:
+    """One run's results, or, over repeated runs, each scenario's median of every numeric
+    figure (a per-model peak: its highest), the rest as the first run had it."""
+    if len(done) == 1:
+        return done[0]
+    out: dict[str, Any] = {}
+    for name, first in done[0].items():
+        results = [run[name] for run in done if isinstance(run.get(name), dict)]
+        merged = dict(first) if isinstance(first, dict) else first
+        if isinstance(merged, dict):
+            for key in first:
+                values = [r.get(key) for r in results]
+                if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+                    merged[key] = round(statistics.median(values), 4)
+                elif key == "peak_running_per_model":
+                    peaks: dict[str, int] = {}
+                    for v in values:
+                        for model, peak in (v or {}).items():
+                            peaks[model] = max(peaks.get(model, 0), peak)
+                    merged[key] = peaks
+            merged["repeats"] = len(results)
+        out[name] = merged
+    return out
 
 
 if __name__ == "__main__":
