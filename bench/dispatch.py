@@ -1182,20 +1182,22 @@ def median_run(done: list[dict[str, Any]]) -> dict[str, Any]:
         return done[0]
     out: dict[str, Any] = {}
     for name, first in done[0].items():
+        if not isinstance(first, dict):
+            out[name] = first
+            continue
         results = [run[name] for run in done if isinstance(run.get(name), dict)]
-        merged = dict(first) if isinstance(first, dict) else first
-        if isinstance(merged, dict):
-            for key in first:
-                values = [r.get(key) for r in results]
-                if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
-                    merged[key] = round(statistics.median(values), 4)
-                elif key == "peak_running_per_model":
-                    peaks: dict[str, int] = {}
-                    for v in values:
-                        for model, peak in (v or {}).items():
-                            peaks[model] = max(peaks.get(model, 0), peak)
-                    merged[key] = peaks
-            merged["repeats"] = len(results)
+        merged = dict(first)
+        for key in first:
+            values = [r.get(key) for r in results]
+            if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+                merged[key] = round(statistics.median(values), 4)
+            elif key == "peak_running_per_model":
+                peaks: dict[str, int] = {}
+                for v in values:
+                    for model, peak in (v or {}).items():
+                        peaks[model] = max(peaks.get(model, 0), peak)
+                merged[key] = peaks
+        merged["repeats"] = len(results)
         out[name] = merged
     return out
 

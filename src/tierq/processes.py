@@ -239,7 +239,9 @@ class AppServer(uvicorn.Server):
                     continue
                 for _ in range(ACCEPTORS - 1):
                     dup = socket.socket(fileno=os.dup(sock.fileno()))
-                    extra.append(await loop.create_server(protocol, sock=dup, backlog=BACKLOG))
+                    extra.append(
+                        await loop.create_server(protocol, sock=dup, backlog=config.backlog)
+                    )
         self.servers.extend(extra)
 
     @contextlib.contextmanager

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import gc
 import io
 import json
 import os
@@ -13,12 +15,14 @@ from collections.abc import Iterator
 
 import pytest
 import structlog
+import uvicorn
 from pydantic import ValidationError
 from typer.testing import CliRunner
 
 from tierq import processes
 from tierq.cli import app
 from tierq.config import Settings
+from tierq.embedded_redis import free_port
 from tierq.observability.logging import configure_logging
 from tierq.processes import Supervisor, bind_socket, usable_cpus, worker_count
 
@@ -189,12 +193,19 @@ def test_supervisor_restarts_a_crashed_child_within_a_budget(
     assert "serve.restarting_too_often" in events(logs)
 
 
-def test_after_settle_heap_no_collection_walks_a_growing_heap_at_once() -> None:
+@pytest.fixture
+def gc_restored() -> Iterator[None]:
+    """``settle_heap`` freezes the heap and sets thresholds for the whole process: undo both."""
+    threshold = gc.get_threshold()
+    yield
+    gc.unfreeze()
+    gc.set_threshold(*threshold)
+
+
+def test_after_settle_heap_no_collection_walks_a_growing_heap_at_once(gc_restored: None) -> None:
     """A burst of jobs grows the heap by ~100,000 objects at a time; a collection stops the event
     loop while it walks its generations, so collections of the young and middle generations
     must stay small however much the heap grows (full ones are rare: none here)."""
-    import gc  # noqa: PLC0415
-
     walked: list[tuple[int, int]] = []
 
     def record(phase: str, info: dict[str, int]) -> None:
@@ -203,31 +214,22 @@ def test_after_settle_heap_no_collection_walks_a_growing_heap_at_once() -> None:
             size = sum(len(gc.get_objects(g)) for g in range(generation + 1))
             walked.append((generation, size))
 
-    before = gc.get_threshold()
+    processes.settle_heap()
+    gc.callbacks.append(record)
     try:
-        processes.settle_heap()
-        gc.callbacks.append(record)
         held = [[i] for i in range(300_000)]  # alive and tracked (lists): collections walk them
-        gc.callbacks.remove(record)
-        assert held[-1] == [299_999]
-        assert {g for g, _ in walked} == {0, 1}  # young and middle collections, no full one
-        assert max(size for _, size in walked) <= 25_000  # was ~200,000 at 10,000 x 20
     finally:
-        with contextlib.suppress(ValueError):
-            gc.callbacks.remove(record)
-        gc.unfreeze()
-        gc.set_threshold(*before)
+        gc.callbacks.remove(record)
+    assert held[-1] == [299_999]
+    assert {g for g, _ in walked} == {0, 1}  # young and middle collections, no full one
+    assert max(size for _, size in walked) <= 25_000  # was ~200,000 at 10,000 x 20
 
 
-async def test_an_app_process_listens_on_its_port_with_several_acceptors() -> None:
+async def test_an_app_process_listens_on_its_port_with_several_acceptors(
+    gc_restored: None,
+) -> None:
     """Each TCP socket gets ``ACCEPTORS`` listening handles (one accept queue): every
     connection is served whichever handle took it, and stopping closes them all."""
-    import asyncio  # noqa: PLC0415
-    import gc  # noqa: PLC0415
-
-    import uvicorn  # noqa: PLC0415
-
-    from tierq.embedded_redis import free_port  # noqa: PLC0415
 
     async def hello(scope: dict, receive: object, send: object) -> None:  # type: ignore[type-arg]
         assert scope["type"] == "http"
@@ -241,7 +243,7 @@ async def test_an_app_process_listens_on_its_port_with_several_acceptors() -> No
     config = uvicorn.Config(hello, host="127.0.0.1", port=port, lifespan="off", log_level="error")
     started = asyncio.Event()
     server = processes.AppServer(config, on_started=started.set)
-    before_fds, threshold = open_fds(), gc.get_threshold()
+    before_fds = open_fds()
     task = asyncio.create_task(server.serve())
     try:
         async with asyncio.timeout(10):
@@ -263,6 +265,4 @@ async def test_an_app_process_listens_on_its_port_with_several_acceptors() -> No
         server.should_exit = True
         async with asyncio.timeout(10):
             await task
-        gc.unfreeze()
-        gc.set_threshold(*threshold)
     assert open_fds() == before_fds  # every duplicate closed
