@@ -545,6 +545,24 @@ def commandstats_calls(raw: Mapping[str, Any]) -> dict[str, int]:
     }
 
 
+def speed_reference_ms(rounds: int = 7) -> float:
+    """How fast this machine runs Python right now: the median CPU time (ms) of a fixed piece
+    of pure-Python work (dicts, strings, calls, as a request's handling does). This VM's speed
+    drifts by tens of percent between hours and sessions, every process's CPU per unit of work
+    moving with it; results carry this reading taken at their start and end, so figures from
+    different runs can be told apart from a change of the machine (larger is slower)."""
+    times = []
+    for _ in range(rounds):
+        began = time.process_time()
+        table: dict[str, int] = {}
+        for i in range(20_000):
+            key = f"k{i % 512}"
+            table[key] = table.get(key, 0) + len(key.upper())
+            "-".join((key, str(i))).split("-")
+        times.append((time.process_time() - began) * 1000)
+    return round(statistics.median(times), 2)
+
+
 def machine_info(packages: tuple[str, ...]) -> dict[str, Any]:
     cpu_model = ""
     with contextlib.suppress(OSError):
@@ -568,6 +586,7 @@ def machine_info(packages: tuple[str, ...]) -> dict[str, Any]:
         "cpu_model": cpu_model,
         "mem_total_mib": mem_total_mib,
         "loadavg_at_start": list(os.getloadavg()),
+        "speed_reference_ms_at_start": speed_reference_ms(),
         "packages": versions,
     }
 
@@ -579,11 +598,20 @@ def results_head(benchmark: str, started: float, machine: dict[str, Any]) -> dic
         "benchmark": benchmark,
         "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
         "duration_s": round(time.time() - started, 1),
-        "machine": {**machine, "loadavg_at_end": list(os.getloadavg())},
+        "machine": {
+            **machine,
+            "loadavg_at_end": list(os.getloadavg()),
+            "speed_reference_ms_at_end": speed_reference_ms(),
+        },
     }
 
 
 def write_results(out: Path, doc: dict[str, Any]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(doc, indent=2) + "\n")
+    machine = doc.get("machine") or {}
+    start, end = (machine.get(f"speed_reference_ms_at_{when}") for when in ("start", "end"))
+    if start is not None:
+        at_end = f", {end} at end" if end is not None else ""
+        print(f"machine speed reference (ms of CPU, larger is slower): {start} at start{at_end}")
     print(f"wrote {out}")

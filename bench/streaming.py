@@ -14,8 +14,11 @@ A. streams K (K = 50, 100, 200, 500): K streamed jobs at once on the simulated m
    correctness. Token delay = arrival time at the client - the delta event's ``ts``, counted
    once per token (whitespace word) of the event; ``ts`` is stamped when the event is written,
    so for an event carrying several tokens it is the delay of its OLDEST token (an upper bound
-   for the others). Correctness per job: ``seq`` dense from 1 (no gap, no repeat), the deltas
-   joined with no separator equal the ``completed`` result, 100 words, terminal ``completed``.
+   for the others); ``token_delay_early_ms`` is the same for the text that was out before
+   the client's stream was open (it reached the client as replay, late by the stream's
+   opening), and ``submit_to_stream_open_ms`` how long that opening took. Correctness per
+   job: ``seq`` dense from 1 (no gap, no repeat), the deltas joined with no separator equal
+   the ``completed`` result, 100 words, terminal ``completed``.
 B. idle SSE connections (N = 5000): ``q_paid_stream`` paused through the admin API so N jobs
    stay queued; N SSE connections opened, each waits for its first event (``queued``); the
    app's VmRSS before and after (2 s settle) gives KiB per connection (target: <= 20 KiB);
@@ -236,6 +239,8 @@ class JobStream:
     seqs: list[int] = field(default_factory=list)
     texts: list[str] = field(default_factory=list)
     delays_ms: list[float] = field(default_factory=list)
+    early_delays_ms: list[float] = field(default_factory=list)  # text older than the stream
+    opened_ms: float | None = None  # when the SSE response's head arrived
     tokens: int = 0
     first_delta_ms: float | None = None
     terminal: str | None = None
@@ -259,6 +264,8 @@ class JobStream:
             if self.first_delta_ms is None:
                 self.first_delta_ms = arrived_ms
             self.delays_ms.extend([arrived_ms - data["ts"]] * words)
+            if self.opened_ms is not None and data["ts"] < self.opened_ms:
+                self.early_delays_ms.extend([arrived_ms - data["ts"]] * words)
             return False
         if kind in ("completed", "cancelled") or (kind == "failed" and not data.get("retryable")):
             self.terminal, self.result, self.done_ms = kind, data.get("result"), arrived_ms
@@ -297,6 +304,7 @@ async def follow(stream: JobStream, port: int) -> None:
     writer: asyncio.StreamWriter | None = None
     try:
         reader, writer, decoder, stream.framing = await sse_connect(port, stream.path)
+        stream.opened_ms = now_ms()
         parser = SseParser()
         while True:
             data = await reader.read(65536)
@@ -530,6 +538,8 @@ def streams_report(
     tokens = sum(s.tokens for s in streams)
     failures = Counter(r for r in map(check_stream, streams) if r is not None)
     delays = [d for s in streams for d in s.delays_ms]
+    early = [d for s in streams for d in s.early_delays_ms]
+    opens = [s.opened_ms - s.submit_ms for s in streams if s.opened_ms is not None]
     first = [s.first_delta_ms - s.submit_ms for s in streams if s.first_delta_ms is not None]
     return {
         "k": k,
@@ -549,6 +559,9 @@ def streams_report(
         "tokens_per_s": round(tokens / wall_s) if wall_s else None,
         "cpu": cpu_used(before, after, tokens),
         "token_delay_ms": summary(delays),
+        # tokens whose text was out before the client's stream was open (sent as replay)
+        "token_delay_early_ms": summary(early),
+        "submit_to_stream_open_ms": summary(opens),
         "submit_to_first_token_ms": summary(first),
         "delta_events_per_job_mean": round(sum(len(s.texts) for s in streams) / len(streams), 2)
         if streams
