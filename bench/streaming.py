@@ -73,6 +73,7 @@ from common import (
     results_head,
     run_system,
     serve_env,
+    speed_reference_ms,
     summary,
     vm_rss_kib,
     with_deadline,
@@ -683,7 +684,9 @@ async def scenarios(system: System, args: argparse.Namespace, label: str) -> dic
     out["streams"] = {}
     for k in args.ks:
         await asyncio.sleep(1.0)  # let the previous round's cleanup finish
+        speed = speed_reference_ms()  # the machine's speed now (it drifts; see common.py)
         out["streams"][str(k)] = await run_streams(system, k, f"{label} {k}", args.deadline_s)
+        out["streams"][str(k)]["speed_reference_ms"] = speed
         print(f"  [{label}] K={k}: {short_streams(out['streams'][str(k)])}", flush=True)
     if args.idle:
         idle_deadline = max(args.deadline_s, args.idle / 25)
@@ -771,7 +774,7 @@ def us(r: dict[str, Any], name: str) -> Any:
 
 def print_table(runs: dict[str, dict[str, Any]]) -> None:
     cols = "run        K  done  wall_s  x_model ok    tok/s  app_us  brk_us  rds_us  p50_ms  "
-    print("\n" + cols + "p99_ms  d/job fails")
+    print("\n" + cols + "p99_ms  d/job fails ref_ms")
     for label, run in runs.items():
         if "error" in run:
             print(f"{label:8} error: {run['error'][:200]}")
@@ -782,7 +785,8 @@ def print_table(runs: dict[str, dict[str, Any]]) -> None:
                 f"{r['last_done_over_model']!s:>8} {'y' if r['within_target'] else 'n':2} "
                 f"{r['tokens_per_s']!s:>8} {us(r, 'app')!s:>7} {us(r, 'broker')!s:>7} "
                 f"{us(r, 'app_redis')!s:>7} {d['p50']!s:>7} {d['p99']!s:>7} "
-                f"{r['delta_events_per_job_mean']!s:>6} {r['correctness_failures']:5}"
+                f"{r['delta_events_per_job_mean']!s:>6} {r['correctness_failures']:5} "
+                f"{r.get('speed_reference_ms')!s:>6}"
             )
     print("\nrun          N  queued  KiB/conn ok  healthz_p50_ms  healthz_max_ms")
     for label, run in runs.items():
@@ -981,6 +985,7 @@ def medians(done: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 MEDIAN_FIGURES = (
+    "speed_reference_ms",
     "wall_s",
     "last_done_over_model",
     "tokens_per_s",
