@@ -17,6 +17,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from tierq import redis_pool
 from tierq.redis_pool import LeanConnection, LeanPipeline, LeanPool, LeanRedis
 
 
@@ -312,3 +313,81 @@ async def test_a_socket_timeout_mid_pipeline_raises_and_answers_nothing(redis_ur
         assert await r.get("lp:to") == b"v"  # and the next call is in step again
     finally:
         await r.aclose()
+
+
+# -- read deadlines: one timer per loop instead of an asyncio.timeout per reply ----------------
+
+
+async def test_every_read_past_its_socket_timeout_fails_and_the_others_are_answered(
+    redis_url: str,
+) -> None:
+    """Many reads in flight share the loop's one deadline timer: each blocked one times out
+    after ``socket_timeout`` (not the first only, not never), replies that come in time are
+    answered, and the pool goes on in step."""
+    r = lean(redis_url, max_connections=12, socket_timeout=0.3)
+    other = aioredis.Redis.from_url(redis_url)
+    try:
+        await r.delete(*(f"dl:{i}" for i in range(10)))
+        started = time.monotonic()
+        blocked = [asyncio.create_task(r.blpop([f"dl:{i}"], timeout=3)) for i in range(8)]
+        answered = [asyncio.create_task(r.blpop([f"dl:{i}"], timeout=3)) for i in (8, 9)]
+        await in_use(r, 10)
+        await other.rpush("dl:8", "a")
+        await other.rpush("dl:9", "b")
+        assert await asyncio.gather(*answered) == [(b"dl:8", b"a"), (b"dl:9", b"b")]
+        results = await asyncio.gather(*blocked, return_exceptions=True)
+        assert all(isinstance(e, RedisTimeoutError) for e in results), results
+        assert time.monotonic() - started < 2.5  # ~0.3 s: far less than the 3 s BLPOPs
+        assert await r.ping()
+    finally:
+        await r.aclose()
+        await other.aclose()
+
+
+async def test_a_cancel_from_outside_at_the_deadline_stays_a_cancel(redis_url: str) -> None:
+    """As with ``asyncio.timeout``: when the task is cancelled from outside as well as by its
+    read's deadline, the caller sees the cancel, not a timeout."""
+    r = lean(redis_url, max_connections=1, socket_timeout=5)
+    try:
+        await r.delete("dl:c")
+        connection = r.connection_pool._available_connections[-1]
+        task = asyncio.create_task(r.blpop(["dl:c"], timeout=3))
+        await in_use(r, 1)
+        watch = connection._watch
+        assert watch.task is task
+        watch.deadline = 0.0  # its deadline has passed ...
+        task.cancel()  # ... and someone cancels it too, in the same turn of the loop
+        redis_pool._deadlines(asyncio.get_running_loop())._fire()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert await r.ping()
+    finally:
+        await r.aclose()
+
+
+async def test_a_read_deadline_moves_as_redis_py_relaxes_it(redis_url: str) -> None:
+    """redis-py's maintenance notifications relax a read in flight through the connection's
+    ``_active_read_timeout`` (``update_current_socket_timeout``): the read keeps going past
+    ``socket_timeout`` when relaxed to none, and times out by the new deadline otherwise."""
+    r = lean(redis_url, max_connections=1, socket_timeout=0.3)
+    other = aioredis.Redis.from_url(redis_url)
+    try:
+        await r.delete("dl:m")
+        connection = r.connection_pool._available_connections[-1]
+        task = asyncio.create_task(r.blpop(["dl:m"], timeout=5))
+        await in_use(r, 1)
+        connection.update_current_socket_timeout(None)  # no deadline while it lasts
+        await asyncio.sleep(0.6)  # twice the socket timeout: the read is still waiting
+        assert not task.done()
+        await other.rpush("dl:m", "v")
+        assert await task == (b"dl:m", b"v")
+        task = asyncio.create_task(r.blpop(["dl:m"], timeout=5))
+        await in_use(r, 1)
+        started = time.monotonic()
+        connection.update_current_socket_timeout(0.1)  # a tighter one
+        with pytest.raises(RedisTimeoutError):
+            await task
+        assert time.monotonic() - started < 0.29  # by the new deadline, not the old one
+    finally:
+        await r.aclose()
+        await other.aclose()
