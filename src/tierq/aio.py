@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import weakref
 from collections.abc import AsyncIterator, Callable
+from typing import Generic, TypeVar
+
+T = TypeVar("T")
 
 
 def raise_if_cancelled() -> None:
@@ -17,6 +21,25 @@ def raise_if_cancelled() -> None:
     task = asyncio.current_task()
     if task is not None and task.cancelling():
         raise asyncio.CancelledError
+
+
+class PerLoop(Generic[T]):
+    """One ``make(loop)`` per event loop, made on first use and dropped with its loop (a loop's
+    shared timer, say)."""
+
+    __slots__ = ("_made", "_make")
+
+    def __init__(self, make: Callable[[asyncio.AbstractEventLoop], T]) -> None:
+        self._make = make
+        self._made: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, T] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def __call__(self, loop: asyncio.AbstractEventLoop) -> T:
+        made = self._made.get(loop)
+        if made is None:
+            self._made[loop] = made = self._make(loop)
+        return made
 
 
 async def ticks(every_s: float, first_s: float | None = None) -> AsyncIterator[None]:

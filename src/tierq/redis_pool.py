@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import asyncio
 import inspect
-import weakref
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar, cast
 
@@ -65,7 +64,7 @@ from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.maint_notifications import MaintenanceState
 
-from tierq.aio import TIMER_SLACK_S
+from tierq.aio import TIMER_SLACK_S, PerLoop
 
 T = TypeVar("T")
 DRIVER_INFO = DriverInfo(name="redis-py", lib_version=redis.__version__)
@@ -161,16 +160,7 @@ def _read_error(exc: BaseException, watch: _ReadWatch, host_error: str) -> Excep
     return None
 
 
-_DEADLINES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, ReadDeadlines] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def _deadlines(loop: asyncio.AbstractEventLoop) -> ReadDeadlines:
-    deadlines = _DEADLINES.get(loop)
-    if deadlines is None:
-        _DEADLINES[loop] = deadlines = ReadDeadlines(loop)
-    return deadlines
+_deadlines = PerLoop(ReadDeadlines)
 
 
 class LeanConnection(Connection):

@@ -18,10 +18,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
-import weakref
 from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
+from tierq.aio import PerLoop
 from tierq.config import ModelSettings
 from tierq.contracts import JobInput, Usage
 from tierq.providers.base import Chunk, Finish, ProviderError, ProviderRequest
@@ -190,13 +190,4 @@ class _Metronome:
                 waiter.set_result(None)
 
 
-_METRONOMES: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _Metronome] = (
-    weakref.WeakKeyDictionary()
-)
-
-
-def _metronome(loop: asyncio.AbstractEventLoop) -> _Metronome:
-    metronome = _METRONOMES.get(loop)
-    if metronome is None:
-        _METRONOMES[loop] = metronome = _Metronome(loop)
-    return metronome
+_metronome = PerLoop(_Metronome)
