@@ -24,12 +24,13 @@ def raise_if_cancelled() -> None:
 
 
 class PerLoop(Generic[T]):
-    """One ``make(loop)`` per event loop, made on first use and dropped with its loop (a loop's
-    shared timer, say)."""
+    """One ``make()`` per event loop, made on first use and dropped with its loop (a loop's
+    shared timer, say). What ``make`` returns must not hold the loop (it would keep the loop,
+    and itself, alive for ever): it asks ``asyncio.get_running_loop()`` when it needs it."""
 
     __slots__ = ("_made", "_make")
 
-    def __init__(self, make: Callable[[asyncio.AbstractEventLoop], T]) -> None:
+    def __init__(self, make: Callable[[], T]) -> None:
         self._make = make
         self._made: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, T] = (
             weakref.WeakKeyDictionary()
@@ -38,7 +39,7 @@ class PerLoop(Generic[T]):
     def __call__(self, loop: asyncio.AbstractEventLoop) -> T:
         made = self._made.get(loop)
         if made is None:
-            self._made[loop] = made = self._make(loop)
+            self._made[loop] = made = self._make()
         return made
 
 

@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import math
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any, TypeVar, cast
 
@@ -97,19 +98,18 @@ class ReadDeadlines:
     ``asyncio.timeout`` would (the read raises ``TimeoutError`` unless the task was also
     cancelled from outside)."""
 
-    __slots__ = ("_at", "_handle", "_loop", "watches")
+    __slots__ = ("_armed", "_at", "watches")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+    def __init__(self) -> None:
         self.watches: set[_ReadWatch] = set()
-        self._handle: asyncio.TimerHandle | None = None
-        self._at = 0.0
+        self._at = math.inf  # when the armed timer fires (none armed: never)
+        self._armed = 0  # which timer is the armed one (one replaced by an earlier fires idle)
 
     def begin(self, watch: _ReadWatch, task: asyncio.Task[Any], timeout: float) -> None:
         watch.task = task
         watch.cancelling = task.cancelling()
         watch.expired = False
-        watch.deadline = deadline = self._loop.time() + timeout
+        watch.deadline = deadline = asyncio.get_running_loop().time() + timeout
         self.watches.add(watch)
         self.due(deadline)
 
@@ -118,16 +118,18 @@ class ReadDeadlines:
         watch.task = None
 
     def due(self, deadline: float) -> None:
-        """Make sure the timer fires by ``deadline``."""
-        if self._handle is None or deadline < self._at:
-            if self._handle is not None:
-                self._handle.cancel()
+        """Make sure the timer fires by ``deadline``. (No timer handle is kept: it holds its
+        loop, and so would keep a closed loop alive through :class:`PerLoop`.)"""
+        if deadline < self._at:
             self._at = deadline
-            self._handle = self._loop.call_at(deadline, self._fire)
+            self._armed += 1
+            asyncio.get_running_loop().call_at(deadline, self._fire, self._armed)
 
-    def _fire(self) -> None:
-        self._handle = None
-        now = self._loop.time() + TIMER_SLACK_S  # the loop's timers fire to the millisecond
+    def _fire(self, armed: int) -> None:
+        if armed != self._armed:
+            return  # replaced by a timer for an earlier deadline
+        self._at = math.inf
+        now = asyncio.get_running_loop().time() + TIMER_SLACK_S  # timers fire to the ms
         later = None
         for watch in self.watches:
             deadline = watch.deadline

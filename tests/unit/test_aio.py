@@ -1,12 +1,17 @@
-"""raise_if_cancelled: a loop whose awaits may swallow a cancel still stops when cancelled."""
+"""raise_if_cancelled: a loop whose awaits may swallow a cancel still stops when cancelled.
+PerLoop: one object per event loop, gone with its loop."""
 
 from __future__ import annotations
 
 import asyncio
+import gc
 
 import pytest
+import uvloop
 
-from tierq.aio import raise_if_cancelled
+from tierq.aio import PerLoop, raise_if_cancelled
+from tierq.providers.simulated import _Metronome
+from tierq.redis_pool import ReadDeadlines, _ReadWatch
 
 
 async def swallowing_call() -> str:
@@ -43,3 +48,31 @@ async def test_nothing_happens_without_a_cancel() -> None:
         return "done"
 
     assert await asyncio.wait_for(asyncio.create_task(job()), 2) == "done"
+
+
+@pytest.mark.parametrize("new_loop", [asyncio.new_event_loop, uvloop.new_event_loop])
+def test_per_loop_objects_are_made_once_per_loop_and_go_with_it(new_loop: object) -> None:
+    """The Redis read deadlines (with a timer still pending when their loop closes) and the
+    simulated model's metronome must not keep their loop alive: each held it (through the
+    timer handle or a reference to the loop), so every closed loop of the tests stayed."""
+    deadlines = PerLoop(ReadDeadlines)
+    metronomes = PerLoop(_Metronome)
+
+    async def use() -> None:
+        loop = asyncio.get_running_loop()
+        assert deadlines(loop) is deadlines(loop)
+        task = asyncio.current_task()
+        assert task is not None
+        watch = _ReadWatch()
+        deadlines(loop).begin(watch, task, 30)  # its timer fires in 30 s: pending at close
+        deadlines(loop).end(watch)
+        await metronomes(loop).wait(loop.time() + 0.002)
+
+    for _ in range(3):
+        loop = new_loop()  # type: ignore[operator]
+        loop.run_until_complete(use())
+        loop.close()
+        del loop
+    gc.collect()
+    assert len(deadlines._made) == 0
+    assert len(metronomes._made) == 0

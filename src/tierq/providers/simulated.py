@@ -167,20 +167,20 @@ class _Metronome:
     second; ~40 % of the model's own CPU in a micro-benchmark). A wait ends at the first
     millisecond boundary at or after its time, never before it."""
 
-    __slots__ = ("loop", "slots")
+    __slots__ = ("slots",)
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
+    def __init__(self) -> None:
         self.slots: dict[int, list[asyncio.Future[None]]] = {}
 
     def wait(self, when: float) -> asyncio.Future[None]:
         """A future of its own for each waiter: cancelling one wait leaves the others."""
+        loop = asyncio.get_running_loop()
         slot = math.ceil(when * 1000)
         waiters = self.slots.get(slot)
         if waiters is None:
             self.slots[slot] = waiters = []
-            self.loop.call_at(slot / 1000, self._ring, slot)
-        waiter: asyncio.Future[None] = self.loop.create_future()
+            loop.call_at(slot / 1000, self._ring, slot)
+        waiter: asyncio.Future[None] = loop.create_future()
         waiters.append(waiter)
         return waiter
 
