@@ -294,6 +294,34 @@ async def test_lean_commands_answer_through_the_reply_callbacks(redis_url: str) 
         await r.aclose()
 
 
+async def test_lean_commands_answer_as_redis_pys_own_with_their_options(redis_url: str) -> None:
+    """Replies whose callbacks take options (``withscores``), a command answered by an
+    ``EMPTY_RESPONSE`` instead of Redis's error (``MGET`` of no keys), the ``keys`` option kept
+    from the callbacks, replies left undecoded: the same as redis-py's own client gives."""
+    r = lean(redis_url)
+    stock = aioredis.Redis.from_url(redis_url)
+    try:
+        await stock.delete("lo:z", "lo:a", "lo:b", "lo:h")
+        await stock.zadd("lo:z", {"x": 1.5, "y": 2})
+        await stock.mset({"lo:a": "1", "lo:b": "2"})
+        await stock.hset("lo:h", mapping={"f": "v"})
+        for client in (r, stock):
+            assert await client.zrange("lo:z", 0, -1, withscores=True) == [(b"x", 1.5), (b"y", 2.0)]
+            assert await client.zrange("lo:z", 0, -1, withscores=True, score_cast_func=int) == [
+                (b"x", 1),
+                (b"y", 2),
+            ]
+            assert await client.mget("lo:a", "lo:missing", "lo:b") == [b"1", None, b"2"]
+            assert await client.mget([]) == []
+            assert await client.hgetall("lo:h") == {b"f": b"v"}
+            assert await client.dump("lo:a") == await stock.dump("lo:a")
+            assert await client.xadd("lo:s", {"e": "1"}, id="1-1") == b"1-1"
+            await client.delete("lo:s")
+    finally:
+        await r.aclose()
+        await stock.aclose()
+
+
 async def test_a_socket_timeout_mid_pipeline_raises_and_answers_nothing(redis_url: str) -> None:
     """A read that fails with ETIMEDOUT (a TimeoutError since Python 3.11) must fail the batch
     as redis-py does, never turn the replies still to come into ``None``s."""
