@@ -264,9 +264,10 @@ class JobStream:
             self.tokens += words
             if self.first_delta_ms is None:
                 self.first_delta_ms = arrived_ms
-            self.delays_ms.extend([arrived_ms - data["ts"]] * words)
+            delays = [arrived_ms - data["ts"]] * words
+            self.delays_ms.extend(delays)
             if self.opened_ms is not None and data["ts"] < self.opened_ms:
-                self.early_delays_ms.extend([arrived_ms - data["ts"]] * words)
+                self.early_delays_ms.extend(delays)
             return False
         if kind in ("completed", "cancelled") or (kind == "failed" and not data.get("retryable")):
             self.terminal, self.result, self.done_ms = kind, data.get("result"), arrived_ms

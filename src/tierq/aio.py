@@ -24,7 +24,8 @@ def raise_if_cancelled() -> None:
 
 
 class PerLoop(Generic[T]):
-    """One ``make()`` per event loop, made on first use and dropped with its loop (a loop's
+    """One ``make()`` per event loop, the running loop's made on first use (calling the
+    ``PerLoop``) and dropped with its loop (a loop's
     shared timer, say). What ``make`` returns must not hold the loop (it would keep the loop,
     and itself, alive for ever): it asks ``asyncio.get_running_loop()`` when it needs it."""
 
@@ -36,7 +37,8 @@ class PerLoop(Generic[T]):
             weakref.WeakKeyDictionary()
         )
 
-    def __call__(self, loop: asyncio.AbstractEventLoop) -> T:
+    def __call__(self) -> T:
+        loop = asyncio.get_running_loop()
         made = self._made.get(loop)
         if made is None:
             self._made[loop] = made = self._make()

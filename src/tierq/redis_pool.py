@@ -87,7 +87,7 @@ class _ReadWatch:
     def reschedule(self, deadline: float | None) -> None:
         self.deadline = deadline
         if deadline is not None:
-            _deadlines(asyncio.get_running_loop()).due(deadline)
+            _deadlines().due(deadline)
 
 
 class ReadDeadlines:
@@ -105,11 +105,12 @@ class ReadDeadlines:
         self._at = math.inf  # when the armed timer fires (none armed: never)
         self._armed = 0  # which timer is the armed one (one replaced by an earlier fires idle)
 
-    def begin(self, watch: _ReadWatch, task: asyncio.Task[Any], timeout: float) -> None:
+    def begin(self, watch: _ReadWatch, task: asyncio.Task[Any], deadline: float) -> None:
+        """``watch`` is ``task``'s read, due by loop time ``deadline``."""
         watch.task = task
         watch.cancelling = task.cancelling()
         watch.expired = False
-        watch.deadline = deadline = asyncio.get_running_loop().time() + timeout
+        watch.deadline = deadline
         self.watches.add(watch)
         self.due(deadline)
 
@@ -207,8 +208,9 @@ class LeanConnection(Connection):
                 push_request=push_request,
             )  # fmt: skip
         watch = self._watch
-        deadlines = _deadlines(asyncio.get_running_loop())
-        deadlines.begin(watch, task, read_timeout)
+        deadlines = _deadlines()
+        loop = asyncio.get_running_loop()
+        deadlines.begin(watch, task, loop.time() + read_timeout)
         self._active_read_timeout = watch  # type: ignore[assignment] # notifications move it
         try:
             response = await self._read_response_from_parser(
@@ -225,7 +227,7 @@ class LeanConnection(Connection):
             self._active_read_timeout = None
             deadlines.end(watch)
         if self.health_check_interval:
-            self.next_health_check = asyncio.get_running_loop().time() + self.health_check_interval
+            self.next_health_check = loop.time() + self.health_check_interval
         if isinstance(response, ResponseError):
             raise response from None
         return response

@@ -385,7 +385,7 @@ async def test_a_cancel_from_outside_at_the_deadline_stays_a_cancel(redis_url: s
         assert watch.task is task
         watch.deadline = 0.0  # its deadline has passed ...
         task.cancel()  # ... and someone cancels it too, in the same turn of the loop
-        deadlines = redis_pool._deadlines(asyncio.get_running_loop())
+        deadlines = redis_pool._deadlines()
         deadlines._fire(deadlines._armed)
         with pytest.raises(asyncio.CancelledError):
             await task

@@ -60,13 +60,13 @@ def test_per_loop_objects_are_made_once_per_loop_and_go_with_it(new_loop: object
 
     async def use() -> None:
         loop = asyncio.get_running_loop()
-        assert deadlines(loop) is deadlines(loop)
+        assert deadlines() is deadlines()
         task = asyncio.current_task()
         assert task is not None
         watch = _ReadWatch()
-        deadlines(loop).begin(watch, task, 30)  # its timer fires in 30 s: pending at close
-        deadlines(loop).end(watch)
-        await metronomes(loop).wait(loop.time() + 0.002)
+        deadlines().begin(watch, task, loop.time() + 30)  # its timer: pending at close
+        deadlines().end(watch)
+        await metronomes().wait(loop.time() + 0.002)
 
     for _ in range(3):
         loop = new_loop()  # type: ignore[operator]

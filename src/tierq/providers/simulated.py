@@ -146,7 +146,7 @@ class _Clock:
     def __init__(self, latency_s: float) -> None:
         self.latency_s = latency_s
         self.loop = asyncio.get_running_loop()  # once, not per token
-        self.metronome = _metronome(self.loop)
+        self.metronome = _metronome()
         self.start = self.loop.time()
 
     async def due(self, index: int) -> int:
