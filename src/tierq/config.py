@@ -297,6 +297,10 @@ class Settings(BaseSettings):
     dispatch_lookahead: int = Field(default=8, ge=1, le=100)
     dispatch_max_scan: int = Field(default=256, ge=1)
     dispatch_reconcile_s: float = Field(default=2.0, gt=0)
+    # the process that dispatches a job starts running it as soon as it is published; its
+    # QStash delivery, reaching that process, takes the run's answer (tierq.worker.local). Off
+    # when the worker routes are served by another deployment than the one that dispatches
+    local_start: bool = True
     # a parked job hears where it stands again at most this often (when it moved meaningfully)
     waiting_update_s: float = Field(default=5.0, gt=0)
     # an admission lease lives while its job does: every admission_sweep_s one process renews

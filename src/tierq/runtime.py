@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+import functools
+from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 from qstash import Receiver
@@ -23,6 +24,7 @@ from tierq.providers.registry import ProviderRegistry
 from tierq.redis_cluster import cluster_client
 from tierq.redis_pool import LeanConnection, LeanPool, LeanRedis
 from tierq.usage.ledger import Ledger
+from tierq.worker.local import LocalRuns
 
 
 @dataclass
@@ -123,8 +125,13 @@ class Runtime:
     """Bounds the job-admission round trips in flight in this process (a submit's admission,
     a delivery's claim and start; see ``Settings.admission_concurrency``)."""
 
+    local: LocalRuns = field(default_factory=LocalRuns)
+    """The runs this process started at dispatch (``Settings.local_start``)."""
+
     async def aclose_streams(self) -> None:
-        """Stop dispatching, write pending deltas and stop following logs (at shutdown)."""
+        """Stop local runs and dispatching, write pending deltas and stop following logs (at
+        shutdown)."""
+        await self.local.stop()
         await self.dispatcher.stop()
         await self.deltas.stop()
         await self.hub.stop()
@@ -159,7 +166,7 @@ def build_runtime(
         settings.sse_client_buffer_bytes,
         cluster=settings.redis_cluster,
     )
-    return Runtime(
+    rt = Runtime(
         settings=settings,
         redis=client,
         keys=keys,
@@ -183,3 +190,6 @@ def build_runtime(
         ledger=ledger,
         admission=asyncio.Semaphore(settings.admission_concurrency),
     )
+    if settings.local_start:
+        dispatcher.on_published = functools.partial(rt.local.start, rt)
+    return rt

@@ -35,6 +35,14 @@ def system(make_system: Callable[..., System]) -> System:
 
 
 @pytest.fixture
+def held_system(make_system: Callable[..., System]) -> System:
+    """A system whose jobs run only when QStash delivers them (no local start): a QStash queue
+    paused behind tierq's back holds them, as a test that needs a job held (queued, or its
+    message to deliver by hand) wants."""
+    return make_system(local_start=False)
+
+
+@pytest.fixture
 def fake() -> Iterator[FakeOpenAI]:
     """An OpenAI-compatible upstream served by the suite."""
     with FakeOpenAI() as upstream:

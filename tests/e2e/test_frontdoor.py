@@ -286,7 +286,7 @@ def test_queue_full_is_an_openai_rate_limit_with_retry_after(
     make_system: Callable[..., System],
 ) -> None:
     queues = {q: QueueSettings(parallelism=1, admission_depth=1) for q in QueueId}
-    system = make_system(queues=queues, admission_retry_after_s=3)
+    system = make_system(queues=queues, admission_retry_after_s=3, local_start=False)
     qstash = QStash(DEV.token, base_url=system.broker.url)
     try:
         qstash.queue.pause("q_paid_stream")
@@ -355,7 +355,8 @@ def only_admitted(system: System, queue: str) -> str:
     return str(members[0].decode())
 
 
-def test_client_leaving_while_its_job_is_queued_cancels_the_job(system: System) -> None:
+def test_client_leaving_while_its_job_is_queued_cancels_the_job(held_system: System) -> None:
+    system = held_system
     qstash = QStash(DEV.token, base_url=system.broker.url)
     try:
         qstash.queue.pause("q_paid_stream")

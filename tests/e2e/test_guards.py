@@ -146,7 +146,8 @@ def test_cancel_running_job_stops_within_100ms_and_releases(system: System) -> N
     assert system.job(job_id)["status"] == "cancelled"
 
 
-def test_cancel_queued_job(system: System) -> None:
+def test_cancel_queued_job(held_system: System) -> None:
+    system = held_system
     qstash = QStash(DEV.token, base_url=system.broker.url)
     try:
         qstash.queue.pause("q_paid_stream")
@@ -165,7 +166,7 @@ def test_cancel_queued_job(system: System) -> None:
 
 def test_admission_full_answers_429_then_recovers(make_system: Callable[..., System]) -> None:
     queues = {q: QueueSettings(parallelism=1, admission_depth=2) for q in QueueId}
-    system = make_system(queues=queues, admission_retry_after_s=3)
+    system = make_system(queues=queues, admission_retry_after_s=3, local_start=False)
     qstash = QStash(DEV.token, base_url=system.broker.url)
     try:
         qstash.queue.pause("q_paid_stream")
@@ -218,7 +219,9 @@ def test_one_user_cannot_take_a_whole_queue(make_system: Callable[..., System]) 
     other = "tq_test_free_2"
     keys = {FREE: UserSettings(id="dev-free", plan="free"),
             other: UserSettings(id="free-2", plan="free")}  # fmt: skip
-    system = make_system(api_keys=keys, user_queue_limits=TierLimits(paid=5, free=2))
+    system = make_system(
+        api_keys=keys, user_queue_limits=TierLimits(paid=5, free=2), local_start=False
+    )
     qstash = QStash(DEV.token, base_url=system.broker.url)
     qstash.queue.pause("q_free_stream")  # jobs stay admitted, not finished
     try:

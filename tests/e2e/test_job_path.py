@@ -125,7 +125,8 @@ def test_queue_parallelism_is_honoured(make_system: Callable[..., System]) -> No
     assert most_at_once(intervals) == 3
 
 
-def test_paused_queue_holds_jobs_until_resumed(system: System) -> None:
+def test_paused_queue_holds_jobs_until_resumed(held_system: System) -> None:
+    system = held_system
     qstash = QStash(DEV.token, base_url=system.broker.url)
     try:
         qstash.queue.pause("q_paid_stream")
@@ -141,7 +142,8 @@ def test_paused_queue_holds_jobs_until_resumed(system: System) -> None:
         qstash.http._client.close()
 
 
-def test_submits_arriving_together_are_published_in_batches(system: System) -> None:
+def test_submits_arriving_together_are_published_in_batches(held_system: System) -> None:
+    system = held_system
     kinds = [("batch", "paid"), ("batch", "free"), ("stream", "paid"), ("stream", "free")] * 15
     qstash = QStash(DEV.token, base_url=system.broker.url)
     qstash.queue.pause("q_free_batch")  # shows each batched message went to its own queue

@@ -60,7 +60,7 @@ def cancel(system: System, job: dict[str, Any], key: str) -> None:
 
 
 def test_gauges_show_every_queue(make_system: Callable[..., System]) -> None:
-    system = make_system(queue_metrics_s=0.2, qstash_retries=0)
+    system = make_system(queue_metrics_s=0.2, qstash_retries=0, local_start=False)
     token = system.settings.admin_token
     client = QStash(DEV.token, base_url=system.broker.url)
     try:

@@ -108,7 +108,7 @@ def test_a_share_below_100_needs_forwarding_legacy_routes() -> None:
 def test_redirect_mode_answers_308_and_the_unified_route_takes_the_delivery(
     make_system: Callable[..., System],
 ) -> None:
-    system = make_system(legacy_routes="redirect")
+    system = make_system(legacy_routes="redirect", local_start=False)
     d = paused_delivery(system, input={"prompt": "x", "simulate": {"tokens": 2}})
     before = snapshot(system, d.job_id)
     legacy_signed = signed_headers(system, LEGACY_ROUTE, d.body, d.message_id)
@@ -124,7 +124,7 @@ def test_redirect_mode_answers_308_and_the_unified_route_takes_the_delivery(
 
 
 def test_redirect_mode_checks_signatures_on_both_routes(make_system: Callable[..., System]) -> None:
-    system = make_system(legacy_routes="redirect")
+    system = make_system(legacy_routes="redirect", local_start=False)
     d = paused_delivery(system)
     before = snapshot(system, d.job_id)
     other_kind = signed_headers(system, "/api/worker/paid/batch/chat", d.body, d.message_id)
@@ -141,7 +141,7 @@ def test_redirect_mode_checks_signatures_on_both_routes(make_system: Callable[..
 def test_forward_mode_does_not_take_legacy_signatures_on_unified_routes(
     make_system: Callable[..., System],
 ) -> None:
-    system = make_system(legacy_routes="forward")
+    system = make_system(legacy_routes="forward", local_start=False)
     d = paused_delivery(system)
     before = snapshot(system, d.job_id)
     legacy_signed = signed_headers(system, LEGACY_ROUTE, d.body, d.message_id)

@@ -92,7 +92,7 @@ def test_each_ending_is_tracked_once(
 def test_a_job_cancelled_while_queued_is_tracked(
     make_system: Callable[..., System], audit_out: io.StringIO
 ) -> None:
-    system = make_system()
+    system = make_system(local_start=False)
     client = QStash(DEV.token, base_url=system.broker.url)
     try:
         client.queue.pause("q_paid_stream")  # QStash holds it: the job stays queued

@@ -28,6 +28,12 @@ BATCH_ROUTE = "/api/worker/batch/chat"
 LEGACY_ROUTE = "/api/worker/paid/stream/chat"
 
 
+@pytest.fixture
+def system(held_system: System) -> System:
+    """Deliveries here are made by hand: no local start runs the job first."""
+    return held_system
+
+
 @dataclass
 class Delivery:
     job_id: str
@@ -195,7 +201,9 @@ def test_a_redelivered_message_does_not_run_the_job_again(system: System) -> Non
 def test_a_delivery_without_leases_parks_its_job_again_when_full(
     make_system: Callable[..., System],
 ) -> None:
-    system = make_system(models={"sim": ModelSettings(limits=TierLimits(paid=1, free=1))})
+    system = make_system(
+        local_start=False, models={"sim": ModelSettings(limits=TierLimits(paid=1, free=1))}
+    )
     d = paused_delivery(system, input={"prompt": "x", "simulate": {"tokens": 2}})
     k = system.keys
     model = k.model_guard("sim", "paid")
@@ -276,7 +284,7 @@ def test_a_stream_job_on_the_batch_route_is_non_retryable(system: System) -> Non
 
 
 def test_legacy_route_forwards_to_the_unified_handler(make_system: Callable[..., System]) -> None:
-    system = make_system(legacy_routes="forward")
+    system = make_system(local_start=False, legacy_routes="forward")
     d = paused_delivery(system, input={"prompt": "x", "simulate": {"tokens": 3}})
     headers = signed_headers(system, LEGACY_ROUTE, d.body, d.message_id)
     res = deliver(system, LEGACY_ROUTE, d.body, headers)
@@ -290,7 +298,7 @@ def test_legacy_route_forwards_to_the_unified_handler(make_system: Callable[...,
 
 
 def test_legacy_route_hint_names_the_unified_route(make_system: Callable[..., System]) -> None:
-    system = make_system(legacy_routes="hint")
+    system = make_system(local_start=False, legacy_routes="hint")
     d = paused_delivery(system)
     before = snapshot(system, d.job_id)
     headers = signed_headers(system, LEGACY_ROUTE, d.body, d.message_id)
@@ -302,7 +310,7 @@ def test_legacy_route_hint_names_the_unified_route(make_system: Callable[..., Sy
 
 
 def test_legacy_route_off_is_absent(make_system: Callable[..., System]) -> None:
-    system = make_system(legacy_routes="off")
+    system = make_system(local_start=False, legacy_routes="off")
     d = paused_delivery(system)
     before = snapshot(system, d.job_id)
     headers = signed_headers(system, LEGACY_ROUTE, d.body, d.message_id)
@@ -318,7 +326,7 @@ def test_legacy_route_off_is_absent(make_system: Callable[..., System]) -> None:
 def test_legacy_route_refuses_a_bad_signature(
     make_system: Callable[..., System], mode: str
 ) -> None:
-    system = make_system(legacy_routes=mode)
+    system = make_system(local_start=False, legacy_routes=mode)
     d = paused_delivery(system)
     before = snapshot(system, d.job_id)
     for name, request in bad_deliveries(system, d, LEGACY_ROUTE).items():
@@ -368,7 +376,7 @@ def test_a_malformed_retry_count_is_refused(system: System, retried: str) -> Non
 
 
 def test_a_forged_retry_count_does_not_end_a_job_early(make_system: Callable[..., System]) -> None:
-    system = make_system(qstash_retries=3)
+    system = make_system(local_start=False, qstash_retries=3)
     d = paused_delivery(system, input={"prompt": "x", "simulate": {"fail": "error"}})
     headers = signed_headers(system, STREAM_ROUTE, d.body, d.message_id, retried=3)
     res = deliver(system, STREAM_ROUTE, d.body, headers)

@@ -59,6 +59,9 @@ def test_validate(raw: bytes, route: str, service: str, code: str | None) -> Non
         assert result.error.body["error"]["code"] == code
 
 
+UPSTREAM_4XX = '{"code": "upstream_4xx", "message": "no", "retryable": false}'
+
+
 def record(**fields: str) -> JobState | None:
     """The state as the store parses it from a record holding ``fields``."""
     return JobState.parse(fields)
@@ -74,7 +77,19 @@ def record(**fields: str) -> JobState | None:
         (record(status="running"), "m1", True, ("busy", 429)),
         (record(status="completed"), "m1", False, ("done", "completed")),
         (record(status="cancelled"), "m1", False, ("done", "cancelled")),
-        (record(status="failed", failedMessageId="m1"), "m1", False, ("done", "failed")),
+        (
+            record(status="failed", failedMessageId="m1", error=UPSTREAM_4XX),
+            "m1",
+            False,
+            ("dlq", "upstream_4xx"),
+        ),
+        (record(status="failed", failedMessageId="m1"), "m1", False, ("dlq", "failed")),
+        (
+            record(status="failed", failedMessageId="m1", error="[1]"),
+            "m1",
+            False,
+            ("dlq", "failed"),
+        ),
         (record(status="failed", failedMessageId="m1"), "m2", False, Decision("run", revive=True)),
         (record(status="failed"), "m1", False, Decision("run", revive=True)),  # no failing id
         (record(status="queued", cancelRequested="1"), "m1", False, Decision("cancel")),
@@ -93,6 +108,10 @@ def test_decide(state: JobState | None, message_id: str, alive: bool, expected: 
     if kind == "busy":
         assert result.error.status == 429
         assert result.error.headers["Retry-After"] == "7"
+    elif kind == "dlq":
+        assert result.error.status == 489
+        assert result.error.headers["Upstash-NonRetryable-Error"] == "true"
+        assert result.error.body["error"]["code"] == value
     else:
         assert result.error.status == 200
         assert result.error.body["status"] == value

@@ -107,12 +107,13 @@ class Admission:
     tokens: Quota | None = None
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Out:
     job_id: str
     dedup_id: str
     body: str
     data: dict[str, Any]
+    traceparent: str | None = None  # what its publish sent QStash (its delivery's parent)
 
     @classmethod
     def of(cls, job_id: Any, dedup_id: Any, body: Any) -> _Out:
@@ -150,6 +151,11 @@ class Dispatcher:
         self.metrics = metrics
         self._scripts = _load(client)
         self.also_scripts: list[AsyncScript] = []  # others' scripts queued on run_pipeline
+        # told of each job this process published: the local start (tierq.worker.local)
+        # (job id, message id, worker body, the body parsed,
+        # and the traceparent its publish sent)
+        self.on_published: Callable[[str, str, str, dict[str, Any], str | None], None] | None
+        self.on_published = None
         self._reconciler: asyncio.Task[None] | None = None
         queues = ";".join(
             f"{q.value}={conf.parallelism}={int(conf.paused)}"
@@ -501,6 +507,10 @@ class Dispatcher:
             if failed:
                 self._queue_script(pipe, "requeue", failed)
 
+        if self.on_published is not None:  # alongside the confirm: its round trip is not
+            for o in out:  # the run's business (were it lost, the job goes back to its line,
+                if o.job_id in sent:  # is published again and finds itself running or ended)
+                    self.on_published(o.job_id, sent[o.job_id], o.body, o.data, o.traceparent)
         try:
             await self.run_pipeline(build)
         except RedisError as exc:  # the reconciler requeues what was not confirmed
@@ -530,7 +540,7 @@ class Dispatcher:
             parent={"traceparent": submitted} if submitted else None,
             attributes={"tierq.job_id": o.job_id, "tierq.queue": data["queueId"]},
         ):
-            traceparent = current_traceparent() if submitted else None
+            traceparent = o.traceparent = current_traceparent() if submitted else None
             return await self.gateway.publish_raw(
                 data["queueId"], url, o.body, int(data["maxRetries"]), o.dedup_id,
                 headers={"traceparent": traceparent} if traceparent else None,

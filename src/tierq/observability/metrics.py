@@ -53,6 +53,10 @@ class Metrics:
             "tierq_time_to_first_token_seconds", "Start of the run to the first delta", ["queue"],
             buckets=_WAIT_BUCKETS, registry=r,
         )  # fmt: skip
+        self.local_runs = Counter(
+            "tierq_local_runs", "Runs started where their job was dispatched (started), and "
+            "deliveries that took such a run's answer (adopted)", ["event"], registry=r,
+        )  # fmt: skip
         self.guard_waits = Counter(
             "tierq_guard_waits", "Deliveries without leases that found a guard full (parked)",
             ["guard"], registry=r,

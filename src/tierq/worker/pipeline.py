@@ -7,6 +7,7 @@ success, failure, exception, timeout and cancellation (of the job or of the requ
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -67,9 +68,13 @@ async def run_delivery(
     message_id: str,
     retried: int,
     headers: Mapping[str, str] | None = None,
+    *,
+    local: bool = False,
 ) -> Reply:
     """Run one delivery, traced as ``tierq.delivery`` in the job's trace: the ``traceparent``
-    QStash forwarded (``headers``), else the one its body kept."""
+    QStash forwarded (``headers``), else the one its body kept. ``local``: not a delivery but
+    the run this process started when it dispatched the job (:mod:`tierq.worker.local`); a
+    delivery of the same message that reaches this process meanwhile takes its answer."""
     checked = validate(raw, route, service)
     if isinstance(checked, Err):
         return checked.error
@@ -85,8 +90,11 @@ async def run_delivery(
         attributes = {"tierq.job_id": body.job_id, "tierq.queue": body.queue_id.value,
                       "tierq.message_id": message_id, "tierq.retried": retried}  # fmt: skip
     try:
+        adopted = None if local else await _adopt(rt, body, message_id)
+        if adopted is not None:
+            return adopted
         with span("tierq.delivery", kind=SpanKind.SERVER, parent=parent, attributes=attributes):
-            return await _run(rt, body, raw, message_id, retried)
+            return await _run(rt, body, raw, message_id, local)
     except UpstreamError as exc:
         log.warning("worker.upstream_error", error=str(exc))
         # QStash honours Retry-After on a failed delivery (else its backoff: 12 s at first)
@@ -97,7 +105,52 @@ async def run_delivery(
         structlog.contextvars.unbind_contextvars("job_id", "queue", "user")
 
 
-async def _run(rt: Runtime, body: WorkerBody, raw: bytes, message_id: str, retried: int) -> Reply:
+async def run_local(
+    rt: Runtime,
+    raw: bytes,
+    route: WorkerKind,
+    service: str,
+    message_id: str,
+    traceparent: str | None = None,
+) -> Reply:
+    """The run this process starts for a job it just published (see :mod:`tierq.worker.local`),
+    traced under the publish (``traceparent``) as its delivery would be."""
+    headers = {"traceparent": traceparent} if traceparent else None
+    return await run_delivery(rt, raw, route, service, message_id, 0, headers, local=True)
+
+
+async def _adopt(rt: Runtime, body: WorkerBody, message_id: str) -> Reply | None:
+    """The answer of this process's local run of this message (waiting for it to end), or
+    ``None``: there is none, or it did not run the job (a delivery got there first). The wait
+    is shielded: a delivery that goes away leaves the run going."""
+    run = rt.local.find(body.job_id, message_id)
+    if run is None:
+        return None
+    if isinstance(run, Reply):
+        reply = run
+    else:
+        rt.local.waiting += 1
+        try:
+            reply = await asyncio.shield(run)
+        finally:
+            rt.local.waiting -= 1
+    if not reply.ran:
+        return None
+    rt.local.adopted += 1
+    rt.metrics.local_runs.labels("adopted").inc()
+    return reply
+
+
+async def _unless_local(
+    rt: Runtime, body: WorkerBody, message_id: str, local: bool, reply: Reply
+) -> Reply:
+    """``reply`` (the job runs elsewhere), unless the run is this process's local start of this
+    message: then that run's answer."""
+    adopted = None if local else await _adopt(rt, body, message_id)
+    return reply if adopted is None else adopted
+
+
+async def _run(rt: Runtime, body: WorkerBody, raw: bytes, message_id: str, local: bool) -> Reply:
     with rt.cancels.watch(body.job_id) as cancel:  # before reading state: no cancel is missed
         # the claim goes with the read (one round trip); a delivery that must not run gives
         # back what it took, unless the job runs elsewhere (then they are that run's leases)
@@ -117,7 +170,9 @@ async def _run(rt: Runtime, body: WorkerBody, raw: bytes, message_id: str, retri
                 )  # fmt: skip
             if state is None or state.terminal:
                 await rt.dispatcher.release(body)  # nobody runs a job that is gone or ended
-            return decision.error
+                return decision.error
+            # it may have started here (at dispatch) while this delivery read its state
+            return await _unless_local(rt, body, message_id, local, decision.error)
         if decision.value.revive and not await rt.gateway.carries_job(message_id, body.job_id):
             log.warning("worker.revive_refused", message_id=message_id)
             await rt.dispatcher.release(body)
@@ -126,7 +181,7 @@ async def _run(rt: Runtime, body: WorkerBody, raw: bytes, message_id: str, retri
             reply = await record_cancelled(rt, body)
             await cleanup(rt, body, [], True, _ended_unrun(rt, body))
             _track(body, "cancelled")
-            return reply
+            return dataclasses.replace(reply, ran=True)
         held: list[tuple[str, str]] = []
         finished = False
         hands_off = False  # the job is parked again, or another delivery runs it: keep out
@@ -141,12 +196,12 @@ async def _run(rt: Runtime, body: WorkerBody, raw: bytes, message_id: str, retri
                 reply = await record_cancelled(rt, body)
                 await cleanup(rt, body, held, True, _ended_unrun(rt, body))
                 _track(body, "cancelled")
-                return reply
+                return dataclasses.replace(reply, ran=True)
             async with rt.admission:
                 run = await _start(rt, body, state, decision.value.revive)
-            if run == "taken":  # a concurrent delivery of this job started this run first
+            if run == "taken":  # a concurrent delivery (or the local start) started it first
                 hands_off = True
-                return done("running_elsewhere")
+                return await _unless_local(rt, body, message_id, local, done("running_elsewhere"))
             if isinstance(run, str):  # cancelled (or expired) while we took the guards
                 finished = True
                 return done("skipped")
@@ -192,7 +247,7 @@ async def _end(
     await cleanup(rt, body, held, finished, write, used)
     if finished:
         _track(body, outcome.kind, run, outcome)
-    return ending.reply
+    return dataclasses.replace(ending.reply, ran=True)
 
 
 def _adaptation(rt: Runtime, body: WorkerBody, outcome: Outcome) -> str | None:

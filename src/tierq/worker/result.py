@@ -30,6 +30,8 @@ class Reply:
     status: int
     body: dict[str, Any]
     headers: dict[str, str] = field(default_factory=dict)
+    ran: bool = False
+    """The delivery ran the job (or ended it): its answer is the job's, not a refusal."""
 
 
 def done(status: str, **extra: Any) -> Reply:

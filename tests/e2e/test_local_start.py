@@ -1,0 +1,130 @@
+"""Local start: the process that dispatches a job runs it at once; its QStash delivery, reaching
+that process, takes the run's answer (``tierq.worker.local``). Real broker, real HTTP, real Redis.
+
+The causal lever in each test is the broker's queue: paused behind tierq's back, QStash holds the
+job's message, so whatever runs the job meanwhile cannot be its delivery.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from qstash import QStash
+
+from helpers import wait_until
+from system import DEV, PAID, System
+
+QUEUE = "q_paid_stream"
+
+
+@contextmanager
+def qstash(system: System) -> Iterator[QStash]:
+    client = QStash(DEV.token, base_url=system.broker.url)
+    try:
+        yield client
+    finally:
+        client.http._client.close()  # type: ignore[attr-defined]
+
+
+def submit(system: System, simulate: dict[str, Any]) -> str:
+    res = system.submit(PAID, input={"prompt": "local start", "simulate": simulate})
+    assert res.status_code == 202, res.text
+    job_id: str = res.json()["jobId"]
+    return job_id
+
+
+def types(system: System, job_id: str) -> list[str]:
+    return [e["type"] for e in system.log_events(job_id)]
+
+
+def message_gone(client: QStash, message_id: str) -> Callable[[], bool]:
+    """The broker no longer holds the message: its delivery was answered 2xx."""
+
+    def gone() -> bool:
+        try:
+            client.message.get(message_id)
+        except Exception:  # the SDK raises on 404
+            return True
+        return False
+
+    return gone
+
+
+def test_a_job_runs_where_it_was_dispatched_while_qstash_still_holds_its_message(
+    make_system: Callable[..., System],
+) -> None:
+    system = make_system()
+    rt = system.runtime
+    with qstash(system) as client:
+        client.queue.pause(QUEUE)  # the delivery cannot come: only a local run can run the job
+        job_id = submit(system, {"tokens": 3, "token_latency_ms": 5})
+        wait_until(lambda: system.job(job_id)["status"] == "completed", timeout=10)
+        message_id = system.redis.hget(system.keys.job(job_id), "messageId")
+        assert message_id is not None
+        message_id = message_id.decode()
+        client.message.get(message_id)  # still held by QStash: not how the job ran
+        assert rt.local.started == 1
+        client.queue.resume(QUEUE)  # the delivery now finds the job completed: answered 200
+        wait_until(message_gone(client, message_id), timeout=10)
+    assert types(system, job_id).count("started") == 1
+    assert types(system, job_id).count("completed") == 1
+    assert rt.local.adopted == 1  # it came after the run ended and took the answer it left
+    assert len(rt.local) == 0
+
+
+def test_a_delivery_that_arrives_during_the_local_run_takes_its_answer(
+    make_system: Callable[..., System],
+) -> None:
+    system = make_system()
+    rt = system.runtime
+    with qstash(system) as client:
+        client.queue.pause(QUEUE)
+        job_id = submit(system, {"fail": "hang"})  # runs until cancelled
+        wait_until(lambda: system.job(job_id)["status"] == "running", timeout=10)
+        client.queue.resume(QUEUE)
+        wait_until(lambda: rt.local.waiting == 1, timeout=10)  # the delivery waits for the run
+        assert types(system, job_id).count("started") == 1  # it did not start another
+        res = system.http.delete(f"/api/jobs/{job_id}", headers={"Authorization": f"Bearer {PAID}"})
+        assert res.status_code == 200, res.text
+        wait_until(lambda: rt.local.adopted == 1, timeout=10)
+        message_id = system.redis.hget(system.keys.job(job_id), "messageId")
+        assert message_id is not None
+        wait_until(message_gone(client, message_id.decode()), timeout=10)  # answered 2xx
+    assert system.job(job_id)["status"] == "cancelled"
+    assert types(system, job_id).count("cancelled") == 1
+    assert rt.local.waiting == 0
+    assert system.metric("tierq_local_runs_total", '{event="adopted"}') == 1
+
+
+def test_a_retryable_failure_of_the_local_run_is_retried_through_its_delivery(
+    make_system: Callable[..., System],
+) -> None:
+    system = make_system()
+    with qstash(system) as client:
+        client.queue.pause(QUEUE)
+        # the first attempt fails with an upstream 5xx after half its tokens
+        job_id = submit(system, {"tokens": 4, "token_latency_ms": 5, "fail": "error",
+                                 "fail_attempts": 1})  # fmt: skip
+        wait_until(lambda: "failed" in types(system, job_id), timeout=10)
+        assert system.job(job_id)["status"] != "completed"  # nothing ran it again yet
+        client.queue.resume(QUEUE)  # its delivery (or, if it came late, QStash's retry) runs it
+        wait_until(lambda: system.job(job_id)["status"] == "completed", timeout=15)
+    kinds = types(system, job_id)
+    assert kinds.count("started") == 2
+    assert kinds.count("completed") == 1
+    assert system.job(job_id)["attempts"] == 2
+
+
+def test_with_local_start_off_the_job_waits_for_its_delivery(
+    make_system: Callable[..., System],
+) -> None:
+    system = make_system(local_start=False)
+    with qstash(system) as client:
+        client.queue.pause(QUEUE)
+        job_id = submit(system, {"tokens": 2, "token_latency_ms": 5})
+        assert system.redis.hget(system.keys.job(job_id), "messageId") is not None  # published
+        client.queue.resume(QUEUE)
+        wait_until(lambda: system.job(job_id)["status"] == "completed", timeout=10)
+    assert system.runtime.local.started == 0
