@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
@@ -191,5 +190,6 @@ def build_runtime(
         admission=asyncio.Semaphore(settings.admission_concurrency),
     )
     if settings.local_start:
-        dispatcher.on_published = functools.partial(rt.local.start, rt)
+        rt.local.bind(rt)
+        dispatcher.local = rt.local
     return rt

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import orjson
 import redis.asyncio as aioredis
@@ -43,6 +43,9 @@ from tierq.keys import AppKeys
 from tierq.observability.metrics import Metrics
 from tierq.observability.tracing import current_traceparent, span
 from tierq.queues import QueueId, delivery_path
+
+if TYPE_CHECKING:
+    from tierq.worker.local import LocalRuns
 
 log = structlog.get_logger("tierq.dispatch")
 _SWEPT = ("status", "userId", "messageId", "createdAt")  # what the sweep reads of a record
@@ -151,11 +154,8 @@ class Dispatcher:
         self.metrics = metrics
         self._scripts = _load(client)
         self.also_scripts: list[AsyncScript] = []  # others' scripts queued on run_pipeline
-        # told of each job this process published: the local start (tierq.worker.local)
-        # (job id, message id, worker body, the body parsed,
-        # and the traceparent its publish sent)
-        self.on_published: Callable[[str, str, str, dict[str, Any], str | None], None] | None
-        self.on_published = None
+        # the local start: told of each job this process publishes (tierq.worker.local)
+        self.local: LocalRuns | None = None
         self._reconciler: asyncio.Task[None] | None = None
         queues = ";".join(
             f"{q.value}={conf.parallelism}={int(conf.paused)}"
@@ -495,7 +495,22 @@ class Dispatcher:
         if not rows:
             return {}
         out = [_Out.of(*rows[i : i + 3]) for i in range(0, len(rows), 3)]
-        results = await asyncio.gather(*(self._send(o) for o in out), return_exceptions=True)
+        local = self.local
+        if local is not None:
+            for o in out:
+                local.expect(o.job_id)
+        results: list[Any] = [None] * len(out)
+        try:
+            results = await asyncio.gather(*(self._send(o) for o in out), return_exceptions=True)
+        finally:
+            if local is not None:  # before the confirm: its round trip is not the run's
+                # business (were it lost, the job goes back to its line, is published again
+                # and finds itself running or ended)
+                for o, r in zip(out, results, strict=True):
+                    if isinstance(r, str):
+                        local.start(o.job_id, r, o.body, o.data, o.traceparent)
+                    else:
+                        local.unexpect(o.job_id)
         sent = {o.job_id: r for o, r in zip(out, results, strict=True) if isinstance(r, str)}
         failed = [o.job_id for o in out if o.job_id not in sent]
 
@@ -507,10 +522,6 @@ class Dispatcher:
             if failed:
                 self._queue_script(pipe, "requeue", failed)
 
-        if self.on_published is not None:  # alongside the confirm: its round trip is not
-            for o in out:  # the run's business (were it lost, the job goes back to its line,
-                if o.job_id in sent:  # is published again and finds itself running or ended)
-                    self.on_published(o.job_id, sent[o.job_id], o.body, o.data, o.traceparent)
         try:
             await self.run_pipeline(build)
         except RedisError as exc:  # the reconciler requeues what was not confirmed

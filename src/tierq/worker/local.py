@@ -49,28 +49,53 @@ KEEP_MAX = 10_000
 
 @dataclass
 class _Run:
-    message_id: str
-    task: asyncio.Task[Reply]
+    """A local run, or one about to start: its job's publish is in flight (``task`` None)."""
+
+    ready: asyncio.Future[None]  # done once the publish answered (started, or not)
+    message_id: str = ""
+    task: asyncio.Task[Reply] | None = None
     taken: bool = False  # a delivery waits for its answer
 
 
 class LocalRuns:
-    """The runs this process started at dispatch, by job id, until each ends."""
+    """The runs this process started at dispatch, by job id, until each ends (see module doc).
+
+    A job's entry is made before its publish is sent (:meth:`expect`): a delivery that comes
+    while the publish's answer is still on its way waits for it, then for the run, instead of
+    racing it (measured with no-op jobs: without this, most deliveries reached the app before
+    the publish's answer and ran the claim a second time)."""
 
     def __init__(self) -> None:
         self._runs: dict[str, _Run] = {}
         # ended runs' answers for their deliveries: job id -> (message id, answer, kept until)
         self._ended: OrderedDict[str, tuple[str, Reply, float]] = OrderedDict()
+        self._rt: Runtime | None = None
         self.started = 0  # runs started here (for tests and metrics)
         self.adopted = 0  # deliveries that took a local run's answer
         self.waiting = 0  # deliveries waiting for a local run now
 
     def __len__(self) -> int:
-        return len(self._runs)
+        return sum(1 for run in self._runs.values() if run.task is not None)
+
+    def bind(self, rt: Runtime) -> None:
+        """Run jobs with ``rt`` (the dispatcher then tells this object what it publishes)."""
+        self._rt = rt
+
+    def expect(self, job_id: str) -> None:
+        """``job_id``'s publish is about to be sent."""
+        if job_id not in self._runs:
+            self._runs[job_id] = _Run(asyncio.get_running_loop().create_future())
+
+    def unexpect(self, job_id: str) -> None:
+        """``job_id``'s publish failed: no run here (a delivery waiting on it goes on alone)."""
+        run = self._runs.get(job_id)
+        if run is not None and run.task is None:
+            del self._runs[job_id]
+            if not run.ready.done():
+                run.ready.set_result(None)
 
     def start(
         self,
-        rt: Runtime,
         job_id: str,
         message_id: str,
         body: str,
@@ -78,16 +103,22 @@ class LocalRuns:
         traceparent: str | None = None,
     ) -> None:
         """Run the published job ``job_id`` (its worker ``body``, parsed as ``data``) here."""
-        if job_id in self._runs:
-            return
+        rt = self._rt
+        run = self._runs.get(job_id)
+        if rt is None or (run is not None and run.task is not None):
+            return  # running here already (published again meanwhile)
         from tierq.worker.pipeline import run_local  # noqa: PLC0415 (the pipeline imports us)
 
+        if run is None:
+            run = self._runs[job_id] = _Run(asyncio.get_running_loop().create_future())
         route = worker_kind(data["experience"])
-        task = asyncio.create_task(
+        run.message_id = message_id
+        run.task = task = asyncio.create_task(
             run_local(rt, body.encode(), route, str(data["service"]), message_id, traceparent),
             name=f"tierq-local-{job_id}",
         )
-        self._runs[job_id] = _Run(message_id, task)
+        if not run.ready.done():
+            run.ready.set_result(None)
         self.started += 1
         rt.metrics.local_runs.labels("started").inc()
         task.add_done_callback(lambda done: self._finished(job_id, message_id, done))
@@ -98,7 +129,6 @@ class LocalRuns:
             del self._runs[job_id]
         if task.cancelled() or (run is not None and run.taken):
             return  # a delivery waits for this answer already: it is not given twice
-            return
         if task.exception() is not None:
             log.error("worker.local_run_crashed", job_id=job_id, error=repr(task.exception()))
             return
@@ -113,11 +143,16 @@ class LocalRuns:
                     break
                 self._ended.popitem(last=False)
 
-    def find(self, job_id: str, message_id: str) -> asyncio.Task[Reply] | Reply | None:
-        """The local run of this message of ``job_id`` while it runs, or its answer once it
-        ended (given once: the delivery takes it)."""
+    def find(
+        self, job_id: str, message_id: str
+    ) -> asyncio.Future[None] | asyncio.Task[Reply] | Reply | None:
+        """For a delivery of this message of ``job_id``: the publish in flight (a future to
+        wait for, then ask again), the local run while it runs, or its answer once it ended
+        (given once: the delivery takes it); ``None``: no local run of this message."""
         run = self._runs.get(job_id)
         if run is not None:
+            if run.task is None:
+                return run.ready
             if run.message_id != message_id:
                 return None
             run.taken = True
@@ -131,7 +166,7 @@ class LocalRuns:
     async def stop(self) -> None:
         """Cancel the runs still going (at shutdown, after requests in flight had their
         grace): each cleans up as a cancelled delivery does; QStash delivers the job again."""
-        tasks = [run.task for run in self._runs.values()]
+        tasks = [run.task for run in self._runs.values() if run.task is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

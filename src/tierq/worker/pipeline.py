@@ -131,6 +131,9 @@ async def _adopt(rt: Runtime, body: WorkerBody, message_id: str) -> Reply | None
     else:
         rt.local.waiting += 1
         try:
+            if not isinstance(run, asyncio.Task):  # its publish is on its way back: then ask
+                await asyncio.shield(run)
+                return await _adopt(rt, body, message_id)
             reply = await asyncio.shield(run)
         finally:
             rt.local.waiting -= 1

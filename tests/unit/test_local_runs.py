@@ -1,0 +1,128 @@
+"""LocalRuns' bookkeeping: what a delivery finds for a job while its publish is in flight, while
+its local run runs, and after (the run itself is stood in for: the pipeline is tested end to end
+in tests/e2e/test_local_start.py)."""
+
+from __future__ import annotations
+
+import asyncio
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from tierq.observability.metrics import Metrics
+from tierq.worker import local as local_module
+from tierq.worker import pipeline
+from tierq.worker.local import LocalRuns
+from tierq.worker.result import Reply, done
+
+DATA = {"experience": "stream", "service": "chat"}
+
+
+@pytest.fixture
+def runs(monkeypatch: pytest.MonkeyPatch) -> tuple[LocalRuns, dict[str, asyncio.Future[Reply]]]:
+    """LocalRuns whose runs end when the test says (``ends[job id]``)."""
+    ends: dict[str, asyncio.Future[Reply]] = {}
+
+    async def run_local(rt: Any, raw: bytes, *args: Any) -> Reply:
+        job_id = raw.decode()
+        ends[job_id] = asyncio.get_running_loop().create_future()
+        return await ends[job_id]
+
+    monkeypatch.setattr(pipeline, "run_local", run_local)
+    local = LocalRuns()
+    local.bind(SimpleNamespace(metrics=Metrics()))  # type: ignore[arg-type]
+    return local, ends
+
+
+async def settle() -> None:
+    for _ in range(3):
+        await asyncio.sleep(0)
+
+
+async def test_a_delivery_during_the_publish_waits_for_it_then_finds_the_run(
+    runs: tuple[LocalRuns, dict[str, asyncio.Future[Reply]]],
+) -> None:
+    local, ends = runs
+    local.expect("j1")
+    pending = local.find("j1", "m1")
+    assert isinstance(pending, asyncio.Future)
+    assert not pending.done()
+    local.start("j1", "m1", "j1", DATA)
+    assert pending.done()
+    task = local.find("j1", "m1")
+    assert isinstance(task, asyncio.Task)
+    assert local.find("j1", "m-other") is None  # another message of the job: not this run
+    await settle()
+    ends["j1"].set_result(Reply(200, {"status": "completed"}, ran=True))
+    assert (await task).status == 200
+    await settle()
+    assert local.find("j1", "m1") is None  # its answer went to the delivery that waited
+    assert len(local) == 0
+
+
+async def test_a_failed_publish_lets_the_waiting_delivery_go_on_alone(
+    runs: tuple[LocalRuns, dict[str, asyncio.Future[Reply]]],
+) -> None:
+    local, _ = runs
+    local.expect("j1")
+    pending = local.find("j1", "m1")
+    assert isinstance(pending, asyncio.Future)
+    local.unexpect("j1")
+    assert pending.done()
+    assert local.find("j1", "m1") is None
+    assert local.started == 0
+
+
+async def test_an_ended_run_keeps_its_answer_for_its_delivery_once(
+    runs: tuple[LocalRuns, dict[str, asyncio.Future[Reply]]],
+) -> None:
+    local, ends = runs
+    local.start("j1", "m1", "j1", DATA)
+    local.start("j2", "m2", "j2", DATA)
+    local.start("j1", "m1", "j1", DATA)  # published again while it runs: not a second run
+    assert local.started == 2
+    await settle()
+    answer = Reply(489, {"error": {"code": "fatal"}}, ran=True)
+    ends["j1"].set_result(answer)
+    ends["j2"].set_result(done("running_elsewhere"))  # it did not run the job: nothing kept
+    await settle()
+    assert local.find("j1", "m-other") is None
+    assert local.find("j1", "m1") is answer
+    assert local.find("j1", "m1") is None  # given once
+    assert local.find("j2", "m2") is None
+
+
+async def test_answers_are_kept_for_a_while_and_a_bounded_number(
+    runs: tuple[LocalRuns, dict[str, asyncio.Future[Reply]]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    local, ends = runs
+    monkeypatch.setattr(local_module, "KEEP_MAX", 2)
+    for i in range(3):
+        local.start(f"j{i}", f"m{i}", f"j{i}", DATA)
+    await settle()
+    for i in range(3):
+        ends[f"j{i}"].set_result(Reply(200, {"status": "completed"}, ran=True))
+        await settle()
+    assert local.find("j0", "m0") is None  # the oldest went first
+    assert local.find("j2", "m2") is not None
+    assert local.find("j1", "m1") is not None
+    monkeypatch.setattr(local_module, "KEEP_S", 0.0)  # answers now outlive nothing
+    local.start("j3", "m3", "j3", DATA)
+    await settle()
+    ends["j3"].set_result(Reply(200, {"status": "completed"}, ran=True))
+    await settle()
+    assert local.find("j3", "m3") is None  # too old
+
+
+async def test_stop_cancels_the_runs_still_going(
+    runs: tuple[LocalRuns, dict[str, asyncio.Future[Reply]]],
+) -> None:
+    local, _ = runs
+    local.start("j1", "m1", "j1", DATA)
+    task = local.find("j1", "m1")
+    assert isinstance(task, asyncio.Task)
+    await settle()
+    await local.stop()
+    assert task.cancelled()
+    assert len(local) == 0
