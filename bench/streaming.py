@@ -16,7 +16,8 @@ A. streams K (K = 50, 100, 200, 500): K streamed jobs at once on the simulated m
    so for an event carrying several tokens it is the delay of its OLDEST token (an upper bound
    for the others); ``token_delay_early_ms`` is the same for the text that was out before
    the client's stream was open (it reached the client as replay, late by the stream's
-   opening), and ``submit_to_stream_open_ms`` how long that opening took. Correctness per
+   opening; the sooner a job starts, the more of its text that is), ``token_delay_live_ms``
+   for the rest, and ``submit_to_stream_open_ms`` how long that opening took. Correctness per
    job: ``seq`` dense from 1 (no gap, no repeat), the deltas joined with no separator equal
    the ``completed`` result, 100 words, terminal ``completed``.
 B. idle SSE connections (N = 5000): ``q_paid_stream`` paused through the admin API so N jobs
@@ -241,6 +242,7 @@ class JobStream:
     texts: list[str] = field(default_factory=list)
     delays_ms: list[float] = field(default_factory=list)
     early_delays_ms: list[float] = field(default_factory=list)  # text older than the stream
+    live_delays_ms: list[float] = field(default_factory=list)  # text out once it was open
     opened_ms: float | None = None  # when the SSE response's head arrived
     tokens: int = 0
     first_delta_ms: float | None = None
@@ -268,6 +270,8 @@ class JobStream:
             self.delays_ms.extend(delays)
             if self.opened_ms is not None and data["ts"] < self.opened_ms:
                 self.early_delays_ms.extend(delays)
+            else:
+                self.live_delays_ms.extend(delays)
             return False
         if kind in ("completed", "cancelled") or (kind == "failed" and not data.get("retryable")):
             self.terminal, self.result, self.done_ms = kind, data.get("result"), arrived_ms
@@ -541,6 +545,7 @@ def streams_report(
     failures = Counter(r for r in map(check_stream, streams) if r is not None)
     delays = [d for s in streams for d in s.delays_ms]
     early = [d for s in streams for d in s.early_delays_ms]
+    live = [d for s in streams for d in s.live_delays_ms]
     opens = [s.opened_ms - s.submit_ms for s in streams if s.opened_ms is not None]
     first = [s.first_delta_ms - s.submit_ms for s in streams if s.first_delta_ms is not None]
     return {
@@ -563,6 +568,8 @@ def streams_report(
         "token_delay_ms": summary(delays),
         # tokens whose text was out before the client's stream was open (sent as replay)
         "token_delay_early_ms": summary(early),
+        # the others: out while the client's stream was open (what tierq alone decides)
+        "token_delay_live_ms": summary(live),
         "submit_to_stream_open_ms": summary(opens),
         "submit_to_first_token_ms": summary(first),
         "delta_events_per_job_mean": round(sum(len(s.texts) for s in streams) / len(streams), 2)
@@ -753,10 +760,12 @@ def ratios(current: dict[str, Any], baseline: dict[str, Any]) -> dict[str, Any]:
 
 
 def short_streams(r: dict[str, Any]) -> str:
+    live, early = r.get("token_delay_live_ms") or {}, r.get("token_delay_early_ms") or {}
     return (
         f"{r['jobs_completed']}/{r['k']} completed, wall {r['wall_s']} s "
         f"(x{r['last_done_over_model']} model), {r['tokens_per_s']} tok/s, "
-        f"delay p50/p99 {r['token_delay_ms']['p50']}/{r['token_delay_ms']['p99']} ms, "
+        f"delay p50/p99 {r['token_delay_ms']['p50']}/{r['token_delay_ms']['p99']} ms "
+        f"(live {live.get('p50')}/{live.get('p99')}, early {early.get('n')} tokens), "
         f"{r['correctness_failures']} failures"
     )
 

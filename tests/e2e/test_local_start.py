@@ -11,10 +11,13 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+import httpx
 from qstash import QStash
 
-from helpers import wait_until
-from system import DEV, PAID, System
+from helpers import ServerThread, wait_until
+from system import DEV, PAID, System, sample
+from tierq.app import create_app
+from tierq.embedded_redis import free_port
 
 QUEUE = "q_paid_stream"
 
@@ -128,3 +131,37 @@ def test_with_local_start_off_the_job_waits_for_its_delivery(
         client.queue.resume(QUEUE)
         wait_until(lambda: system.job(job_id)["status"] == "completed", timeout=10)
     assert system.runtime.local.started == 0
+
+
+def test_a_delivery_that_reaches_another_process_waits_for_the_local_run(
+    make_system: Callable[..., System],
+) -> None:
+    """Two app processes on one Redis and one broker (as replicas): A dispatches and runs the
+    job, QStash delivers it to B. B does not answer 429 (a retry spent, and a long job could
+    reach the DLQ while it runs): it waits for A's run, then answers as the job ended."""
+    port_b = free_port()
+    a = make_system(public_url=f"http://127.0.0.1:{port_b}")  # A's deliveries go to B
+    b = ServerThread(create_app(a.settings), port=port_b).start()  # same Redis, keys, broker
+    try:
+        rt_b = b.server.config.app.state.runtime
+        with qstash(a) as client:
+            client.queue.pause(QUEUE)
+            job_id = submit(a, {"fail": "hang"})  # runs until cancelled
+            wait_until(lambda: a.job(job_id)["status"] == "running", timeout=10)
+            assert a.runtime.local.started == 1
+            client.queue.resume(QUEUE)
+            wait_until(lambda: rt_b.local.awaiting_elsewhere == 1, timeout=10)
+            res = a.http.delete(f"/api/jobs/{job_id}", headers={"Authorization": f"Bearer {PAID}"})
+            assert res.status_code == 200, res.text
+            message_id = a.redis.hget(a.keys.job(job_id), "messageId")
+            assert message_id is not None
+            wait_until(message_gone(client, message_id.decode()), timeout=15)  # answered 2xx
+        text = httpx.get(f"{b.url}/metrics").text
+        assert sample(text, "tierq_worker_deliveries_total", '{route="unified",status="200"}') == 1
+        assert sample(text, "tierq_worker_deliveries_total", '{route="unified",status="429"}') == 0
+        assert rt_b.local.started == 0
+        assert rt_b.local.awaiting_elsewhere == 0
+        assert types(a, job_id).count("started") == 1
+        assert a.job(job_id)["status"] == "cancelled"
+    finally:
+        b.stop()

@@ -13,7 +13,7 @@ FULL = {
     "modelId": "sim", "service": "chat", "experience": "stream", "createdAt": "1000",
     "startedAt": "1100", "finishedAt": "1500", "attempts": "2", "seq": "9", "terminalSeq": "9",
     "result": "hi", "usage": '{"inputTokens":1}', "error": '{"code":"x"}', "messageId": "m2",
-    "failedMessageId": "m2", "cancelRequested": "1", "beatAt": "1400",
+    "failedMessageId": "m2", "cancelRequested": "1", "beatAt": "1400", "localRun": "m2",
 }  # fmt: skip
 
 
@@ -25,7 +25,7 @@ def test_every_field_of_the_record_is_typed() -> None:
         service="chat", experience="stream", created_at=1000, started_at=1100,
         finished_at=1500, attempts=2, seq=9, terminal_seq=9, result="hi",
         usage='{"inputTokens":1}', error='{"code":"x"}', message_id="m2",
-        failed_message_id="m2", cancel_requested=True, beat_at=1400,
+        failed_message_id="m2", cancel_requested=True, beat_at=1400, local_run="m2",
     )  # fmt: skip
 
 
@@ -39,6 +39,7 @@ def test_every_field_of_the_record_is_typed() -> None:
         ({"status": "queued", "messageId": None}, JobState(status="queued")),
         ({"status": "running", "attempts": "x"}, JobState(status="running")),  # never written
         ({"beatAt": "5"}, JobState(beat_at=5)),  # a record without a status
+        ({"status": "running", "localRun": ""}, JobState(status="running")),  # a delivery's run
     ],
 )
 def test_parse(raw: dict[Any, Any], expected: JobState | None) -> None:

@@ -202,6 +202,14 @@ class JobStore:
     async def delete(self, job_id: str) -> None:
         await self.r.delete(*self._job_keys(job_id))
 
+    async def last(self, job_id: str) -> tuple[str, str] | None:
+        """The job's last log entry (id, event JSON); ``None`` when the log is empty or gone."""
+        rows: Any = await self.r.xrevrange(self.keys.job_events(job_id), count=1)
+        if not rows:
+            return None
+        entry_id, fields = rows[0]
+        return _s(entry_id), _s(fields[b"e"] if b"e" in fields else fields["e"])
+
     async def read(
         self, job_id: str, after: str | None, count: int = 500, *, until: str | None = None
     ) -> list[tuple[str, str]]:

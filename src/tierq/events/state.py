@@ -5,7 +5,8 @@ Who writes what: ``create.lua`` (status, seq and the submit's userId, tier, queu
 service, experience, createdAt), ``append.lua`` (status, seq, terminalSeq and the fields of the
 event: startedAt and attempts at a start, result, usage, error, finishedAt and failedMessageId at
 the end), ``cancel.lua`` (cancelRequested, or status, terminalSeq and finishedAt), the dispatcher
-(messageId once published) and a run's heartbeat (beatAt).
+(messageId once published) and a run's heartbeat (beatAt); a run started at dispatch
+(``tierq.worker.local``) writes its message id as localRun with its start (empty otherwise).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from tierq.contracts import TERMINAL_STATUSES
 FIELDS = (
     "status", "userId", "tier", "queueId", "modelId", "service", "experience", "createdAt",
     "startedAt", "finishedAt", "attempts", "seq", "terminalSeq", "result", "usage", "error",
-    "messageId", "failedMessageId", "cancelRequested", "beatAt",
+    "messageId", "failedMessageId", "cancelRequested", "beatAt", "localRun",
 )  # fmt: skip
 """Every field of the record, as the scripts spell them."""
 
@@ -62,6 +63,7 @@ class JobState:
     failed_message_id: str | None = None
     cancel_requested: bool = False
     beat_at: int | None = None
+    local_run: str | None = None  # the message id of the run, when a local start runs it
 
     @classmethod
     def parse(cls, raw: Mapping[Any, Any]) -> JobState | None:
@@ -91,6 +93,7 @@ class JobState:
             failed_message_id=got.get("failedMessageId"),
             cancel_requested=got.get("cancelRequested") == "1",
             beat_at=_int(got.get("beatAt")),
+            local_run=got.get("localRun") or None,
         )
 
     @property

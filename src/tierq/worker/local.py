@@ -73,6 +73,7 @@ class LocalRuns:
         self.started = 0  # runs started here (for tests and metrics)
         self.adopted = 0  # deliveries that took a local run's answer
         self.waiting = 0  # deliveries waiting for a local run now
+        self.awaiting_elsewhere = 0  # deliveries waiting for another process's local run
 
     def __len__(self) -> int:
         return sum(1 for run in self._runs.values() if run.task is not None)

@@ -16,11 +16,13 @@ from typing import Any
 
 import structlog
 from opentelemetry.trace import SpanKind
+from redis.exceptions import RedisError
 
 from tierq.aio import raise_if_cancelled, ticks
 from tierq.contracts import Started, WorkerBody
 from tierq.errors import UpstreamError
 from tierq.events.cancel import poll_cancel_flag
+from tierq.events.codec import entry
 from tierq.events.state import JobState
 from tierq.guards.heartbeat import heartbeat
 from tierq.observability.logging import log_job_event, track_job
@@ -38,6 +40,9 @@ from tierq.worker.steps.validate import validate
 
 log = structlog.get_logger("tierq.worker")
 
+
+_RUN_ENDS = frozenset({"completed", "failed", "cancelled"})
+"""Event types that end a run (a failed one may be retried: the job goes on, that run not)."""
 
 RECORD_GRACE_MS = 5000
 """How long after its submit a dispatched job without a record is taken for one still being
@@ -94,7 +99,9 @@ async def run_delivery(
         if adopted is not None:
             return adopted
         with span("tierq.delivery", kind=SpanKind.SERVER, parent=parent, attributes=attributes):
-            return await _run(rt, body, raw, message_id, local)
+            while (reply := await _run(rt, body, raw, message_id, local)) is None:
+                pass  # it waited for the job's run in another process: look again
+            return reply
     except UpstreamError as exc:
         log.warning("worker.upstream_error", error=str(exc))
         # QStash honours Retry-After on a failed delivery (else its backoff: 12 s at first)
@@ -153,7 +160,36 @@ async def _unless_local(
     return reply if adopted is None else adopted
 
 
-async def _run(rt: Runtime, body: WorkerBody, raw: bytes, message_id: str, local: bool) -> Reply:
+async def _await_run_elsewhere(rt: Runtime, body: WorkerBody, alive_s: int) -> None:
+    """Until the job's log shows its run ended (an entry after the current last one that ends
+    a run: completed, failed, cancelled), or for ``alive_s`` (then the caller looks again: a
+    live run has beaten meanwhile, a dead one now counts as dead). Followed through the tail
+    hub: no connection of its own, no polling."""
+    try:
+        last = await rt.jobs.last(body.job_id)
+    except RedisError as exc:
+        raise UpstreamError(f"redis: {exc}") from exc
+    if last is not None and entry("0-0", last[1]).type in _RUN_ENDS:
+        return  # it ended between the state read and now
+    sub = rt.hub.subscribe(rt.keys.job_events(body.job_id), last[0] if last else "0-0")
+    rt.local.awaiting_elsewhere += 1
+    try:
+        deadline = time.monotonic() + max(alive_s, 1)
+        while (left := deadline - time.monotonic()) > 0:
+            rows = await sub.next(left)
+            if not rows:  # nothing within the window, or dropped
+                return
+            if any(row.type in _RUN_ENDS for row in rows):
+                return
+    finally:
+        rt.local.awaiting_elsewhere -= 1
+        rt.hub.unsubscribe(sub)
+
+
+async def _run(
+    rt: Runtime, body: WorkerBody, raw: bytes, message_id: str, local: bool
+) -> Reply | None:
+    """One pass of the delivery; ``None``: ask again (it waited for a run elsewhere)."""
     with rt.cancels.watch(body.job_id) as cancel:  # before reading state: no cancel is missed
         # the claim goes with the read (one round trip); a delivery that must not run gives
         # back what it took, unless the job runs elsewhere (then they are that run's leases)
@@ -175,7 +211,13 @@ async def _run(rt: Runtime, body: WorkerBody, raw: bytes, message_id: str, local
                 await rt.dispatcher.release(body)  # nobody runs a job that is gone or ended
                 return decision.error
             # it may have started here (at dispatch) while this delivery read its state
-            return await _unless_local(rt, body, message_id, local, decision.error)
+            reply = await _unless_local(rt, body, message_id, local, decision.error)
+            if reply is decision.error and not local and state.local_run == message_id:
+                # another process's local start runs this very message: wait for its end,
+                # then answer as if this delivery came then (QStash keeps its retries)
+                await _await_run_elsewhere(rt, body, alive_s)
+                return None
+            return reply
         if decision.value.revive and not await rt.gateway.carries_job(message_id, body.job_id):
             log.warning("worker.revive_refused", message_id=message_id)
             await rt.dispatcher.release(body)
@@ -201,7 +243,7 @@ async def _run(rt: Runtime, body: WorkerBody, raw: bytes, message_id: str, local
                 _track(body, "cancelled")
                 return dataclasses.replace(reply, ran=True)
             async with rt.admission:
-                run = await _start(rt, body, state, decision.value.revive)
+                run = await _start(rt, body, state, decision.value.revive, message_id, local)
             if run == "taken":  # a concurrent delivery (or the local start) started it first
                 hands_off = True
                 return await _unless_local(rt, body, message_id, local, done("running_elsewhere"))
@@ -328,15 +370,22 @@ async def _start(
     body: WorkerBody,
     state: JobState | None,
     revive: bool,
+    message_id: str,
+    local: bool,
 ) -> _Run | str:
     """Log ``started``; else why not: ``taken`` (another delivery started this run), or the job
-    ended meanwhile."""
+    ended meanwhile. A local start says so on the record (``localRun``): a delivery of its
+    message that reaches another process waits for it."""
     now = int(time.time() * 1000)
     number = (state.attempts or 0) if state else 0
     started = await rt.jobs.start(
         Started(jobId=body.job_id, ts=now, attempt=number),
         number,
-        {"startedAt": str(now), "attempts": str(number + 1)},
+        {
+            "startedAt": str(now),
+            "attempts": str(number + 1),
+            "localRun": message_id if local else "",
+        },
         revive=revive,
     )
     if isinstance(started, str):
