@@ -201,9 +201,11 @@ def settle_heap() -> None:
 
 
 class AppServer(uvicorn.Server):
-    """uvicorn's server, with two differences: ``on_started`` runs once the app has started and
-    the socket listens, and a signal that stopped it gracefully is not raised again afterwards
-    (uvicorn's default), so a drained process exits 0 instead of dying of its SIGTERM."""
+    """uvicorn's server, with three differences: ``on_started`` runs once the app has started
+    and the socket listens; the app's local starts (``tierq.worker.local``) count as requests in
+    flight, so a stopping server lets them finish within its grace too; and a signal that
+    stopped it gracefully is not raised again afterwards (uvicorn's default), so a drained
+    process exits 0 instead of dying of its SIGTERM."""
 
     def __init__(self, config: uvicorn.Config, on_started: Callable[[], None] | None = None):
         super().__init__(config)
@@ -212,6 +214,9 @@ class AppServer(uvicorn.Server):
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
         if self.started and not self.should_exit:
+            runtime = getattr(getattr(self.config.app, "state", None), "runtime", None)
+            if runtime is not None:  # local starts drain like the requests in flight
+                runtime.local.drain_with(self.server_state.tasks)
             await self._more_acceptors()
             settle_heap()
             if self.on_started is not None:

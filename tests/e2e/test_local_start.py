@@ -42,6 +42,13 @@ def types(system: System, job_id: str) -> list[str]:
     return [e["type"] for e in system.log_events(job_id)]
 
 
+def message_of(system: System, job_id: str) -> str:
+    """The id of the job's QStash message (recorded once published)."""
+    raw = system.redis.hget(system.keys.job(job_id), "messageId")
+    assert raw is not None
+    return str(raw.decode())
+
+
 def message_gone(client: QStash, message_id: str) -> Callable[[], bool]:
     """The broker no longer holds the message: its delivery was answered 2xx."""
 
@@ -64,9 +71,7 @@ def test_a_job_runs_where_it_was_dispatched_while_qstash_still_holds_its_message
         client.queue.pause(QUEUE)  # the delivery cannot come: only a local run can run the job
         job_id = submit(system, {"tokens": 3, "token_latency_ms": 5})
         wait_until(lambda: system.job(job_id)["status"] == "completed", timeout=10)
-        message_id = system.redis.hget(system.keys.job(job_id), "messageId")
-        assert message_id is not None
-        message_id = message_id.decode()
+        message_id = message_of(system, job_id)
         client.message.get(message_id)  # still held by QStash: not how the job ran
         assert rt.local.started == 1
         client.queue.resume(QUEUE)  # the delivery now finds the job completed: answered 200
@@ -92,9 +97,7 @@ def test_a_delivery_that_arrives_during_the_local_run_takes_its_answer(
         res = system.http.delete(f"/api/jobs/{job_id}", headers={"Authorization": f"Bearer {PAID}"})
         assert res.status_code == 200, res.text
         wait_until(lambda: rt.local.adopted == 1, timeout=10)
-        message_id = system.redis.hget(system.keys.job(job_id), "messageId")
-        assert message_id is not None
-        wait_until(message_gone(client, message_id.decode()), timeout=10)  # answered 2xx
+        wait_until(message_gone(client, message_of(system, job_id)), timeout=10)  # answered 2xx
     assert system.job(job_id)["status"] == "cancelled"
     assert types(system, job_id).count("cancelled") == 1
     assert rt.local.waiting == 0
@@ -127,7 +130,7 @@ def test_with_local_start_off_the_job_waits_for_its_delivery(
     with qstash(system) as client:
         client.queue.pause(QUEUE)
         job_id = submit(system, {"tokens": 2, "token_latency_ms": 5})
-        assert system.redis.hget(system.keys.job(job_id), "messageId") is not None  # published
+        assert message_of(system, job_id)  # published
         client.queue.resume(QUEUE)
         wait_until(lambda: system.job(job_id)["status"] == "completed", timeout=10)
     assert system.runtime.local.started == 0
@@ -153,9 +156,7 @@ def test_a_delivery_that_reaches_another_process_waits_for_the_local_run(
             wait_until(lambda: rt_b.local.awaiting_elsewhere == 1, timeout=10)
             res = a.http.delete(f"/api/jobs/{job_id}", headers={"Authorization": f"Bearer {PAID}"})
             assert res.status_code == 200, res.text
-            message_id = a.redis.hget(a.keys.job(job_id), "messageId")
-            assert message_id is not None
-            wait_until(message_gone(client, message_id.decode()), timeout=15)  # answered 2xx
+            wait_until(message_gone(client, message_of(a, job_id)), timeout=15)  # answered 2xx
         text = httpx.get(f"{b.url}/metrics").text
         assert sample(text, "tierq_worker_deliveries_total", '{route="unified",status="200"}') == 1
         assert sample(text, "tierq_worker_deliveries_total", '{route="unified",status="429"}') == 0

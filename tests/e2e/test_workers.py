@@ -18,6 +18,7 @@ from typing import Any
 import httpx
 import pytest
 import redis
+from qstash import QStash
 
 from helpers import clean_env, tierq_dev, wait_until
 from system import DEV, FREE, PAID
@@ -342,6 +343,33 @@ def test_runs_in_flight_finish_before_the_workers_exit(
     # the process that ran it drained: the run ended normally before it exited
     assert redis_sync.hget(state, "status") == b"completed"
     assert ran_once(log_events(redis_sync, keys, job["jobId"]))
+
+
+def test_a_local_run_finishes_before_its_process_exits_though_no_delivery_waits_for_it(
+    make_serve: Any, redis_sync: redis.Redis, broker_url: str
+) -> None:
+    """A job started where it was dispatched, its QStash delivery held (the broker's queue
+    paused behind tierq's back): no request is in flight for it, yet the stopping process lets
+    the run finish within its grace, as it would a delivery's."""
+    server: ServeProcess = make_serve(workers=1)
+    server.start()
+    keys = AppKeys(server.env["TIERQ_KEY_PREFIX"])
+    qstash = QStash(DEV.token, base_url=broker_url)
+    qstash.queue.pause("q_paid_stream")
+    try:
+        job = submit(server.url, tokens=10, token_latency_ms=100)  # about 1 s of tokens
+        state = keys.job(job["jobId"])
+        wait_until(lambda: redis_sync.hget(state, "status") == b"running", timeout=30)
+        server.signal(signal.SIGTERM)
+        assert server.wait() == 0, server.text()[-3000:]
+        assert redis_sync.hget(state, "status") == b"completed"
+        assert ran_once(log_events(redis_sync, keys, job["jobId"]))
+        message_id = redis_sync.hget(state, "messageId")
+        assert message_id is not None
+        qstash.message.cancel(message_id.decode())  # its delivery has nowhere to go now
+    finally:
+        qstash.queue.resume("q_paid_stream")
+        qstash.http._client.close()  # type: ignore[attr-defined]
 
 
 @pytest.mark.timeout(180)

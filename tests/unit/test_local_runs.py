@@ -40,14 +40,20 @@ async def settle() -> None:
         await asyncio.sleep(0)
 
 
+def publishing(local: LocalRuns, job_id: str) -> asyncio.Future[None]:
+    """``job_id``'s publish is sent: what a delivery of it finds meanwhile (to wait for)."""
+    local.expect(job_id)
+    pending = local.find(job_id, "m1")
+    assert isinstance(pending, asyncio.Future)
+    assert not pending.done()
+    return pending
+
+
 async def test_a_delivery_during_the_publish_waits_for_it_then_finds_the_run(
     runs: tuple[LocalRuns, dict[str, asyncio.Future[Reply]]],
 ) -> None:
     local, ends = runs
-    local.expect("j1")
-    pending = local.find("j1", "m1")
-    assert isinstance(pending, asyncio.Future)
-    assert not pending.done()
+    pending = publishing(local, "j1")
     local.start("j1", "m1", "j1", DATA)
     assert pending.done()
     task = local.find("j1", "m1")
@@ -65,9 +71,7 @@ async def test_a_failed_publish_lets_the_waiting_delivery_go_on_alone(
     runs: tuple[LocalRuns, dict[str, asyncio.Future[Reply]]],
 ) -> None:
     local, _ = runs
-    local.expect("j1")
-    pending = local.find("j1", "m1")
-    assert isinstance(pending, asyncio.Future)
+    pending = publishing(local, "j1")
     local.unexpect("j1")
     assert pending.done()
     assert local.find("j1", "m1") is None

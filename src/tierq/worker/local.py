@@ -70,6 +70,7 @@ class LocalRuns:
         # ended runs' answers for their deliveries: job id -> (message id, answer, kept until)
         self._ended: OrderedDict[str, tuple[str, Reply, float]] = OrderedDict()
         self._rt: Runtime | None = None
+        self._drained: set[asyncio.Task[Any]] | None = None  # the server's requests in flight
         self.started = 0  # runs started here (for tests and metrics)
         self.adopted = 0  # deliveries that took a local run's answer
         self.waiting = 0  # deliveries waiting for a local run now
@@ -81,6 +82,11 @@ class LocalRuns:
     def bind(self, rt: Runtime) -> None:
         """Run jobs with ``rt`` (the dispatcher then tells this object what it publishes)."""
         self._rt = rt
+
+    def drain_with(self, tasks: set[asyncio.Task[Any]]) -> None:
+        """Count the runs among ``tasks`` (uvicorn's requests in flight): a stopping server
+        lets them finish within its grace, as it does deliveries (``tierq serve``)."""
+        self._drained = tasks
 
     def expect(self, job_id: str) -> None:
         """``job_id``'s publish is about to be sent."""
@@ -120,11 +126,15 @@ class LocalRuns:
         )
         if not run.ready.done():
             run.ready.set_result(None)
+        if self._drained is not None:
+            self._drained.add(task)
         self.started += 1
         rt.metrics.local_runs.labels("started").inc()
         task.add_done_callback(lambda done: self._finished(job_id, message_id, done))
 
     def _finished(self, job_id: str, message_id: str, task: asyncio.Task[Reply]) -> None:
+        if self._drained is not None:
+            self._drained.discard(task)
         run = self._runs.get(job_id)
         if run is not None and run.task is task:
             del self._runs[job_id]
@@ -165,8 +175,9 @@ class LocalRuns:
         return ended[1]
 
     async def stop(self) -> None:
-        """Cancel the runs still going (at shutdown, after requests in flight had their
-        grace): each cleans up as a cancelled delivery does; QStash delivers the job again."""
+        """Cancel the runs still going (at shutdown, after requests in flight, and under
+        ``tierq serve`` these runs, had their grace): each cleans up as a cancelled delivery
+        does; QStash delivers the job again."""
         tasks = [run.task for run in self._runs.values() if run.task is not None]
         for task in tasks:
             task.cancel()

@@ -44,6 +44,9 @@ log = structlog.get_logger("tierq.worker")
 _RUN_ENDS = frozenset({"completed", "failed", "cancelled"})
 """Event types that end a run (a failed one may be retried: the job goes on, that run not)."""
 
+MAX_PASSES = 100
+"""Looks at a job a delivery takes at most (each after a run elsewhere ended or lost its start)."""
+
 RECORD_GRACE_MS = 5000
 """How long after its submit a dispatched job without a record is taken for one still being
 recorded (its submit writes the record a round trip after admitting it), not a lost one."""
@@ -99,9 +102,12 @@ async def run_delivery(
         if adopted is not None:
             return adopted
         with span("tierq.delivery", kind=SpanKind.SERVER, parent=parent, attributes=attributes):
-            while (reply := await _run(rt, body, raw, message_id, local)) is None:
-                pass  # it waited for the job's run in another process: look again
-            return reply
+            for _ in range(MAX_PASSES):  # None: it waited for a run elsewhere, look again
+                if (reply := await _run(rt, body, raw, message_id, local)) is not None:
+                    return reply
+            return error_reply(
+                503, "busy", "the job's runs kept changing hands; retry", {"Retry-After": "1"}
+            )
     except UpstreamError as exc:
         log.warning("worker.upstream_error", error=str(exc))
         # QStash honours Retry-After on a failed delivery (else its backoff: 12 s at first)
@@ -158,6 +164,16 @@ async def _unless_local(
     message: then that run's answer."""
     adopted = None if local else await _adopt(rt, body, message_id)
     return reply if adopted is None else adopted
+
+
+async def _lost_start(rt: Runtime, body: WorkerBody, message_id: str, local: bool) -> Reply | None:
+    """Another run started the job first. A local start steps aside; a delivery takes this
+    process's local start's answer, else looks again (``None``): a local start elsewhere is
+    then waited for, another delivery's run gets ``429`` — this message is not acknowledged
+    while someone still runs it."""
+    if local:
+        return done("running_elsewhere")
+    return await _adopt(rt, body, message_id)
 
 
 async def _await_run_elsewhere(rt: Runtime, body: WorkerBody, alive_s: int) -> None:
@@ -244,9 +260,9 @@ async def _run(
                 return dataclasses.replace(reply, ran=True)
             async with rt.admission:
                 run = await _start(rt, body, state, decision.value.revive, message_id, local)
-            if run == "taken":  # a concurrent delivery (or the local start) started it first
+            if run == "taken":  # a concurrent delivery (or a local start) started it first
                 hands_off = True
-                return await _unless_local(rt, body, message_id, local, done("running_elsewhere"))
+                return await _lost_start(rt, body, message_id, local)
             if isinstance(run, str):  # cancelled (or expired) while we took the guards
                 finished = True
                 return done("skipped")
