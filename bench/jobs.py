@@ -55,7 +55,9 @@ Nothing here asserts on timing; every wait has a deadline, and a scenario that r
 time is recorded as not finished. ``--only`` takes scenario names or numbers (``1,4``).
 ``--baseline REF`` runs the tierq scenarios against ``git
 worktree add --detach`` of REF first (this venv's python, ``PYTHONPATH=<worktree>/src``), then
-against the working tree, and reports current / baseline ratios.
+against the working tree, and reports current / baseline ratios; with ``--repeat N``, N
+alternating (baseline, current) pairs and the median of each figure's ratios (the VM's speed
+drifts by tens of percent within one run: single pairs swung 0.75-1.41 x on the same code).
 
 Usage::
 
@@ -63,6 +65,7 @@ Usage::
     .venv/bin/python bench/jobs.py --quick               # 300 jobs, 4 s of latency
     .venv/bin/python bench/jobs.py --only throughput,taskiq --jobs 5000
     .venv/bin/python bench/jobs.py --workers 1,2,4 --baseline HEAD
+    .venv/bin/python bench/jobs.py --only throughput --workers 1 --baseline HEAD --repeat 3
     .venv/bin/python bench/jobs.py --out /tmp/jobs.json --log-dir /tmp/jobs-logs
 """
 
@@ -76,6 +79,7 @@ import importlib
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -1220,6 +1224,16 @@ def baseline_ratios(current: dict[str, Any], baseline: dict[str, Any]) -> dict[s
                 "ratio": ratio(cur.get(k), base.get(k))} for k in COMPARED}  # fmt: skip
 
 
+def median_ratios(pairs: list[dict[str, Any]]) -> dict[str, tuple[float | None, list[Any]]]:
+    """Per compared figure: the median of the pairs' ratios, and the ratios themselves."""
+    out: dict[str, tuple[float | None, list[Any]]] = {}
+    for name in COMPARED:
+        each = [pair[name]["ratio"] for pair in pairs if name in pair]
+        known = [r for r in each if r is not None]
+        out[name] = (rnd(statistics.median(known), 3) if known else None, each)
+    return out
+
+
 def targets(summary_: dict[str, Any]) -> list[dict[str, Any]]:
     """The issue's targets against the current tree's figures (reported, never asserted)."""
     rows = []
@@ -1356,6 +1370,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--only", type=parse_only, default=set(SCENARIOS), help=f"some of {','.join(SCENARIOS)}"
     )
     parser.add_argument("--baseline", default=None, help="git ref to run first and compare")
+    parser.add_argument(
+        "--repeat", type=int, default=1,
+        help="with --baseline: N alternating (baseline, current) pairs; the median of their "
+        "ratios (the VM's speed drifts by tens of percent within a run)",
+    )  # fmt: skip
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
     parser.add_argument("--log-dir", type=Path, default=None, help="keep the processes' logs")
     args = parser.parse_args(argv)
@@ -1421,12 +1440,20 @@ def main(argv: list[str] | None = None) -> int:
         ("tierq", "httpx", "uvicorn", "starlette", "redis", "hiredis", "taskiq", "taskiq-redis")
     )
     runs: dict[str, dict[str, Any]] = {}
+    pairs: list[dict[str, Any]] = []  # with --repeat: each alternating pair's ratios
     if args.baseline and args.only - {"taskiq"}:
         with worktree(args.baseline) as (path, commit):
+            for i in range(1, args.repeat):  # the pairs before the last, which is kept below
+                base = run_tree(f"baseline #{i}", path / "src", args, peer=False)
+                cur = run_tree(f"current #{i}", ROOT / "src", args, peer=False)
+                runs[f"baseline #{i}"], runs[f"current #{i}"] = base, cur
+                pairs.append(baseline_ratios(cur, base))
             runs["baseline"] = {"ref": args.baseline, "commit": commit}
             runs["baseline"].update(run_tree("baseline", path / "src", args, peer=False))
     runs["current"] = {**current_tree_info(), **run_tree("current", ROOT / "src", args, peer=True)}
     table = baseline_ratios(runs["current"], runs["baseline"]) if "baseline" in runs else {}
+    if table:
+        pairs.append(table)
     rows = targets(runs["current"]["summary"])
     doc = {
         **results_head(
@@ -1439,10 +1466,16 @@ def main(argv: list[str] | None = None) -> int:
         "summary": runs["current"]["summary"],
         "targets": rows,
         "ratios_vs_baseline": table,
+        "ratios_per_pair": pairs,
+        "median_ratios": median_ratios(pairs),
         "runs": runs,
     }
     print_table(runs, rows)
     print_ratios(table)
+    if len(pairs) > 1:
+        print(f"\nmedian of {len(pairs)} alternating pairs' ratios (current / baseline)")
+        for name, (value, each) in median_ratios(pairs).items():
+            print(f"  {name}: x{value} ({', '.join(f'x{r}' for r in each)})")
     write_results(args.out, doc)
     return 0
 
