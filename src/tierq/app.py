@@ -35,6 +35,7 @@ from tierq.web.access import SurfaceGuard, Surfaces, gates, surfaces
 from tierq.web.bodies import BodyGuard
 from tierq.web.pages import router as pages_router
 from tierq.worker.legacy import legacy_router
+from tierq.worker.pipeline import enable_local_start
 from tierq.worker.routes import router as worker_router
 
 log = structlog.get_logger("tierq.app")
@@ -124,6 +125,7 @@ def create_app(
         rt = build_runtime(
             settings, clients.commands, shared_metrics, clients.tails, clients.pubsub
         )
+        enable_local_start(rt)
         app.state.runtime = rt
         shared_metrics.sse_tail_streams.set_function(lambda: rt.hub.followed)
         app.state.queue_metrics = queues = QueueCollector(rt)

@@ -298,7 +298,7 @@ class Settings(BaseSettings):
     dispatch_max_scan: int = Field(default=256, ge=1)
     dispatch_reconcile_s: float = Field(default=2.0, gt=0)
     # the process that dispatches a job starts running it as soon as it is published; its
-    # QStash delivery, reaching that process, takes the run's answer (tierq.worker.local). Off
+    # QStash delivery, reaching that process, takes the run's answer (tierq.dispatch.local). Off
     # when the worker routes are served by another deployment than the one that dispatches
     local_start: bool = True
     # a parked job hears where it stands again at most this often (when it moved meaningfully)

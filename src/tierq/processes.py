@@ -202,7 +202,7 @@ def settle_heap() -> None:
 
 class AppServer(uvicorn.Server):
     """uvicorn's server, with three differences: ``on_started`` runs once the app has started
-    and the socket listens; the app's local starts (``tierq.worker.local``) count as requests in
+    and the socket listens; the app's local starts (``tierq.dispatch.local``) count as requests in
     flight, so a stopping server lets them finish within its grace too; and a signal that
     stopped it gracefully is not raised again afterwards (uvicorn's default), so a drained
     process exits 0 instead of dying of its SIGTERM."""

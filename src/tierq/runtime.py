@@ -11,6 +11,7 @@ from qstash import Receiver
 from tierq.broker.client import QStashGateway, qstash_client
 from tierq.config import Settings
 from tierq.dispatch.dispatcher import Dispatcher
+from tierq.dispatch.local import LocalRuns
 from tierq.events.cancel import CancelHub
 from tierq.events.caps import StreamCaps
 from tierq.events.deltas import DeltaWriter
@@ -23,7 +24,6 @@ from tierq.providers.registry import ProviderRegistry
 from tierq.redis_cluster import cluster_client
 from tierq.redis_pool import LeanConnection, LeanPool, LeanRedis
 from tierq.usage.ledger import Ledger
-from tierq.worker.local import LocalRuns
 
 
 @dataclass
@@ -125,7 +125,8 @@ class Runtime:
     a delivery's claim and start; see ``Settings.admission_concurrency``)."""
 
     local: LocalRuns = field(default_factory=LocalRuns)
-    """The runs this process started at dispatch (``Settings.local_start``)."""
+    """The runs this process started at dispatch (``Settings.local_start``; the worker layer
+    enables it: :func:`tierq.worker.pipeline.enable_local_start`)."""
 
     async def aclose_streams(self) -> None:
         """Stop local runs and dispatching, write pending deltas and stop following logs (at
@@ -165,7 +166,7 @@ def build_runtime(
         settings.sse_client_buffer_bytes,
         cluster=settings.redis_cluster,
     )
-    rt = Runtime(
+    return Runtime(
         settings=settings,
         redis=client,
         keys=keys,
@@ -189,7 +190,3 @@ def build_runtime(
         ledger=ledger,
         admission=asyncio.Semaphore(settings.admission_concurrency),
     )
-    if settings.local_start:
-        rt.local.bind(rt)
-        dispatcher.local = rt.local
-    return rt

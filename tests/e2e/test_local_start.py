@@ -1,5 +1,5 @@
 """Local start: the process that dispatches a job runs it at once; its QStash delivery, reaching
-that process, takes the run's answer (``tierq.worker.local``). Real broker, real HTTP, real Redis.
+that process, takes the run's answer (``tierq.dispatch.local``). Real broker, real HTTP, real Redis.
 
 The causal lever in each test is the broker's queue: paused behind tierq's back, QStash holds the
 job's message, so whatever runs the job meanwhile cannot be its delivery.

@@ -334,15 +334,22 @@ def test_runs_in_flight_finish_before_the_workers_exit(
 ) -> None:
     server: ServeProcess = make_serve(workers=2)
     server.start()
+    # the process that ran it drained: the run ended normally before it exited
+    stop_while_running(server, redis_sync, tokens=20)  # about 2 s of tokens
+
+
+def stop_while_running(server: ServeProcess, redis_sync: redis.Redis, tokens: int) -> str:
+    """Submit a job of ``tokens`` tokens 100 ms apart, SIGTERM the server once it runs, and
+    check the run completed, once, before the server exited 0. Returns the job's record key."""
     keys = AppKeys(server.env["TIERQ_KEY_PREFIX"])
-    job = submit(server.url, tokens=20, token_latency_ms=100)  # about 2 s of tokens
+    job = submit(server.url, tokens=tokens, token_latency_ms=100)
     state = keys.job(job["jobId"])
     wait_until(lambda: redis_sync.hget(state, "status") == b"running", timeout=30)
     server.signal(signal.SIGTERM)
     assert server.wait() == 0, server.text()[-3000:]
-    # the process that ran it drained: the run ended normally before it exited
     assert redis_sync.hget(state, "status") == b"completed"
     assert ran_once(log_events(redis_sync, keys, job["jobId"]))
+    return state
 
 
 def test_a_local_run_finishes_before_its_process_exits_though_no_delivery_waits_for_it(
@@ -353,17 +360,10 @@ def test_a_local_run_finishes_before_its_process_exits_though_no_delivery_waits_
     the run finish within its grace, as it would a delivery's."""
     server: ServeProcess = make_serve(workers=1)
     server.start()
-    keys = AppKeys(server.env["TIERQ_KEY_PREFIX"])
     qstash = QStash(DEV.token, base_url=broker_url)
     qstash.queue.pause("q_paid_stream")
     try:
-        job = submit(server.url, tokens=10, token_latency_ms=100)  # about 1 s of tokens
-        state = keys.job(job["jobId"])
-        wait_until(lambda: redis_sync.hget(state, "status") == b"running", timeout=30)
-        server.signal(signal.SIGTERM)
-        assert server.wait() == 0, server.text()[-3000:]
-        assert redis_sync.hget(state, "status") == b"completed"
-        assert ran_once(log_events(redis_sync, keys, job["jobId"]))
+        state = stop_while_running(server, redis_sync, tokens=10)  # about 1 s of tokens
         message_id = redis_sync.hget(state, "messageId")
         assert message_id is not None
         qstash.message.cancel(message_id.decode())  # its delivery has nowhere to go now

@@ -5,33 +5,30 @@ in tests/e2e/test_local_start.py)."""
 from __future__ import annotations
 
 import asyncio
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
 
+from tierq.dispatch import local as local_module
+from tierq.dispatch.local import LocalRuns
 from tierq.observability.metrics import Metrics
-from tierq.worker import local as local_module
-from tierq.worker import pipeline
-from tierq.worker.local import LocalRuns
 from tierq.worker.result import Reply, done
 
 DATA = {"experience": "stream", "service": "chat"}
 
 
 @pytest.fixture
-def runs(monkeypatch: pytest.MonkeyPatch) -> tuple[LocalRuns, dict[str, asyncio.Future[Reply]]]:
+def runs() -> tuple[LocalRuns, dict[str, asyncio.Future[Reply]]]:
     """LocalRuns whose runs end when the test says (``ends[job id]``)."""
     ends: dict[str, asyncio.Future[Reply]] = {}
 
-    async def run_local(rt: Any, raw: bytes, *args: Any) -> Reply:
+    async def run(raw: bytes, *args: Any) -> Reply:
         job_id = raw.decode()
         ends[job_id] = asyncio.get_running_loop().create_future()
         return await ends[job_id]
 
-    monkeypatch.setattr(pipeline, "run_local", run_local)
     local = LocalRuns()
-    local.bind(SimpleNamespace(metrics=Metrics()))  # type: ignore[arg-type]
+    local.bind(run, Metrics())
     return local, ends
 
 

@@ -45,7 +45,7 @@ from tierq.observability.tracing import current_traceparent, span
 from tierq.queues import QueueId, delivery_path
 
 if TYPE_CHECKING:
-    from tierq.worker.local import LocalRuns
+    from tierq.dispatch.local import LocalRuns
 
 log = structlog.get_logger("tierq.dispatch")
 _SWEPT = ("status", "userId", "messageId", "createdAt")  # what the sweep reads of a record
@@ -154,7 +154,7 @@ class Dispatcher:
         self.metrics = metrics
         self._scripts = _load(client)
         self.also_scripts: list[AsyncScript] = []  # others' scripts queued on run_pipeline
-        # the local start: told of each job this process publishes (tierq.worker.local)
+        # the local start: told of each job this process publishes (tierq.dispatch.local)
         self.local: LocalRuns | None = None
         self._reconciler: asyncio.Task[None] | None = None
         queues = ";".join(

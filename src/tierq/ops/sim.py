@@ -84,7 +84,7 @@ from tierq.observability.metrics import Metrics
 from tierq.producer.submit import check_registry, resolve_tier, submit
 from tierq.queues import EXPERIENCES, TIERS, Experience, Mode, QueueId, WorkerKind, queue_for
 from tierq.runtime import Runtime, build_runtime, redis_clients
-from tierq.worker.pipeline import run_delivery
+from tierq.worker.pipeline import enable_local_start, run_delivery
 from tierq.worker.result import Reply, error_reply
 
 log = structlog.get_logger("tierq.sim")
@@ -968,6 +968,7 @@ async def simulate(
         cfg, client, metrics or Metrics(), clients.tails, clients.pubsub, gateway=gateway
     )
     gateway.attach(rt)
+    enable_local_start(rt)
     try:
         try:
             await client.ping()

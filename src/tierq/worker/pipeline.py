@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import structlog
 from opentelemetry.trace import SpanKind
@@ -28,7 +29,7 @@ from tierq.guards.heartbeat import heartbeat
 from tierq.observability.logging import log_job_event, track_job
 from tierq.observability.tracing import enabled as tracing_enabled
 from tierq.observability.tracing import span
-from tierq.queues import WorkerKind
+from tierq.queues import WorkerKind, worker_kind
 from tierq.runtime import Runtime
 from tierq.worker.result import Err, Reply, done, error_reply
 from tierq.worker.steps.cleanup import cleanup
@@ -81,7 +82,7 @@ async def run_delivery(
 ) -> Reply:
     """Run one delivery, traced as ``tierq.delivery`` in the job's trace: the ``traceparent``
     QStash forwarded (``headers``), else the one its body kept. ``local``: not a delivery but
-    the run this process started when it dispatched the job (:mod:`tierq.worker.local`); a
+    the run this process started when it dispatched the job (:mod:`tierq.dispatch.local`); a
     delivery of the same message that reaches this process meanwhile takes its answer."""
     checked = validate(raw, route, service)
     if isinstance(checked, Err):
@@ -121,35 +122,44 @@ async def run_delivery(
 async def run_local(
     rt: Runtime,
     raw: bytes,
-    route: WorkerKind,
-    service: str,
+    data: dict[str, Any],
     message_id: str,
     traceparent: str | None = None,
 ) -> Reply:
-    """The run this process starts for a job it just published (see :mod:`tierq.worker.local`),
-    traced under the publish (``traceparent``) as its delivery would be."""
+    """The run this process starts for a job it just published (see :mod:`tierq.dispatch.local`;
+    ``data``: the worker body parsed), traced under the publish (``traceparent``) as its
+    delivery would be."""
     headers = {"traceparent": traceparent} if traceparent else None
-    return await run_delivery(rt, raw, route, service, message_id, 0, headers, local=True)
+    route = worker_kind(data["experience"])
+    return await run_delivery(
+        rt, raw, route, str(data["service"]), message_id, 0, headers, local=True
+    )
+
+
+def enable_local_start(rt: Runtime) -> None:
+    """With ``Settings.local_start``: jobs this process publishes start here at once."""
+    if rt.settings.local_start:
+        rt.local.bind(functools.partial(run_local, rt), rt.metrics)
+        rt.dispatcher.local = rt.local
 
 
 async def _adopt(rt: Runtime, body: WorkerBody, message_id: str) -> Reply | None:
     """The answer of this process's local run of this message (waiting for it to end), or
     ``None``: there is none, or it did not run the job (a delivery got there first). The wait
     is shielded: a delivery that goes away leaves the run going."""
-    run = rt.local.find(body.job_id, message_id)
-    if run is None:
+    found = rt.local.find(body.job_id, message_id)
+    if found is None:
         return None
-    if isinstance(run, Reply):
-        reply = run
-    else:
+    if isinstance(found, asyncio.Future):  # the run, or its publish on its way back
         rt.local.waiting += 1
         try:
-            if not isinstance(run, asyncio.Task):  # its publish is on its way back: then ask
-                await asyncio.shield(run)
-                return await _adopt(rt, body, message_id)
-            reply = await asyncio.shield(run)
+            answer = await asyncio.shield(found)
         finally:
             rt.local.waiting -= 1
+        if not isinstance(found, asyncio.Task):  # the publish answered: ask again
+            return await _adopt(rt, body, message_id)
+        found = answer
+    reply = cast(Reply, found)
     if not reply.ran:
         return None
     rt.local.adopted += 1

@@ -28,16 +28,23 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import structlog
 
-from tierq.queues import worker_kind
-from tierq.worker.result import Reply
+from tierq.observability.metrics import Metrics
 
-if TYPE_CHECKING:
-    from tierq.runtime import Runtime
+
+class Answer(Protocol):
+    """What a run gives back (a worker reply): ``ran`` says it ran (or ended) the job."""
+
+    ran: bool
+
+
+Runner = Callable[[bytes, dict[str, Any], str, str | None], Coroutine[Any, Any, Any]]
+"""Runs a published job here: (worker body, the body parsed, message id, traceparent)."""
 
 log = structlog.get_logger("tierq.worker")
 
@@ -53,7 +60,7 @@ class _Run:
 
     ready: asyncio.Future[None]  # done once the publish answered (started, or not)
     message_id: str = ""
-    task: asyncio.Task[Reply] | None = None
+    task: asyncio.Task[Any] | None = None
     taken: bool = False  # a delivery waits for its answer
 
 
@@ -68,8 +75,9 @@ class LocalRuns:
     def __init__(self) -> None:
         self._runs: dict[str, _Run] = {}
         # ended runs' answers for their deliveries: job id -> (message id, answer, kept until)
-        self._ended: OrderedDict[str, tuple[str, Reply, float]] = OrderedDict()
-        self._rt: Runtime | None = None
+        self._ended: OrderedDict[str, tuple[str, Answer, float]] = OrderedDict()
+        self._run: Runner | None = None
+        self._metrics: Metrics | None = None
         self._drained: set[asyncio.Task[Any]] | None = None  # the server's requests in flight
         self.started = 0  # runs started here (for tests and metrics)
         self.adopted = 0  # deliveries that took a local run's answer
@@ -79,9 +87,10 @@ class LocalRuns:
     def __len__(self) -> int:
         return sum(1 for run in self._runs.values() if run.task is not None)
 
-    def bind(self, rt: Runtime) -> None:
-        """Run jobs with ``rt`` (the dispatcher then tells this object what it publishes)."""
-        self._rt = rt
+    def bind(self, run: Runner, metrics: Metrics) -> None:
+        """Start runs with ``run`` (the worker pipeline's; the dispatcher then tells this
+        object what it publishes)."""
+        self._run, self._metrics = run, metrics
 
     def drain_with(self, tasks: set[asyncio.Task[Any]]) -> None:
         """Count the runs among ``tasks`` (uvicorn's requests in flight): a stopping server
@@ -110,29 +119,25 @@ class LocalRuns:
         traceparent: str | None = None,
     ) -> None:
         """Run the published job ``job_id`` (its worker ``body``, parsed as ``data``) here."""
-        rt = self._rt
         run = self._runs.get(job_id)
-        if rt is None or (run is not None and run.task is not None):
+        if self._run is None or (run is not None and run.task is not None):
             return  # running here already (published again meanwhile)
-        from tierq.worker.pipeline import run_local  # noqa: PLC0415 (the pipeline imports us)
-
         if run is None:
             run = self._runs[job_id] = _Run(asyncio.get_running_loop().create_future())
-        route = worker_kind(data["experience"])
         run.message_id = message_id
         run.task = task = asyncio.create_task(
-            run_local(rt, body.encode(), route, str(data["service"]), message_id, traceparent),
-            name=f"tierq-local-{job_id}",
+            self._run(body.encode(), data, message_id, traceparent), name=f"tierq-local-{job_id}"
         )
         if not run.ready.done():
             run.ready.set_result(None)
         if self._drained is not None:
             self._drained.add(task)
         self.started += 1
-        rt.metrics.local_runs.labels("started").inc()
+        if self._metrics is not None:
+            self._metrics.local_runs.labels("started").inc()
         task.add_done_callback(lambda done: self._finished(job_id, message_id, done))
 
-    def _finished(self, job_id: str, message_id: str, task: asyncio.Task[Reply]) -> None:
+    def _finished(self, job_id: str, message_id: str, task: asyncio.Task[Any]) -> None:
         if self._drained is not None:
             self._drained.discard(task)
         run = self._runs.get(job_id)
@@ -143,7 +148,7 @@ class LocalRuns:
         if task.exception() is not None:
             log.error("worker.local_run_crashed", job_id=job_id, error=repr(task.exception()))
             return
-        reply = task.result()
+        reply: Answer = task.result()
         if reply.ran:  # its delivery, when it comes, answers the same
             now = time.monotonic()
             self._ended[job_id] = (message_id, reply, now + KEEP_S)
@@ -154,9 +159,7 @@ class LocalRuns:
                     break
                 self._ended.popitem(last=False)
 
-    def find(
-        self, job_id: str, message_id: str
-    ) -> asyncio.Future[None] | asyncio.Task[Reply] | Reply | None:
+    def find(self, job_id: str, message_id: str) -> asyncio.Future[Any] | Answer | None:
         """For a delivery of this message of ``job_id``: the publish in flight (a future to
         wait for, then ask again), the local run while it runs, or its answer once it ended
         (given once: the delivery takes it); ``None``: no local run of this message."""
