@@ -149,6 +149,7 @@ def start_system(
             qstash_next_signing_key=DEV.next_key,
             qstash_retry_delay="200",
             sse_ping_s=1,
+            redis_client_name=f"tierq-{prefix}",  # this system's connections, in CLIENT LIST
         )
         .with_dev_defaults()
         .model_copy(update=overrides)

@@ -214,6 +214,9 @@ class Settings(BaseSettings):
     # Commands share a bounded pool (callers wait up to redis_pool_timeout_s for a connection);
     # SSE streams hold none: one tail hub per process reads for all of them.
     redis_max_connections: int = 64
+    # The name every connection of this process gives itself (CLIENT SETNAME): how CLIENT LIST
+    # tells tierq's connections apart, e.g. one name per replica
+    redis_client_name: str = "tierq-app"
     # Job admission round trips in flight per process (a submit's admission, a delivery's claim
     # and start); the others wait their turn. A burst of submits and job starts then cannot
     # crowd the event loop so that the streams already running (their ticks, their SSE writes)

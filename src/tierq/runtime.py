@@ -48,7 +48,6 @@ class RedisClients:
             await client.aclose()
 
 
-REDIS_CLIENT_NAME = "tierq-app"
 JOB_TAGS = 64
 """On Redis Cluster, the hash tags job keys share (``AppKeys.job_tags``): jobs spread over
 this many slots (so over every node of a cluster of up to a few dozen masters), and a process
@@ -57,7 +56,7 @@ holds at most this many blocked tail reads and makes at most this many delta cal
 
 def redis_clients(settings: Settings) -> RedisClients:
     url = settings.redis_url or "redis://127.0.0.1:6379/0"
-    name = REDIS_CLIENT_NAME  # every connection says who it is (CLIENT LIST)
+    name = settings.redis_client_name  # every connection says who it is (CLIENT LIST)
     if settings.redis_cluster:
         return _cluster_clients(settings, url)
     pool = LeanPool.from_url(
@@ -84,7 +83,7 @@ def redis_clients(settings: Settings) -> RedisClients:
 
 def _cluster_clients(settings: Settings, url: str) -> RedisClients:
     """The three pools on Redis Cluster (``url``: any node; the others are discovered)."""
-    name = REDIS_CLIENT_NAME
+    name = settings.redis_client_name
     return RedisClients(
         commands=cluster_client(
             url,

@@ -24,7 +24,6 @@ from tierq.cli_ops import Code
 from tierq.config import QueueSettings
 from tierq.ops.queue_state import seed_lock_key
 from tierq.queues import QueueId
-from tierq.runtime import REDIS_CLIENT_NAME
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -213,7 +212,7 @@ def waiting_for_the_lock(system: System) -> list[str]:
     return [
         c["id"]
         for c in system.redis.client_list()
-        if c.get("name") == REDIS_CLIENT_NAME and c.get("cmd") == "set"
+        if c.get("name") == system.settings.redis_client_name and c.get("cmd") == "set"
     ]
 
 

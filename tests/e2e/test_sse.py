@@ -15,7 +15,6 @@ import httpx
 
 from helpers import wait_until
 from system import FREE, PAID, System
-from tierq.runtime import REDIS_CLIENT_NAME
 
 ENTRY_ID = re.compile(r"^\d+-\d+$")
 TERMINAL = {"completed", "failed", "cancelled"}
@@ -382,7 +381,8 @@ def test_event_streams_hold_no_redis_connection(make_system: Callable[..., Syste
     url = f"/api/jobs/{job['jobId']}/events?token={job['eventsToken']}"
 
     def app_connections() -> int:
-        return sum(c.get("name") == REDIS_CLIENT_NAME for c in system.redis.client_list())
+        name = system.settings.redis_client_name
+        return sum(c.get("name") == name for c in system.redis.client_list())
 
     readers: list[Iterator[str]] = []
     with contextlib.ExitStack() as streams:
