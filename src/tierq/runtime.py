@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 from dataclasses import dataclass, field
 
 import redis.asyncio as aioredis
 from qstash import Receiver
 
+from tierq.aio import FairGate
 from tierq.broker.client import QStashGateway, qstash_client
 from tierq.config import Settings
 from tierq.dispatch.dispatcher import Dispatcher
@@ -119,9 +119,10 @@ class Runtime:
     dispatcher: Dispatcher
     streams: StreamCaps
     ledger: Ledger
-    admission: asyncio.Semaphore
+    admission: FairGate
     """Bounds the job-admission round trips in flight in this process (a submit's admission,
-    a delivery's claim and start; see ``Settings.admission_concurrency``)."""
+    a delivery's claim and start; see ``Settings.admission_concurrency``): starts first, then
+    submits by user in turn."""
 
     local: LocalRuns = field(default_factory=LocalRuns)
     """The runs this process started at dispatch (``Settings.local_start``; the worker layer
@@ -187,5 +188,5 @@ def build_runtime(
         dispatcher=dispatcher,
         streams=StreamCaps(settings.sse_max_per_job, settings.sse_max_per_user),
         ledger=ledger,
-        admission=asyncio.Semaphore(settings.admission_concurrency),
+        admission=FairGate(settings.admission_concurrency),
     )

@@ -160,7 +160,7 @@ async def _submit(rt: Runtime, user: UserSettings, req: JobRequest) -> SubmitRes
     body, fields = job_records(job_id, user, tier, req, now_ms, settings.qstash_retries)
     body.traceparent = current_traceparent()
     body.estimated_tokens = estimate_tokens(settings, req)
-    async with rt.admission:  # see Settings.admission_concurrency
+    async with rt.admission.fair(user.id):  # see Settings.admission_concurrency
         admission = await rt.dispatcher.admit(
             body,
             body.model_dump_json(by_alias=True, exclude_none=True),
