@@ -304,6 +304,12 @@ def test_ledger_totals_equal_the_jobs_usage(make_system: Callable[..., System]) 
     assert total["runSeconds"] >= 0
     [row] = data["rows"]
     assert (row["modelId"], row["jobs"]) == ("sim", 6)
+    # the day's hash is forgotten after the retention (its expiry set once, not per job)
+    [day] = system.redis.keys(f"{system.keys.prefix}:usage:*")
+    ttl_days = system.redis.pttl(day) / 86_400_000
+    assert (
+        system.settings.usage_retention_days < ttl_days <= system.settings.usage_retention_days + 1
+    )
     # the admin view, filtered; by month
     admin = {"Authorization": f"Bearer {system.settings.admin_token}"}
     res = system.http.get(

@@ -124,11 +124,19 @@ class _Out:
         return cls(_s(job_id), _s(dedup_id), text, orjson.loads(text))
 
 
+_CLOCKLESS = ("confirm",)
+"""Dispatch scripts that never read the clock (``NOW``): they run without the ``TIME`` call."""
+
+
 def _load(client: aioredis.Redis) -> dict[str, AsyncScript]:
     lua = resources.files("tierq.dispatch") / "lua"
     clock = (resources.files("tierq.guards") / "lua" / "_clock.lua").read_text()
     prelude = clock + (lua / "_lib.lua").read_text()
     scripts = {n: prelude + (lua / f"{n}.lua").read_text() for n in _SCRIPTS}
+    clockless = prelude.replace("local NOW = now_ms()", "local NOW = nil  -- not needed here")
+    assert clockless != prelude
+    for name in _CLOCKLESS:  # one TIME less in a script that needs no time
+        scripts[name] = clockless + (lua / f"{name}.lua").read_text()
     for name, then in _APPENDED.items():
         scripts[name] = prelude + (lua / f"{name}.lua").read_text() + scripts[then][len(prelude) :]
     return {name: client.register_script(text) for name, text in scripts.items()}
@@ -500,23 +508,21 @@ class Dispatcher:
             for o in out:
                 local.expect(o.job_id)
         results: list[Any] = [None] * len(out)
+        started: set[str] = set()  # run here: their runs record their message ids
         try:
             results = await asyncio.gather(*(self._send(o) for o in out), return_exceptions=True)
         finally:
             if local is not None:  # before the confirm: its round trip is not the run's
                 # business (were it lost, the job goes back to its line, is published again
                 # and finds itself running or ended)
-                for o, r in zip(out, results, strict=True):
-                    if isinstance(r, str):
-                        local.start(o.job_id, r, o.body, o.data, o.traceparent)
-                    else:
-                        local.unexpect(o.job_id)
+                started = _start_here(local, out, results)
         sent = {o.job_id: r for o, r in zip(out, results, strict=True) if isinstance(r, str)}
         failed = [o.job_id for o in out if o.job_id not in sent]
 
         def build(pipe: Any) -> None:
             for job_id, message_id in sent.items():  # never re-creates a taken-back job
-                self.jobs.queue_set_if_exists(pipe, job_id, {"messageId": message_id})
+                if job_id not in started:
+                    self.jobs.queue_set_if_exists(pipe, job_id, {"messageId": message_id})
             if sent:
                 self._queue_script(pipe, "confirm", list(sent))
             if failed:
@@ -701,3 +707,15 @@ class Dispatcher:
         ]
         await asyncio.gather(*(self.jobs.append(e, if_queued=True) for e in moved))
         return len(moved)
+
+
+def _start_here(local: LocalRuns, out: Sequence[_Out], results: Sequence[Any]) -> set[str]:
+    """Start the jobs QStash took here (the others' publish failed: no run waits for them);
+    the ids of those started."""
+    started = set()
+    for o, r in zip(out, results, strict=True):
+        if not isinstance(r, str):
+            local.unexpect(o.job_id)
+        elif local.start(o.job_id, r, o.body, o.data, o.traceparent):
+            started.add(o.job_id)
+    return started

@@ -11,6 +11,7 @@ failed for good, or cancelled); tokens and run time count for every attempt.
 from __future__ import annotations
 
 import datetime as dt
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -21,6 +22,9 @@ from redis.exceptions import RedisError
 
 from tierq.errors import UpstreamError
 from tierq.keys import AppKeys
+
+EXPIRY_RESEND_S = 60.0
+"""How often a process sends a day's ledger expiry again (it is the same for every row)."""
 
 By = Literal["day", "month"]
 MAX_DAYS = 400
@@ -83,6 +87,7 @@ class Ledger:
         self.retention_ms = retention_days * 86_400_000
         lua = resources.files("tierq.usage") / "lua"
         self.script = client.register_script((lua / "record.lua").read_text())
+        self._expiry_sent: dict[str, float] = {}  # day key -> when its expiry was last sent
 
     def _key(self, day: dt.date) -> str:
         return f"{self.keys.prefix}:usage:{{{day:%Y%m%d}}}"
@@ -107,8 +112,18 @@ class Ledger:
         day = day_of(at_ms)
         start = dt.datetime(day.year, day.month, day.day, tzinfo=dt.UTC)
         forget_at = int(start.timestamp() * 1000) + 86_400_000 + self.retention_ms
+        key = self._key(day)
+        # the day's expiry is the same for every row: sent at most once a minute per process
+        # (one command less per job; a write whose pipeline failed is made good within that)
+        now = time.monotonic()
+        if now - self._expiry_sent.get(key, -EXPIRY_RESEND_S) < EXPIRY_RESEND_S:
+            forget_at = 0
+        else:
+            if len(self._expiry_sent) > 8:
+                self._expiry_sent.clear()
+            self._expiry_sent[key] = now
         pipe.evalsha(
-            self.script.sha, 1, self._key(day), f"{user_id}\t{model_id}",
+            self.script.sha, 1, key, f"{user_id}\t{model_id}",
             jobs, prompt_tokens, completion_tokens, run_ms, failures, forget_at,
         )  # fmt: skip
 

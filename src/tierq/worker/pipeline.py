@@ -7,6 +7,7 @@ success, failure, exception, timeout and cancellation (of the job or of the requ
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import functools
 import math
@@ -131,9 +132,13 @@ async def run_local(
     delivery would be."""
     headers = {"traceparent": traceparent} if traceparent else None
     route = worker_kind(data["experience"])
-    return await run_delivery(
+    reply = await run_delivery(
         rt, raw, route, str(data["service"]), message_id, 0, headers, local=True
     )
+    if not reply.ran:  # not started here: the record still needs its message (cancel, sweeps)
+        with contextlib.suppress(UpstreamError):
+            await rt.jobs.set_if_exists(str(data["jobId"]), {"messageId": message_id})
+    return reply
 
 
 def enable_local_start(rt: Runtime) -> None:
@@ -425,6 +430,7 @@ async def _start(
             "startedAt": str(now),
             "attempts": str(number + 1),
             "localRun": message_id if local else "",
+            **({"messageId": message_id} if local else {}),  # its dispatch left it to the run
         },
         revive=revive,
     )
