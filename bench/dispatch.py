@@ -661,6 +661,11 @@ def b_report(
         "light_wait_p99_ms": p99,
         "light_wait_while_flood_submitting_ms": summary(during),
         "light_wait_after_flood_submitted_ms": summary(after),
+        # a submit's own time (sent -> 202): while F's submits crowd the app's admission bound
+        "light_submit_while_flood_submitting_ms": summary(
+            [j.returned_ms - j.submit_ms for j in light if j.submit_ms < f_done]
+        ),
+        "flood_submit_ms": summary([j.returned_ms - j.submit_ms for j in flood]),
         "flood_submit_phase_s": round((f_sub.done_ms - t0) / 1000, 3) if f_sub.done_ms else None,
         "target_p99_ms": limit,
         "light_submit_to_finish_ms": summary(
@@ -1019,11 +1024,14 @@ def short(name: str, r: dict[str, Any]) -> str:
         )
     if name.startswith("B"):
         w = r["light_wait_before_start_ms"]
+        ls, fs = r["light_submit_while_flood_submitting_ms"], r["flood_submit_ms"]
         return (
             f"light wait p50/p99/max {w['p50']}/{w['p99']}/{w['max']} ms, light "
             f"{r['light_completed']} done, F {r['flood_completed']} done "
             f"({r['flood_completed_in_light_window']} in light window), backlog held "
-            f"{r['flood_backlog_held']} ({r['flood_jobs_waiting_through_light_window']} F jobs)"
+            f"{r['flood_backlog_held']} ({r['flood_jobs_waiting_through_light_window']} F jobs); "
+            f"submit p50/p99 light {ls['p50']}/{ls['p99']} ms (while F submits), F "
+            f"{fs['p50']}/{fs['p99']} ms"
         )
     if name == "C":
         return (
