@@ -140,21 +140,17 @@ class LazyDeadline:
 
 
 class FairGate:
-    """At most ``limit`` holders at once; who waits is let in by class, then by turn.
+    """At most ``limit`` holders at once; waiters are let in one key at a time in rotation
+    (``key``: the user a submit or a job start is for), in arrival order within a key. So a
+    user with many requests waiting delays another's by at most one turn each. A waiter
+    cancelled once let in passes its place on."""
 
-    :attr:`first` (job starts: work that already holds capacity elsewhere) goes before every
-    other waiter, in arrival order; :meth:`fair` (``key``: job submits, by user) waiters are
-    let in one key at a time in rotation, in arrival order within a key. So a user with many
-    requests waiting delays another's by at most one turn, and a freed slot's next job is
-    never queued behind new work. A waiter cancelled once let in passes its place on."""
-
-    __slots__ = ("_free", "_lines", "_turns", "first")
+    __slots__ = ("_free", "_lines", "_turns")
 
     def __init__(self, limit: int) -> None:
         self._free = limit
-        self._lines: dict[str | None, deque[asyncio.Future[None]]] = {}  # None: first's line
+        self._lines: dict[str, deque[asyncio.Future[None]]] = {}  # key -> its waiters
         self._turns: deque[str] = deque()  # keys with waiters, in the order of their turns
-        self.first = GatePass(self, None)
 
     def fair(self, key: str) -> GatePass:
         return GatePass(self, key)
@@ -163,15 +159,14 @@ class FairGate:
     def waiting(self) -> int:
         return sum(len(line) for line in self._lines.values())
 
-    async def acquire(self, key: str | None) -> None:
+    async def acquire(self, key: str) -> None:
         if self._free > 0 and not self._lines:
             self._free -= 1
             return
         line = self._lines.get(key)
         if line is None:
             line = self._lines[key] = deque()
-            if key is not None:
-                self._turns.append(key)
+            self._turns.append(key)
         waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         line.append(waiter)
         try:
@@ -191,37 +186,33 @@ class FairGate:
             waiter.set_result(None)
 
     def _next(self) -> asyncio.Future[None] | None:
-        line = self._lines.get(None)
-        key: str | None = None
-        if not line:
-            if not self._turns:
-                return None
-            key = self._turns.popleft()
-            line = self._lines[key]
+        if not self._turns:
+            return None
+        key = self._turns.popleft()
+        line = self._lines[key]
         waiter = line.popleft()
-        if not line:
-            del self._lines[key]
-        elif key is not None:
+        if line:
             self._turns.append(key)  # its next waiter comes after the other keys' turns
+        else:
+            del self._lines[key]
         return waiter
 
-    def _drop(self, key: str | None, waiter: asyncio.Future[None]) -> None:
+    def _drop(self, key: str, waiter: asyncio.Future[None]) -> None:
         line = self._lines.get(key)
         if line is None:
             return
         line.remove(waiter)
         if not line:
             del self._lines[key]
-            if key is not None:
-                self._turns.remove(key)
+            self._turns.remove(key)
 
 
 class GatePass:
-    """``async with``: a place in a :class:`FairGate` (of the first class, or of a key)."""
+    """``async with``: a place in a :class:`FairGate`, in ``key``'s line."""
 
     __slots__ = ("_gate", "_key")
 
-    def __init__(self, gate: FairGate, key: str | None) -> None:
+    def __init__(self, gate: FairGate, key: str) -> None:
         self._gate, self._key = gate, key
 
     async def __aenter__(self) -> None:

@@ -7,8 +7,6 @@ job's message, so whatever runs the job meanwhile cannot be its delivery.
 
 from __future__ import annotations
 
-import asyncio
-import json
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -20,7 +18,6 @@ from helpers import ServerThread, wait_until
 from system import DEV, PAID, System, sample
 from tierq.app import create_app
 from tierq.embedded_redis import free_port
-from tierq.worker.pipeline import run_local
 
 QUEUE = "q_paid_stream"
 
@@ -169,40 +166,3 @@ def test_a_delivery_that_reaches_another_process_waits_for_the_local_run(
         assert a.job(job_id)["status"] == "cancelled"
     finally:
         b.stop()
-
-
-def test_a_local_run_that_does_not_start_its_job_still_records_its_message(
-    make_system: Callable[..., System],
-) -> None:
-    """A local start records the job's QStash message id with ``started`` (its dispatch left it
-    to the run); a local run that is refused its start records it all the same, and one whose
-    job has no record (its submit is still writing it) creates nothing and leaves the leases."""
-    system = make_system()
-    rt, loop = system.runtime, system.app.loop
-    assert loop is not None
-    with qstash(system) as client:
-        client.queue.pause(QUEUE)  # QStash keeps the message: its body is the job's worker body
-        job_id = submit(system, {"tokens": 1, "token_latency_ms": 1})
-        wait_until(lambda: system.job(job_id)["status"] == "completed", timeout=10)
-        message_id = message_of(system, job_id)  # written with its start
-        raw = str(client.message.get(message_id).body).encode()
-        data = json.loads(raw)
-
-        def run_here(body: bytes, message: str) -> Any:
-            return asyncio.run_coroutine_threadsafe(
-                run_local(rt, body, json.loads(body), message), loop
-            ).result(timeout=10)
-
-        reply = run_here(raw, "msg_refused")  # the job ended: no start
-        assert not reply.ran
-        assert message_of(system, job_id) == "msg_refused"
-        assert types(system, job_id).count("started") == 1
-
-        ghost = {**data, "jobId": "job_notrecordedyet0000000"}
-        slots = rt.keys.queue_slots(QUEUE)
-        system.redis.zadd(slots, {ghost["jobId"]: 2**50})  # as its dispatch left it
-        reply = run_here(json.dumps(ghost).encode(), "msg_ghost")
-        assert not reply.ran
-        assert not system.redis.exists(system.keys.job(ghost["jobId"]))  # nothing created
-        assert system.redis.zscore(slots, ghost["jobId"]) is not None  # its delivery's
-        client.queue.resume(QUEUE)

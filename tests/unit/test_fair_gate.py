@@ -1,5 +1,5 @@
-"""FairGate: at most its limit inside; starts before submits; submits by user in turn; a
-cancelled waiter loses its place, or passes on the place it was given."""
+"""FairGate: at most its limit inside; waiters let in by user in turn; a cancelled waiter
+loses its place, or passes on the place it was given."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def entrant(
     return go
 
 
-async def test_starts_go_first_then_users_take_turns() -> None:
+async def test_users_take_turns() -> None:
     gate = FairGate(1)
     order: list[str] = []
     leave = asyncio.Event()
@@ -39,19 +39,18 @@ async def test_starts_go_first_then_users_take_turns() -> None:
     first = asyncio.create_task(hold())
     await settle()
     waiters = [("a1", gate.fair("a")), ("a2", gate.fair("a")), ("a3", gate.fair("a")),
-               ("b1", gate.fair("b")), ("s1", gate.first), ("c1", gate.fair("c")),
-               ("s2", gate.first)]  # fmt: skip
+               ("b1", gate.fair("b")), ("c1", gate.fair("c")), ("b2", gate.fair("b"))]  # fmt: skip
     tasks = []
     for name, gate_pass in waiters:
         tasks.append(asyncio.create_task(entrant(gate_pass, name, order, leave)()))
         await settle()
     assert order == []
-    assert gate.waiting == 7
+    assert gate.waiting == 6
     leave.set()  # each one leaves as soon as it is in: the next one goes
     holder.set()
     await asyncio.wait_for(asyncio.gather(first, *tasks), 5)
-    # starts in arrival order, then a, b, c, a, a: one submit per user per turn
-    assert order == ["s1", "s2", "a1", "b1", "c1", "a2", "a3"]
+    # a, b, c, a, b, a: one per user per turn, each user's in arrival order
+    assert order == ["a1", "b1", "c1", "a2", "b2", "a3"]
     assert gate.waiting == 0
 
 
@@ -68,7 +67,7 @@ async def test_never_more_than_the_limit_inside() -> None:
             await asyncio.sleep(0)
             inside -= 1
 
-    passes = [gate.first if i % 5 == 0 else gate.fair(f"u{i % 4}") for i in range(200)]
+    passes = [gate.fair(f"u{i % 4}") for i in range(200)]
     await asyncio.wait_for(asyncio.gather(*(visit(p) for p in passes)), 5)
     assert peak == 3
     assert inside == 0
@@ -85,7 +84,7 @@ async def test_a_cancelled_waiter_loses_its_place() -> None:
     release = asyncio.Event()
 
     async def hold() -> None:
-        async with gate.first:
+        async with gate.fair("x"):
             await release.wait()
 
     holder = asyncio.create_task(hold())
@@ -107,7 +106,7 @@ async def test_a_waiter_cancelled_as_it_is_let_in_passes_the_place_on() -> None:
     order: list[str] = []
     leave = asyncio.Event()
     leave.set()
-    await gate.acquire(None)
+    await gate.acquire("x")
     late = asyncio.create_task(entrant(gate.fair("a"), "a1", order, leave)())
     next_one = asyncio.create_task(entrant(gate.fair("b"), "b1", order, leave)())
     await settle()

@@ -508,21 +508,19 @@ class Dispatcher:
             for o in out:
                 local.expect(o.job_id)
         results: list[Any] = [None] * len(out)
-        started: set[str] = set()  # run here: their runs record their message ids
         try:
             results = await asyncio.gather(*(self._send(o) for o in out), return_exceptions=True)
         finally:
             if local is not None:  # before the confirm: its round trip is not the run's
                 # business (were it lost, the job goes back to its line, is published again
                 # and finds itself running or ended)
-                started = _start_here(local, out, results)
+                _start_here(local, out, results)
         sent = {o.job_id: r for o, r in zip(out, results, strict=True) if isinstance(r, str)}
         failed = [o.job_id for o in out if o.job_id not in sent]
 
         def build(pipe: Any) -> None:
             for job_id, message_id in sent.items():  # never re-creates a taken-back job
-                if job_id not in started:
-                    self.jobs.queue_set_if_exists(pipe, job_id, {"messageId": message_id})
+                self.jobs.queue_set_if_exists(pipe, job_id, {"messageId": message_id})
             if sent:
                 self._queue_script(pipe, "confirm", list(sent))
             if failed:
@@ -709,13 +707,10 @@ class Dispatcher:
         return len(moved)
 
 
-def _start_here(local: LocalRuns, out: Sequence[_Out], results: Sequence[Any]) -> set[str]:
-    """Start the jobs QStash took here (the others' publish failed: no run waits for them);
-    the ids of those started."""
-    started = set()
+def _start_here(local: LocalRuns, out: Sequence[_Out], results: Sequence[Any]) -> None:
+    """Start the jobs QStash took here (the others' publish failed: no run waits for them)."""
     for o, r in zip(out, results, strict=True):
-        if not isinstance(r, str):
+        if isinstance(r, str):
+            local.start(o.job_id, r, o.body, o.data, o.traceparent)
+        else:
             local.unexpect(o.job_id)
-        elif local.start(o.job_id, r, o.body, o.data, o.traceparent):
-            started.add(o.job_id)
-    return started

@@ -117,13 +117,11 @@ class LocalRuns:
         body: str,
         data: dict[str, Any],
         traceparent: str | None = None,
-    ) -> bool:
-        """Run the published job ``job_id`` (its worker ``body``, parsed as ``data``) here;
-        ``False``: it runs here already (published again meanwhile), or nothing runs here. The
-        run records the message id on the job's record (with its start)."""
+    ) -> None:
+        """Run the published job ``job_id`` (its worker ``body``, parsed as ``data``) here."""
         run = self._runs.get(job_id)
         if self._run is None or (run is not None and run.task is not None):
-            return False
+            return  # running here already (published again meanwhile)
         if run is None:
             run = self._runs[job_id] = _Run(asyncio.get_running_loop().create_future())
         run.message_id = message_id
@@ -138,7 +136,6 @@ class LocalRuns:
         if self._metrics is not None:
             self._metrics.local_runs.labels("started").inc()
         task.add_done_callback(lambda done: self._finished(job_id, message_id, done))
-        return True
 
     def _finished(self, job_id: str, message_id: str, task: asyncio.Task[Any]) -> None:
         if self._drained is not None:
