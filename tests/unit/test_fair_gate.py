@@ -26,17 +26,18 @@ def entrant(
     return go
 
 
+async def hold(gate: FairGate, until: asyncio.Event) -> None:
+    """Hold a place (of user ``x``) until ``until`` is set."""
+    async with gate.fair("x"):
+        await until.wait()
+
+
 async def test_users_take_turns() -> None:
     gate = FairGate(1)
     order: list[str] = []
     leave = asyncio.Event()
     holder = asyncio.Event()
-
-    async def hold() -> None:
-        async with gate.fair("x"):
-            await holder.wait()
-
-    first = asyncio.create_task(hold())
+    first = asyncio.create_task(hold(gate, holder))
     await settle()
     waiters = [("a1", gate.fair("a")), ("a2", gate.fair("a")), ("a3", gate.fair("a")),
                ("b1", gate.fair("b")), ("c1", gate.fair("c")), ("b2", gate.fair("b"))]  # fmt: skip
@@ -82,12 +83,7 @@ async def test_a_cancelled_waiter_loses_its_place() -> None:
     leave = asyncio.Event()
     leave.set()
     release = asyncio.Event()
-
-    async def hold() -> None:
-        async with gate.fair("x"):
-            await release.wait()
-
-    holder = asyncio.create_task(hold())
+    holder = asyncio.create_task(hold(gate, release))
     await settle()
     gone = asyncio.create_task(entrant(gate.fair("a"), "a1", order, leave)())
     kept = asyncio.create_task(entrant(gate.fair("b"), "b1", order, leave)())
