@@ -121,8 +121,8 @@ class Runtime:
     ledger: Ledger
     admission: FairGate
     """Bounds the job-admission round trips in flight in this process (a submit's admission,
-    a delivery's claim and start; see ``Settings.admission_concurrency``): starts first, then
-    submits by user in turn."""
+    a delivery's claim and start; see ``Settings.admission_concurrency``): waiters go in by
+    user, in turn."""
 
     local: LocalRuns = field(default_factory=LocalRuns)
     """The runs this process started at dispatch (``Settings.local_start``; the worker layer

@@ -514,7 +514,11 @@ class Dispatcher:
             if local is not None:  # before the confirm: its round trip is not the run's
                 # business (were it lost, the job goes back to its line, is published again
                 # and finds itself running or ended)
-                _start_here(local, out, results)
+                for o, r in zip(out, results, strict=True):
+                    if isinstance(r, str):
+                        local.start(o.job_id, r, o.body, o.data, o.traceparent)
+                    else:
+                        local.unexpect(o.job_id)
         sent = {o.job_id: r for o, r in zip(out, results, strict=True) if isinstance(r, str)}
         failed = [o.job_id for o in out if o.job_id not in sent]
 
@@ -705,12 +709,3 @@ class Dispatcher:
         ]
         await asyncio.gather(*(self.jobs.append(e, if_queued=True) for e in moved))
         return len(moved)
-
-
-def _start_here(local: LocalRuns, out: Sequence[_Out], results: Sequence[Any]) -> None:
-    """Start the jobs QStash took here (the others' publish failed: no run waits for them)."""
-    for o, r in zip(out, results, strict=True):
-        if isinstance(r, str):
-            local.start(o.job_id, r, o.body, o.data, o.traceparent)
-        else:
-            local.unexpect(o.job_id)
