@@ -13,11 +13,11 @@ pipeline a delivery runs (claim, start, execute, events, cleanup), with the same
 A delivery of that message to this process waits for the local run and answers what the run
 would have answered (2xx, a retryable 5xx, 489): QStash acts on it as before. A delivery that
 comes after the run ended gets the same answer (kept for ``KEEP_S``, at most ``KEEP_MAX``
-of them). A delivery that reaches another process finds the job running and answers ``429
-already_running`` (QStash retries it once the run would count as dead, and then finds the job
-ended; a job that failed for good answers ``489`` there, so its message still reaches the
-DLQ); one that arrives before the local run starts runs the job itself, and the local run then
-finds it taken and stops.
+of them). A delivery that reaches another process finds the job's record naming this message
+as a local start's (``localRun``) and waits for the run's end in the job's log, then answers as
+the job ended (a job that failed for good: ``489``, so its message still reaches the DLQ); one
+that arrives before the local run starts runs the job itself, and the local run then finds it
+taken and steps aside.
 
 Turn it off (``local_start=false``) when the worker routes are served by another deployment
 than the one that submits (the dispatching process must be able to run the job).

@@ -87,7 +87,7 @@ class Ledger:
         self.retention_ms = retention_days * 86_400_000
         lua = resources.files("tierq.usage") / "lua"
         self.script = client.register_script((lua / "record.lua").read_text())
-        self._expiry_sent: dict[str, float] = {}  # day key -> when its expiry was last sent
+        self._expiry_sent: tuple[str, float] = ("", 0.0)  # day key, when its expiry went
 
     def _key(self, day: dt.date) -> str:
         return f"{self.keys.prefix}:usage:{{{day:%Y%m%d}}}"
@@ -116,12 +116,11 @@ class Ledger:
         # the day's expiry is the same for every row: sent at most once a minute per process
         # (one command less per job; a write whose pipeline failed is made good within that)
         now = time.monotonic()
-        if now - self._expiry_sent.get(key, -EXPIRY_RESEND_S) < EXPIRY_RESEND_S:
+        sent_key, sent_at = self._expiry_sent
+        if key == sent_key and now - sent_at < EXPIRY_RESEND_S:
             forget_at = 0
         else:
-            if len(self._expiry_sent) > 8:
-                self._expiry_sent.clear()
-            self._expiry_sent[key] = now
+            self._expiry_sent = (key, now)
         pipe.evalsha(
             self.script.sha, 1, key, f"{user_id}\t{model_id}",
             jobs, prompt_tokens, completion_tokens, run_ms, failures, forget_at,
