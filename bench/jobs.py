@@ -40,7 +40,12 @@ where every process competes.
    1 and 2 also list the ids of the jobs slowest to start, to look up in the app's log.
 3. workers: if ``tierq serve --help`` lists ``--workers``, scenario 1 on a fresh system with
    each ``--workers`` value (1 and 2) and the ratio of their jobs/s; otherwise the default
-   process and ``"workers": "unsupported"``.
+   process and ``"workers": "unsupported"``. Also what the machine allows: the cores every
+   measured process kept busy with each value (``cores_busy_by_workers``), and
+   ``workers_scaling_ceiling``: the jobs/s at which all of this machine's cores would be busy
+   at the CPU per job (app, broker, both Redis, bench client) measured with the most workers,
+   over the jobs/s with one: no process layout does better here (the broker, Redis and the
+   bench client share the same cores).
 4. peer baseline: taskiq with taskiq-redis (``RedisStreamBroker`` + ``RedisAsyncResultBackend``,
    see ``bench/taskiq_peer.py``) on the same app Redis server, in the same invocation, after the
    tierq scenarios of the last system (whose processes then sit idle): ``taskiq worker
@@ -1175,6 +1180,21 @@ def dig(doc: Mapping[str, Any] | None, *path: str) -> Any:
     return doc
 
 
+def machine_cores() -> int:
+    return len(os.sched_getaffinity(0))
+
+
+def cores_busy(systems: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per ``--workers`` value: the cores every measured process kept busy on average during
+    scenario 1 (its CPU seconds over its wall time; this machine has ``machine_cores()``)."""
+    out: dict[str, Any] = {}
+    for s in systems:
+        cpu = dig(s, "throughput", "cpu")
+        if cpu and cpu.get("wall_s"):
+            out[str(s["workers"])] = rnd(cpu["measured_total_cpu_s"] / cpu["wall_s"], 2)
+    return out
+
+
 def tree_summary(tree: dict[str, Any]) -> dict[str, Any]:
     """The headline figures: of the last system (the most workers), the scaling over all."""
     systems = list(tree["systems"].values())
@@ -1191,6 +1211,14 @@ def tree_summary(tree: dict[str, Any]) -> dict[str, Any]:
         scaling = ratio(rates[-1], rates[0])
     peer_rate = dig(peer, "jobs_per_s")
     jobs_per_s = dig(t, "jobs_per_s")
+    busy, ceiling = cores_busy(systems), None
+    if len(rates) >= 2 and rates[0]:
+        # the most jobs/s this machine's cores could do at the CPU per job (every process
+        # measured) of the most workers, over the jobs/s of one: what scaling can reach here
+        cpu_ms = dig(main, "throughput", "cpu", "measured_total_cpu_s")
+        jobs = dig(main, "throughput", "jobs")
+        if cpu_ms and jobs:
+            ceiling = ratio(machine_cores() / (cpu_ms / jobs), rates[0])
     return {
         "workers": main.get("workers"),
         "jobs_per_s": jobs_per_s,
@@ -1207,6 +1235,8 @@ def tree_summary(tree: dict[str, Any]) -> dict[str, Any]:
         "started_p99_ms": dig(lat, "submit_to_started_ms", "p99"),
         "jobs_per_s_by_workers": by_workers,
         "workers_scaling": scaling,
+        "cores_busy_by_workers": busy,
+        "workers_scaling_ceiling": ceiling,
         "taskiq_jobs_per_s": peer_rate if peer_rate is not None else dig(peer, "skipped"),
         "tierq_over_taskiq": ratio(jobs_per_s, peer_rate) if peer_rate else None,
     }
@@ -1321,6 +1351,12 @@ def print_table(runs: dict[str, dict[str, Any]], rows: list[dict[str, Any]]) -> 
             f"{run}: workers scaling {s.get('workers_scaling')} "
             f"({s.get('jobs_per_s_by_workers')}), tierq/taskiq {s.get('tierq_over_taskiq')}"
         )
+        if s.get("workers_scaling_ceiling") is not None:
+            print(
+                f"{run}: cores busy {s.get('cores_busy_by_workers')} of {machine_cores()}: "
+                f"at the most workers' CPU per job this machine allows a scaling of at most "
+                f"{s['workers_scaling_ceiling']}"
+            )
     print(f"\n{'figure':22} {'value':>12}  {'target':45} met")
     for row in rows:
         met = {True: "y", False: "n", None: "-"}[row["met"]]
