@@ -8,6 +8,7 @@ job's message, so whatever runs the job meanwhile cannot be its delivery.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 
@@ -17,6 +18,7 @@ from qstash import QStash
 from helpers import ServerThread, wait_until
 from system import DEV, PAID, System, sample
 from tierq.app import create_app
+from tierq.config import ModelSettings, TierLimits
 from tierq.embedded_redis import free_port
 
 QUEUE = "q_paid_stream"
@@ -166,3 +168,16 @@ def test_a_delivery_that_reaches_another_process_waits_for_the_local_run(
         assert a.job(job_id)["status"] == "cancelled"
     finally:
         b.stop()
+
+
+def test_jobs_parked_behind_a_model_limit_all_run_when_slots_free(
+    make_system: Callable[..., System],
+) -> None:
+    """No-op jobs end faster than their publish is confirmed: each release dispatches the next
+    parked one, and every job runs once."""
+    system = make_system(models={"sim": ModelSettings(limits=TierLimits(paid=2, free=2))})
+    with ThreadPoolExecutor(8) as pool:  # submits in flight together, as a client's burst
+        jobs = list(pool.map(lambda _: submit(system, {"tokens": 0}), range(16)))
+    wait_until(lambda: all(system.job(j)["status"] == "completed" for j in jobs), timeout=20)
+    for job_id in jobs:
+        assert types(system, job_id).count("started") == 1
