@@ -159,6 +159,11 @@ class FairGate:
     def waiting(self) -> int:
         return sum(len(line) for line in self._lines.values())
 
+    @property
+    def idle(self) -> bool:
+        """Nobody waits and a place is free: one more holder would go in at once."""
+        return self._free > 0 and not self._lines
+
     async def acquire(self, key: str) -> None:
         if self._free > 0 and not self._lines:
             self._free -= 1

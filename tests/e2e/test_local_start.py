@@ -7,6 +7,7 @@ job's message, so whatever runs the job meanwhile cannot be its delivery.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
@@ -174,10 +175,94 @@ def test_jobs_parked_behind_a_model_limit_all_run_when_slots_free(
     make_system: Callable[..., System],
 ) -> None:
     """No-op jobs end faster than their publish is confirmed: each release dispatches the next
-    parked one, and every job runs once."""
+    parked one, and every job runs once, also when Redis forgot the scripts meanwhile."""
     system = make_system(models={"sim": ModelSettings(limits=TierLimits(paid=2, free=2))})
+    system.redis.script_flush()  # the first end of a run then meets scripts Redis forgot
     with ThreadPoolExecutor(8) as pool:  # submits in flight together, as a client's burst
         jobs = list(pool.map(lambda _: submit(system, {"tokens": 0}), range(16)))
     wait_until(lambda: all(system.job(j)["status"] == "completed" for j in jobs), timeout=20)
     for job_id in jobs:
         assert types(system, job_id).count("started") == 1
+
+
+def count_claims(rt: Any) -> list[str]:
+    """The job ids the dispatcher's ``claim_with_state`` is called for, from now on."""
+    claimed: list[str] = []
+    real = rt.dispatcher.claim_with_state
+
+    async def counted(body: Any) -> Any:
+        claimed.append(body.job_id)
+        return await real(body)
+
+    rt.dispatcher.claim_with_state = counted
+    return claimed
+
+
+def on_app_loop(system: System, coro: Any) -> Any:
+    assert system.app.loop is not None
+    return asyncio.run_coroutine_threadsafe(coro, system.app.loop).result(timeout=10)
+
+
+def cancel(system: System, job_id: str) -> None:
+    res = system.http.delete(f"/api/jobs/{job_id}", headers={"Authorization": f"Bearer {PAID}"})
+    assert res.status_code == 200, res.text
+
+
+def test_a_local_start_claims_only_when_the_admission_bound_has_a_line(
+    make_system: Callable[..., System],
+) -> None:
+    """With nothing waiting at the admission bound, a local start neither reads the job nor
+    claims its leases (its dispatch took them a moment ago). With the bound full, it waits in
+    line and claims, as a delivery does: the line paces a burst's starts against its submits."""
+    system = make_system(
+        models={"sim": ModelSettings(limits=TierLimits(paid=1, free=1))},
+        admission_concurrency=2,
+    )
+    rt = system.runtime
+    claimed = count_claims(rt)
+    with qstash(system) as client:
+        client.queue.pause(QUEUE)  # deliveries cannot come: only local starts run the jobs
+        first = submit(system, {"fail": "hang"})  # holds the model's one slot until cancelled
+        wait_until(lambda: system.job(first)["status"] == "running", timeout=10)
+        second = submit(system, {"tokens": 2, "token_latency_ms": 5})  # parked behind it
+        assert system.job(second)["status"] == "queued"
+        assert claimed == []  # the first started without a claim: nobody was in line
+
+        async def fill() -> None:  # both places of the bound taken, as by a burst
+            await rt.admission.acquire("someone")
+            await rt.admission.acquire("someone")
+
+        on_app_loop(system, fill())
+        cancel(system, first)  # its release dispatches the second, whose start waits in line
+        wait_until(lambda: rt.admission.waiting == 1, timeout=10)
+        assert system.job(second)["status"] == "queued"
+
+        async def free() -> None:
+            rt.admission.release()
+            rt.admission.release()
+
+        on_app_loop(system, free())
+        wait_until(lambda: system.job(second)["status"] == "completed", timeout=10)
+    assert claimed == [second]
+    assert rt.local.started == 2
+    assert types(system, second).count("started") == 1
+
+
+def test_a_local_start_that_read_nothing_does_not_run_a_job_whose_cancel_was_requested(
+    make_system: Callable[..., System],
+) -> None:
+    system = make_system(models={"sim": ModelSettings(limits=TierLimits(paid=1, free=1))})
+    with qstash(system) as client:
+        client.queue.pause(QUEUE)
+        first = submit(system, {"fail": "hang"})
+        wait_until(lambda: system.job(first)["status"] == "running", timeout=10)
+        second = submit(system, {"tokens": 2, "token_latency_ms": 5})  # parked behind it
+        # as a cancel leaves a job a delivery parked again (status waiting): marked, not ended
+        system.redis.hset(
+            system.keys.job(second), mapping={"status": "waiting", "cancelRequested": "1"}
+        )
+        cancel(system, first)  # its release dispatches the second: it starts here
+        wait_until(lambda: system.job(second)["status"] == "cancelled", timeout=10)
+    assert "started" not in types(system, second)
+    assert types(system, second).count("cancelled") == 1
+    assert system.slot_count(system.keys.model_guard("sim", "paid")) == 0

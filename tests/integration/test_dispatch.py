@@ -324,3 +324,27 @@ async def test_admissions_in_flight_are_bounded_per_process(make_rt: Callable[..
     assert most == 2
     stats = await rt.dispatcher.queue_stats(QueueId.PAID_BATCH.value)
     assert stats["parked"] == 12
+
+
+async def test_a_pipeline_sends_again_only_what_redis_forgot(make_rt: Callable[..., Any]) -> None:
+    """After Redis forgot the scripts (restart, failover, SCRIPT FLUSH), the commands it answered
+    NOSCRIPT are sent again, and only they: a release that ran the first time keeps the jobs
+    it dispatched (sent twice, it would dispatch nothing and they would sit unpublished)."""
+    rt = await make_rt(models={"m1": ModelSettings(limits=TierLimits(paid=1, free=1))})
+    a, b = job("u", "a"), job("u", "b")
+    assert (await park(rt, a))[0] == ""  # dispatched: holds the model's one slot
+    assert (await park(rt, b))[0] == "model"
+    await rt.dispatcher.r.script_flush()
+    for script in rt.dispatcher._scripts.values():  # dispatch's scripts back, the log's not
+        await rt.dispatcher.r.script_load(script.script)
+    release = [a.job_id, a.queue_id.value, a.user_id, rt.keys.model_guard("m1", "paid")]
+
+    def build(pipe: Any) -> None:
+        rt.jobs.queue_set_if_exists(pipe, a.job_id, {"note": "x"})  # NOSCRIPT: not run
+        pipe.incr(f"{rt.keys.sched}:test-counter")  # runs once, whatever happens
+        rt.dispatcher._queue_script(pipe, "release", release)  # runs, dispatches b
+
+    replies = await rt.dispatcher.run_pipeline(build)
+    assert [_s(x) for x in replies[-1][::3]] == ["b"]
+    assert replies[1] == 1
+    assert int(await rt.dispatcher.r.get(f"{rt.keys.sched}:test-counter")) == 1

@@ -142,6 +142,28 @@ def _load(client: aioredis.Redis) -> dict[str, AsyncScript]:
     return {name: client.register_script(text) for name, text in scripts.items()}
 
 
+class _Only:
+    """A pipeline that queues only the commands at ``keep`` (their indices in the order they
+    are queued) and counts them all (``len``), for :meth:`Dispatcher.run_pipeline`'s resend."""
+
+    def __init__(self, pipe: Any, keep: frozenset[int]) -> None:
+        self._pipe, self._keep, self._queued = pipe, keep, 0
+
+    def __len__(self) -> int:
+        return self._queued
+
+    def __getattr__(self, name: str) -> Callable[..., _Only]:
+        command = getattr(self._pipe, name)
+
+        def queue(*args: Any, **kwargs: Any) -> _Only:
+            if self._queued in self._keep:
+                command(*args, **kwargs)
+            self._queued += 1
+            return self
+
+        return queue
+
+
 class Dispatcher:
     """The fair dispatcher of one app process (any number of processes may share Redis)."""
 
@@ -219,20 +241,29 @@ class Dispatcher:
         pipe.evalsha(sha, 1, f"{self.keys.sched}:active", *self._common, *extra)
 
     async def run_pipeline(self, build: Callable[[Any], None]) -> list[Any]:
-        """One round trip of commands and scripts (the scripts by sha: a pipeline that
-        registers scripts would ask Redis whether they exist on every call). Everything queued
-        is idempotent, so after a Redis restart forgot the scripts it is simply sent again."""
-        for attempt in (0, 1):
-            pipe = self.r.pipeline(transaction=False)
-            build(pipe)
-            try:
-                return list(await pipe.execute())
-            except NoScriptError:
-                if attempt:
-                    raise
-                for script in [*self._scripts.values(), *self.jobs.scripts(), *self.also_scripts]:
-                    script.sha = await self.r.script_load(script.script)
-        raise AssertionError("unreachable")
+        """One round trip of the commands and scripts ``build`` queues (the scripts by sha: a
+        pipeline that registers scripts would ask Redis whether they exist on every call); the
+        replies, or the first error. Commands Redis answered ``NOSCRIPT`` (it forgot the
+        scripts: a restart, a failover, ``SCRIPT FLUSH``, or a fresh server) did not run: the
+        scripts are loaded and those commands alone are sent again (``build`` queues the same
+        commands in the same order each time). The others ran and are not sent twice: a
+        dispatch script's reply lists the jobs it dispatched, to publish, and a second run
+        would lose them (they would sit dispatched, unpublished, until the reconciler)."""
+        pipe = self.r.pipeline(transaction=False)
+        build(pipe)
+        replies = list(await pipe.execute(raise_on_error=False))
+        missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+        if missing:
+            for script in [*self._scripts.values(), *self.jobs.scripts(), *self.also_scripts]:
+                script.sha = await self.r.script_load(script.script)
+            again = self.r.pipeline(transaction=False)
+            build(_Only(again, frozenset(missing)))
+            for i, reply in zip(missing, await again.execute(raise_on_error=False), strict=True):
+                replies[i] = reply
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
+        return replies
 
     # -- operations --------------------------------------------------------------------------
 

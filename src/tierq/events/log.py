@@ -101,12 +101,19 @@ class JobStore:
         return appended if isinstance(appended, Appended) else None
 
     async def start(
-        self, event: WorkerEvent, runs: int, fields: dict[str, str], *, revive: bool = False
+        self,
+        event: WorkerEvent,
+        runs: int,
+        fields: dict[str, str],
+        *,
+        revive: bool = False,
+        fresh: bool = False,
     ) -> Appended | str:
         """Log the ``started`` of run ``runs + 1`` (status ``running``), only while the job has
         had exactly ``runs`` runs; otherwise why not: ``taken`` (another delivery started this
-        run first), ``missing``, or the terminal status."""
-        mode = ("revive-" if revive else "") + f"start:{runs}"
+        run first), ``missing``, or the terminal status. ``fresh`` (the caller did not read the
+        job): also not when its cancel was requested (``cancel_requested``)."""
+        mode = ("revive-" if revive else "") + ("fresh-" if fresh else "") + f"start:{runs}"
         return await self._append(event, "running", fields, mode)
 
     def _append_args(

@@ -31,12 +31,12 @@ from tierq.observability.tracing import enabled as tracing_enabled
 from tierq.observability.tracing import span
 from tierq.queues import WorkerKind, worker_kind
 from tierq.runtime import Runtime
-from tierq.worker.result import Err, Reply, done, error_reply
+from tierq.worker.result import Err, Ok, Reply, Result, done, error_reply
 from tierq.worker.steps.cleanup import cleanup
 from tierq.worker.steps.events import record_cancelled, settle
 from tierq.worker.steps.execute import Outcome, execute
 from tierq.worker.steps.guard import guard
-from tierq.worker.steps.route import decide
+from tierq.worker.steps.route import Decision, decide
 from tierq.worker.steps.validate import validate
 
 log = structlog.get_logger("tierq.worker")
@@ -103,9 +103,11 @@ async def run_delivery(
         if adopted is not None:
             return adopted
         with span("tierq.delivery", kind=SpanKind.SERVER, parent=parent, attributes=attributes):
+            light = local  # a local start may skip the read and claim (see _read_and_claim)
             for _ in range(MAX_PASSES):  # None: it waited for a run elsewhere, look again
-                if (reply := await _run(rt, body, raw, message_id, local)) is not None:
+                if (reply := await _run(rt, body, raw, message_id, local, light)) is not None:
                     return reply
+                light = False
             return error_reply(
                 503, "busy", "the job's runs kept changing hands; retry", {"Retry-After": "1"}
             )
@@ -212,22 +214,40 @@ async def _await_run_elsewhere(rt: Runtime, body: WorkerBody, alive_s: int) -> N
         rt.hub.unsubscribe(sub)
 
 
+async def _read_and_claim(
+    rt: Runtime, body: WorkerBody, message_id: str, light: bool
+) -> tuple[JobState | None, str, bool, int, Result[Decision, Reply]]:
+    """The job's state, the claim's answer, whether dispatch had the job, the seconds its run
+    elsewhere counts as alive, and what this delivery does. The claim goes with the read (one
+    round trip); a delivery that must not run gives back what it took, unless the job runs
+    elsewhere (then they are that run's leases).
+
+    A local start (``light``) while nothing waits at the admission bound reads and claims
+    nothing (state ``None``): its dispatch took the leases a moment ago. Its ``started`` is
+    then ``fresh``: refused for a job cancelled, ended, started or cancel-requested meanwhile,
+    one that ran before, or one whose record its submit is still writing, and the start goes
+    the whole way (read and claim) instead. When submits or starts wait at the bound, a local
+    start reads and claims in line like a delivery: without that round trip in line, the jobs
+    of a 500-job burst started so early that their clients' streams opened later (measured:
+    submit -> first token at the client p50 ~0.5 -> ~0.9 s); the line paces starts against
+    the burst's submits."""
+    if light and rt.admission.idle:
+        return None, "ok", True, 0, Ok(Decision("run"))
+    async with rt.admission.fair(body.user_id):  # see Settings.admission_concurrency
+        state, full, sent = await rt.dispatcher.claim_with_state(body)
+    alive_s = _runner_alive_for(rt, state)
+    # a redelivery while the run is alive comes back once the run would count as dead
+    return state, full, sent, alive_s, decide(state, message_id, alive_s > 0, alive_s + 1)
+
+
 async def _run(
-    rt: Runtime, body: WorkerBody, raw: bytes, message_id: str, local: bool
+    rt: Runtime, body: WorkerBody, raw: bytes, message_id: str, local: bool, light: bool
 ) -> Reply | None:
-    """One pass of the delivery; ``None``: ask again (it waited for a run elsewhere)."""
+    """One pass of the delivery; ``None``: ask again (it waited for a run elsewhere, or a
+    local start that read nothing was refused its start: the next pass reads and claims)."""
     with rt.cancels.watch(body.job_id) as cancel:  # before reading state: no cancel is missed
-        # the claim goes with the read (one round trip); a delivery that must not run gives
-        # back what it took, unless the job runs elsewhere (then they are that run's leases).
-        # A local start claims too, though its dispatch took the leases a moment ago: without
-        # this round trip through the admission bound, the jobs of a 500-job burst started so
-        # early that their clients' streams opened later (measured: submit -> first token at
-        # the client p50 ~0.5 -> ~0.9 s); it paces starts against the burst's submits.
-        async with rt.admission.fair(body.user_id):  # see Settings.admission_concurrency
-            state, full, sent = await rt.dispatcher.claim_with_state(body)
-        alive_s = _runner_alive_for(rt, state)
-        # a redelivery while the run is alive comes back once the run would count as dead
-        decision = decide(state, message_id, alive_s > 0, alive_s + 1)
+        state, full, sent, alive_s, decision = await _read_and_claim(rt, body, message_id, light)
+        fresh = local and state is None  # nothing read: see _read_and_claim
         if isinstance(decision, Err):
             if state is None and sent and _recording(body):
                 # dispatched while its submit was still writing its record (a job parked at
@@ -273,12 +293,15 @@ async def _run(
                 _track(body, "cancelled")
                 return dataclasses.replace(reply, ran=True)
             async with rt.admission.fair(body.user_id):
-                run = await _start(rt, body, state, decision.value.revive, message_id, local)
-            if run == "taken":  # a concurrent delivery (or a local start) started it first
-                hands_off = True
-                return await _lost_start(rt, body, message_id, local)
-            if isinstance(run, str):  # cancelled (or expired) while we took the guards
-                finished = True
+                run = await _start(rt, body, state, decision.value.revive, message_id, local, fresh)
+            if isinstance(run, str):
+                if fresh or run == "taken":
+                    # fresh: the job changed since its dispatch; the next pass reads it, claims
+                    # and decides (its leases stay). taken: a concurrent delivery (or a local
+                    # start) started it first (the leases are that run's)
+                    hands_off = True
+                    return None if fresh else await _lost_start(rt, body, message_id, local)
+                finished = True  # cancelled (or expired) while we took the guards
                 return done("skipped")
             outcome = await _execute(rt, body, run, held, cancel)
             hands_off = True  # _end cleans up
@@ -402,6 +425,7 @@ async def _start(
     revive: bool,
     message_id: str,
     local: bool,
+    fresh: bool = False,
 ) -> _Run | str:
     """Log ``started``; else why not: ``taken`` (another delivery started this run), or the job
     ended meanwhile. A local start says so on the record (``localRun``): a delivery of its
@@ -417,6 +441,7 @@ async def _start(
             "localRun": message_id if local else "",
         },
         revive=revive,
+        fresh=fresh,
     )
     if isinstance(started, str):
         return started
