@@ -150,7 +150,6 @@ def test_a_delivery_that_reaches_another_process_waits_for_the_local_run(
     b = ServerThread(create_app(a.settings), port=port_b).start()  # same Redis, keys, broker
     try:
         rt_b = b.server.config.app.state.runtime
-        claimed_b = count_claims(rt_b)
         with qstash(a) as client:
             client.queue.pause(QUEUE)
             job_id = submit(a, {"fail": "hang"})  # runs until cancelled
@@ -166,7 +165,6 @@ def test_a_delivery_that_reaches_another_process_waits_for_the_local_run(
         assert sample(text, "tierq_worker_deliveries_total", '{route="unified",status="429"}') == 0
         assert rt_b.local.started == 0
         assert rt_b.local.awaiting_elsewhere == 0
-        assert claimed_b == []  # it read the job (running here, then ended): nothing to claim
         assert types(a, job_id).count("started") == 1
         assert a.job(job_id)["status"] == "cancelled"
     finally:

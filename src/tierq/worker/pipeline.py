@@ -215,86 +215,29 @@ async def _await_run_elsewhere(rt: Runtime, body: WorkerBody, alive_s: int) -> N
 
 
 async def _read_and_claim(
-    rt: Runtime, body: WorkerBody, message_id: str, local: bool, light: bool
+    rt: Runtime, body: WorkerBody, message_id: str, light: bool
 ) -> tuple[JobState | None, str, bool, int, Result[Decision, Reply]]:
     """The job's state, the claim's answer, whether dispatch had the job, the seconds its run
     elsewhere counts as alive, and what this delivery does. The claim goes with the read (one
     round trip); a delivery that must not run gives back what it took, unless the job runs
     elsewhere (then they are that run's leases).
 
-    A local start (``light``: its first pass) while nothing waits at the admission bound
-    reads and claims nothing (state ``None``): its dispatch took the leases a moment ago. Its
-    ``started`` is then ``fresh``: refused for a job cancelled, ended, started or
-    cancel-requested meanwhile, one that ran before, or one whose record its submit is still
-    writing, and its next pass goes the whole way (read and claim; a job that ended gives its
-    leases back). When submits or starts wait at the bound, a local
+    A local start (``light``) while nothing waits at the admission bound reads and claims
+    nothing (state ``None``): its dispatch took the leases a moment ago. Its ``started`` is
+    then ``fresh``: refused for a job cancelled, ended, started or cancel-requested meanwhile,
+    one that ran before, or one whose record its submit is still writing, and the start goes
+    the whole way (read and claim) instead. When submits or starts wait at the bound, a local
     start reads and claims in line like a delivery: without that round trip in line, the jobs
     of a 500-job burst started so early that their clients' streams opened later (measured:
     submit -> first token at the client p50 ~0.5 -> ~0.9 s); the line paces starts against
-    the burst's submits.
-
-    A delivery, where local starts are on, reads the job first and claims only if it may run
-    it: most deliveries then find their job ended or running as a local start elsewhere (a
-    process that dispatches a job runs it; its delivery reaches another replica or worker
-    process about as often as there are others), and such a delivery needs one read, not a
-    claim and a release (~15 Redis commands). Its claim answer is then ``""``: nothing
-    taken. A delivery that may run the job (queued, a dead run, a DLQ retry, or a record not
-    written yet) claims as before, a round trip later."""
+    the burst's submits."""
     if light and rt.admission.idle:
         return None, "ok", True, 0, Ok(Decision("run"))
-    if not local and rt.settings.local_start:
-        try:
-            state = await rt.jobs.state(body.job_id)
-        except RedisError as exc:
-            raise UpstreamError(f"redis: {exc}") from exc
-        alive_s = _runner_alive_for(rt, state)
-        decision = decide(state, message_id, alive_s > 0, alive_s + 1)
-        if (
-            isinstance(decision, Err)
-            and state is not None
-            and (state.terminal or state.local_run == message_id)
-        ):
-            return state, "", False, alive_s, decision
     async with rt.admission.fair(body.user_id):  # see Settings.admission_concurrency
         state, full, sent = await rt.dispatcher.claim_with_state(body)
     alive_s = _runner_alive_for(rt, state)
     # a redelivery while the run is alive comes back once the run would count as dead
     return state, full, sent, alive_s, decide(state, message_id, alive_s > 0, alive_s + 1)
-
-
-async def _not_run(
-    rt: Runtime,
-    body: WorkerBody,
-    message_id: str,
-    local: bool,
-    state: JobState | None,
-    full: str,
-    sent: bool,
-    alive_s: int,
-    error: Reply,
-) -> Reply | None:
-    """A delivery that must not run the job (``error``: why); ``None``: look again (it waited
-    for another process's local start of this message). ``full`` is the claim's answer
-    (``""``: nothing was claimed)."""
-    if state is None and sent and _recording(body):
-        # dispatched while its submit was still writing its record (a job parked at
-        # admission can be sent by another process at once): it keeps its leases and
-        # comes back in a moment; past RECORD_GRACE_MS it is gone (its submit died)
-        return error_reply(
-            503, "not_recorded_yet", "the job is being recorded; retry", {"Retry-After": "1"}
-        )
-    if state is None or state.terminal:
-        if full:  # nobody runs a job that is gone or ended: what the claim took goes back
-            await rt.dispatcher.release(body)
-        return error
-    # it may have started here (at dispatch) while this delivery read its state
-    reply = await _unless_local(rt, body, message_id, local, error)
-    if reply is error and not local and state.local_run == message_id:
-        # another process's local start runs this very message: wait for its end,
-        # then answer as if this delivery came then (QStash keeps its retries)
-        await _await_run_elsewhere(rt, body, alive_s)
-        return None
-    return reply
 
 
 async def _run(
@@ -303,13 +246,28 @@ async def _run(
     """One pass of the delivery; ``None``: ask again (it waited for a run elsewhere, or a
     local start that read nothing was refused its start: the next pass reads and claims)."""
     with rt.cancels.watch(body.job_id) as cancel:  # before reading state: no cancel is missed
-        state, full, sent, alive_s, decision = await _read_and_claim(
-            rt, body, message_id, local, light
-        )
+        state, full, sent, alive_s, decision = await _read_and_claim(rt, body, message_id, light)
         fresh = local and state is None  # nothing read: see _read_and_claim
         if isinstance(decision, Err):
-            return await _not_run(rt, body, message_id, local, state, full, sent, alive_s,
-                                  decision.error)  # fmt: skip
+            if state is None and sent and _recording(body):
+                # dispatched while its submit was still writing its record (a job parked at
+                # admission can be sent by another process at once): it keeps its leases and
+                # comes back in a moment; past RECORD_GRACE_MS it is gone (its submit died)
+                return error_reply(
+                    503, "not_recorded_yet", "the job is being recorded; retry",
+                    {"Retry-After": "1"},
+                )  # fmt: skip
+            if state is None or state.terminal:
+                await rt.dispatcher.release(body)  # nobody runs a job that is gone or ended
+                return decision.error
+            # it may have started here (at dispatch) while this delivery read its state
+            reply = await _unless_local(rt, body, message_id, local, decision.error)
+            if reply is decision.error and not local and state.local_run == message_id:
+                # another process's local start runs this very message: wait for its end,
+                # then answer as if this delivery came then (QStash keeps its retries)
+                await _await_run_elsewhere(rt, body, alive_s)
+                return None
+            return reply
         if decision.value.revive and not await rt.gateway.carries_job(message_id, body.job_id):
             log.warning("worker.revive_refused", message_id=message_id)
             await rt.dispatcher.release(body)
