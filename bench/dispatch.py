@@ -868,7 +868,12 @@ def run_one(
     t0 = time.monotonic()
 
     async def warm_then_work(system: System) -> dict[str, Any]:
-        return {"warmup": await warm_up(system), **await work(system)}
+        warm = await warm_up(system)
+        if not warm["in_time"] or warm["completed"] < warm["jobs"]:
+            # jobs left behind here hold slots during the measured run (this is how jobs
+            # dispatched but never published were found): say so, loudly
+            print(f"  [{label}] WARNING warm-up: {warm}", flush=True)
+        return {"warmup": warm, **await work(system)}
 
     out = run_system(
         label,

@@ -115,3 +115,18 @@ async def test_a_waiter_cancelled_as_it_is_let_in_passes_the_place_on() -> None:
     async with asyncio.timeout(1):  # the place is free again
         async with gate.fair("c"):
             pass
+
+
+async def test_idle_only_while_a_place_is_free_and_nobody_waits() -> None:
+    gate = FairGate(1)
+    assert gate.idle
+    await gate.acquire("a")  # the one place taken
+    assert not gate.idle
+    waiter = asyncio.create_task(gate.acquire("b"))
+    await settle()
+    assert gate.waiting == 1
+    gate.release()  # handed to b at once: still no place free
+    await waiter
+    assert not gate.idle
+    gate.release()
+    assert gate.idle
