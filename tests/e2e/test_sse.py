@@ -157,7 +157,10 @@ def test_stream_of_a_running_job_ends_right_after_the_terminal_event(system: Sys
     kinds = [m["event"] for m in stream.messages]
     assert kinds[-1] == "completed"
     assert not TERMINAL & set(kinds[:-1])
-    assert kinds.count("delta") == 20
+    # every token once (how many deltas carry them depends on the coalescing: one per token
+    # while the run keeps pace, several in one when its loop lagged)
+    text = "".join(json.loads(m["data"])["text"] for m in stream.messages if m["event"] == "delta")
+    assert len(text.split()) == 20
     assert [m["id"] for m in stream.messages] == log_ids(system, job_id)
 
 
