@@ -1215,10 +1215,10 @@ def tree_summary(tree: dict[str, Any]) -> dict[str, Any]:
     if len(rates) >= 2 and rates[0]:
         # the most jobs/s this machine's cores could do at the CPU per job (every process
         # measured) of the most workers, over the jobs/s of one: what scaling can reach here
-        cpu_ms = dig(main, "throughput", "cpu", "measured_total_cpu_s")
+        cpu_s = dig(main, "throughput", "cpu", "measured_total_cpu_s")
         jobs = dig(main, "throughput", "jobs")
-        if cpu_ms and jobs:
-            ceiling = ratio(machine_cores() / (cpu_ms / jobs), rates[0])
+        if cpu_s and jobs:
+            ceiling = ratio(machine_cores() / (cpu_s / jobs), rates[0])
     return {
         "workers": main.get("workers"),
         "jobs_per_s": jobs_per_s,

@@ -165,7 +165,7 @@ class FairGate:
         return self._free > 0 and not self._lines
 
     async def acquire(self, key: str) -> None:
-        if self._free > 0 and not self._lines:
+        if self.idle:
             self._free -= 1
             return
         line = self._lines.get(key)

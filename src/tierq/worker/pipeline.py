@@ -215,14 +215,14 @@ async def _await_run_elsewhere(rt: Runtime, body: WorkerBody, alive_s: int) -> N
 
 
 async def _read_and_claim(
-    rt: Runtime, body: WorkerBody, message_id: str, light: bool
+    rt: Runtime, body: WorkerBody, message_id: str, skip: bool
 ) -> tuple[JobState | None, str, bool, int, Result[Decision, Reply]]:
     """The job's state, the claim's answer, whether dispatch had the job, the seconds its run
     elsewhere counts as alive, and what this delivery does. The claim goes with the read (one
     round trip); a delivery that must not run gives back what it took, unless the job runs
     elsewhere (then they are that run's leases).
 
-    A local start (``light``) while nothing waits at the admission bound reads and claims
+    A local start while nothing waits at the admission bound (``skip``) reads and claims
     nothing (state ``None``): its dispatch took the leases a moment ago. Its ``started`` is
     then ``fresh``: refused for a job cancelled, ended, started or cancel-requested meanwhile,
     one that ran before, or one whose record its submit is still writing, and the start goes
@@ -231,7 +231,7 @@ async def _read_and_claim(
     of a 500-job burst started so early that their clients' streams opened later (measured:
     submit -> first token at the client p50 ~0.5 -> ~0.9 s); the line paces starts against
     the burst's submits."""
-    if light and rt.admission.idle:
+    if skip:
         return None, "ok", True, 0, Ok(Decision("run"))
     async with rt.admission.fair(body.user_id):  # see Settings.admission_concurrency
         state, full, sent = await rt.dispatcher.claim_with_state(body)
@@ -246,8 +246,8 @@ async def _run(
     """One pass of the delivery; ``None``: ask again (it waited for a run elsewhere, or a
     local start that read nothing was refused its start: the next pass reads and claims)."""
     with rt.cancels.watch(body.job_id) as cancel:  # before reading state: no cancel is missed
-        state, full, sent, alive_s, decision = await _read_and_claim(rt, body, message_id, light)
-        fresh = local and state is None  # nothing read: see _read_and_claim
+        fresh = light and rt.admission.idle  # nothing read nor claimed: see _read_and_claim
+        state, full, sent, alive_s, decision = await _read_and_claim(rt, body, message_id, fresh)
         if isinstance(decision, Err):
             if state is None and sent and _recording(body):
                 # dispatched while its submit was still writing its record (a job parked at
