@@ -543,8 +543,30 @@ async def scenario_a(system: System, duration_ms: int, n: int) -> dict[str, Any]
         if any(j.started for j in jobs)
         else None,
         "completed_per_model": dict(Counter(j.model for j in completed)),
+        "completions_per_100ms": timeline(j.finished - t0 for j in completed if j.finished),
+        "rate_after_submits": rate_after(
+            [j.finished for j in completed if j.finished], sub.done_ms, slots, duration_ms
+        ),
         "cpu_s": cpu_used(before, after),
     }
+
+
+def timeline(offsets_ms: Iterable[float], step_ms: int = 100) -> list[int]:
+    """How many of ``offsets_ms`` fall in each ``step_ms`` window from 0."""
+    counts: Counter[int] = Counter(int(o // step_ms) for o in offsets_ms)
+    return [counts.get(i, 0) for i in range(max(counts, default=-1) + 1)]
+
+
+def rate_after(finished: list[float], since: float | None, slots: int, duration_ms: int) -> Any:
+    """Completions per second once every submit had returned, over what the limits allow
+    (``slots`` / the job's duration): the slot cycle without the submits' load."""
+    if since is None:
+        return None
+    later = sorted(f for f in finished if f >= since)
+    if len(later) < 2:
+        return None
+    rate = (len(later) - 1) / ((later[-1] - later[0]) / 1000)
+    return round(rate / (slots * 1000 / duration_ms), 4)
 
 
 # -- B: fairness, latency ------------------------------------------------------------------------

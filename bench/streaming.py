@@ -17,9 +17,14 @@ A. streams K (K = 50, 100, 200, 500): K streamed jobs at once on the simulated m
    for the others); ``token_delay_early_ms`` is the same for the text that was out before
    the client's stream was open (it reached the client as replay, late by the stream's
    opening; the sooner a job starts, the more of its text that is), ``token_delay_live_ms``
-   for the rest, and ``submit_to_stream_open_ms`` how long that opening took. Correctness per
-   job: ``seq`` dense from 1 (no gap, no repeat), the deltas joined with no separator equal
-   the ``completed`` result, 100 words, terminal ``completed``.
+   for the rest, and ``submit_to_stream_open_ms`` how long that opening took;
+   ``token_delay_by_window`` gives p50/p99 by when the text was written (250 ms windows from
+   the first submit). Correctness per job: ``seq`` dense from 1 (no gap, no repeat), the
+   deltas joined with no separator equal the ``completed`` result, 100 words, terminal
+   ``completed``. ``--follow get`` (default: the shape issue 8 measured) has each client
+   submit, then open ``eventsUrl`` on a connection of its own; ``--follow post`` has each
+   submit ask for its job's events in its own response (``Accept: text/event-stream``), so
+   the stream is open before the job exists (no early text).
 B. idle SSE connections (N = 5000): ``q_paid_stream`` paused through the admin API so N jobs
    stay queued; N SSE connections opened, each waits for its first event (``queued``); the
    app's VmRSS before and after (2 s settle) gives KiB per connection (target: <= 20 KiB);
@@ -36,6 +41,7 @@ Usage::
     .venv/bin/python bench/streaming.py --quick                # K = 20,50; 300 idle
     .venv/bin/python bench/streaming.py --ks 50,500 --idle 1000
     .venv/bin/python bench/streaming.py --baseline HEAD        # HEAD vs the working tree
+    .venv/bin/python bench/streaming.py --ks 500 --idle 0 --follow post --baseline-follow get
     .venv/bin/python bench/streaming.py --out /tmp/streaming.json
 """
 
@@ -70,6 +76,7 @@ from common import (
     machine_info,
     now_ms,
     open_fds,
+    pct,
     raise_nofile,
     results_head,
     run_system,
@@ -104,6 +111,10 @@ TARGET_P99_MS = 50.0  # issue 8, at K = 500
 TARGET_APP_US = 60.0
 IDLE_TARGET_KIB = 20.0
 SUBMIT_CONCURRENCY = 64
+FOLLOW_MODES = ("get", "post")
+"""How scenario A's clients follow their jobs: "get" submits, then opens ``eventsUrl`` (a
+browser's ``EventSource``); "post" asks for the events in the submit's own response
+(``Accept: text/event-stream``, read with ``fetch``)."""
 OPEN_CONCURRENCY = 128
 SETTLE_S = 2.0
 HEALTHZ_SAMPLES = 20
@@ -243,6 +254,7 @@ class JobStream:
     delays_ms: list[float] = field(default_factory=list)
     early_delays_ms: list[float] = field(default_factory=list)  # text older than the stream
     live_delays_ms: list[float] = field(default_factory=list)  # text out once it was open
+    stamps: list[tuple[float, float, int]] = field(default_factory=list)  # (ts, delay, words)
     opened_ms: float | None = None  # when the SSE response's head arrived
     tokens: int = 0
     first_delta_ms: float | None = None
@@ -268,6 +280,7 @@ class JobStream:
                 self.first_delta_ms = arrived_ms
             delays = [arrived_ms - data["ts"]] * words
             self.delays_ms.extend(delays)
+            self.stamps.append((data["ts"], arrived_ms - data["ts"], words))
             if self.opened_ms is not None and data["ts"] < self.opened_ms:
                 self.early_delays_ms.extend(delays)
             else:
@@ -279,38 +292,50 @@ class JobStream:
         return False
 
 
-async def sse_connect(
-    port: int, path: str
-) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, ChunkedDecoder | None, str]:
+Connection = tuple[asyncio.StreamReader, asyncio.StreamWriter, "ChunkedDecoder | None", str]
+
+
+async def sse_connect(port: int, path: str) -> Connection:
     """GET ``path`` as an event stream; the reader is left at the start of the body."""
     reader, writer = await asyncio.open_connection(HOST, port)
     writer.write(
         f"GET {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\nAccept: text/event-stream\r\n"
         "Cache-Control: no-cache\r\nConnection: close\r\n\r\n".encode()
     )
+    return (await sse_head(reader, writer))[0]
+
+
+async def sse_head(
+    reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+) -> tuple[Connection, dict[str, str]]:
+    """Read an event stream's response head (raising unless ``200``): the connection left at
+    the start of the body, and the head's headers (lower-cased)."""
     head = await reader.readuntil(b"\r\n\r\n")
     status_line, *header_lines = head.decode("latin-1").split("\r\n")
     headers = {}
     for line in header_lines:
         name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip().lower()
+        headers[name.strip().lower()] = value.strip()
     status = int(status_line.split(" ", 2)[1])
     if status != 200:
         body = await asyncio.wait_for(reader.read(300), 5)
         writer.close()
         raise RuntimeError(f"SSE {status}: {body[:200]!r}")
-    if "chunked" in headers.get("transfer-encoding", ""):
-        return reader, writer, ChunkedDecoder(), "chunked"
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        return (reader, writer, ChunkedDecoder(), "chunked"), headers
     framing = "content-length" if "content-length" in headers else "until-close"
-    return reader, writer, None, framing
+    return (reader, writer, None, framing), headers
 
 
-async def follow(stream: JobStream, port: int) -> None:
-    """Read ``stream`` until its terminal event, its end, an error or cancellation."""
+async def follow(stream: JobStream, port: int, opened: Connection | None = None) -> None:
+    """Read ``stream`` (on the connection ``opened`` already, else on one of its own) until
+    its terminal event, its end, an error or cancellation."""
     writer: asyncio.StreamWriter | None = None
     try:
-        reader, writer, decoder, stream.framing = await sse_connect(port, stream.path)
-        stream.opened_ms = now_ms()
+        if opened is None:
+            opened = await sse_connect(port, stream.path)
+            stream.opened_ms = now_ms()
+        reader, writer, decoder, stream.framing = opened
         parser = SseParser()
         while True:
             data = await reader.read(65536)
@@ -406,6 +431,35 @@ async def submit(client: RawClient, prompt: str) -> JobStream | str:
     return JobStream(reply["jobId"], path, submit_ms)
 
 
+async def submit_streamed(port: int, prompt: str) -> tuple[JobStream, Connection] | str:
+    """One submit that answers with the job's event stream (``Accept: text/event-stream``),
+    on a connection of its own (the stream holds it): the stream, open, or why it failed."""
+    submit_ms = now_ms()
+    payload = json.dumps(job_body(prompt)).encode()
+    writer: asyncio.StreamWriter | None = None
+    try:
+        reader, writer = await asyncio.open_connection(HOST, port)
+        writer.write(
+            f"POST /api/jobs HTTP/1.1\r\nHost: {HOST}:{port}\r\n"
+            f"Authorization: {AUTH['Authorization']}\r\nContent-Type: application/json\r\n"
+            f"Accept: text/event-stream\r\nConnection: close\r\n"
+            f"Content-Length: {len(payload)}\r\n\r\n".encode()
+            + payload
+        )
+        opened, headers = await sse_head(reader, writer)
+    except (OSError, RuntimeError, ValueError, asyncio.IncompleteReadError) as exc:
+        if writer is not None:
+            writer.close()
+        return type(exc).__name__
+    job_id = headers.get("x-tierq-job-id")
+    if not job_id:
+        writer.close()
+        return "no x-tierq-job-id"
+    stream = JobStream(job_id, headers.get("x-tierq-events-url", ""), submit_ms)
+    stream.opened_ms = now_ms()
+    return stream, opened
+
+
 @dataclass
 class Submitted:
     """What a batch of submits gave so far (filled as they return, so a deadline keeps it)."""
@@ -419,24 +473,32 @@ async def submit_many(
     port: int,
     prompts: list[str],
     into: Submitted,
-    on_submitted: Callable[[JobStream], None] = lambda _: None,
+    on_submitted: Callable[[JobStream, Connection | None], None] = lambda *_: None,
+    follow_mode: str = "get",
 ) -> None:
     """Submit every prompt from ``SUBMIT_CONCURRENCY`` submitters, each with a connection of
-    its own, like that many users; ``on_submitted`` runs as soon as each submit returns."""
+    its own, like that many users; ``on_submitted`` runs as soon as each submit returns.
+    ``follow_mode`` "post": each submit asks for its job's event stream in its response, on
+    a connection of its own, handed to ``on_submitted`` open."""
     todo = iter(prompts)
 
     async def submitter() -> None:
-        client = RawClient(port)
+        raw = RawClient(port)
         try:
             for prompt in todo:
-                got = await submit(client, prompt)
+                got: tuple[JobStream, Connection | None] | str
+                if follow_mode == "post":
+                    got = await submit_streamed(port, prompt)
+                else:
+                    one = await submit(raw, prompt)
+                    got = one if isinstance(one, str) else (one, None)
                 if isinstance(got, str):
                     into.errors[got] += 1
                 else:
-                    into.streams.append(got)
-                    on_submitted(got)
+                    into.streams.append(got[0])
+                    on_submitted(*got)
         finally:
-            client.close()
+            raw.close()
 
     await asyncio.gather(*(submitter() for _ in range(min(SUBMIT_CONCURRENCY, len(prompts)))))
     into.done_ms = now_ms()
@@ -482,20 +544,23 @@ def check_stream(stream: JobStream) -> str | None:
     return None
 
 
-async def run_streams(system: System, k: int, tag: str, deadline_s: float) -> dict[str, Any]:
-    """K jobs submitted at once, each followed over SSE from the moment its submit returns."""
+async def run_streams(
+    system: System, k: int, tag: str, deadline_s: float, follow_mode: str = "get"
+) -> dict[str, Any]:
+    """K jobs submitted at once, each followed over SSE from the moment its submit returns
+    (``follow_mode`` "post": in the submit's own response)."""
     tasks: list[asyncio.Task[None]] = []
     prompts = [f"bench {tag} {i}" for i in range(k)]
 
-    def follow_now(stream: JobStream) -> None:
-        tasks.append(asyncio.create_task(follow(stream, system.app_port)))
+    def follow_now(stream: JobStream, opened: Connection | None) -> None:
+        tasks.append(asyncio.create_task(follow(stream, system.app_port, opened)))
 
     before = cpu_snapshot(system.pids())
     t0 = now_ms()
     sub = Submitted()
 
     async def work() -> None:
-        await submit_many(system.app_port, prompts, sub, follow_now)
+        await submit_many(system.app_port, prompts, sub, follow_now, follow_mode)
         await asyncio.gather(*tasks)
 
     try:
@@ -526,6 +591,19 @@ async def unfinished(base: str, streams: list[JobStream], show: int = 5) -> dict
         for s in stuck[:show]
     ]  # fmt: skip
     return {"count": len(stuck), "server_status": dict(statuses), "client_saw": seen}
+
+
+def delay_windows(streams: list[JobStream], t0: float, step_ms: int = 250) -> list[Any]:
+    """Token delay by when the text was written (its ``ts``), in ``step_ms`` windows from the
+    first submit: where in the run the late tokens are."""
+    windows: dict[int, list[float]] = {}
+    for stream in streams:
+        for ts, delay, words in stream.stamps:
+            windows.setdefault(int((ts - t0) // step_ms), []).extend([delay] * words)
+    return [
+        {"from_ms": i * step_ms, "n": len(d), "p50": pct(d, 50), "p99": pct(d, 99)}
+        for i, d in sorted(windows.items())
+    ]
 
 
 def streams_report(
@@ -570,6 +648,7 @@ def streams_report(
         "token_delay_early_ms": summary(early),
         # the others: out while the client's stream was open (what tierq alone decides)
         "token_delay_live_ms": summary(live),
+        "token_delay_by_window": delay_windows(streams, t0),
         "submit_to_stream_open_ms": summary(opens),
         "submit_to_first_token_ms": summary(first),
         "delta_events_per_job_mean": round(sum(len(s.texts) for s in streams) / len(streams), 2)
@@ -685,15 +764,20 @@ async def idle_hold(
 # -- one tree ----------------------------------------------------------------------------------
 
 
-async def scenarios(system: System, args: argparse.Namespace, label: str) -> dict[str, Any]:
+async def scenarios(
+    system: System, args: argparse.Namespace, label: str, follow_mode: str
+) -> dict[str, Any]:
     out: dict[str, Any] = {"app_rss_kib_at_start": vm_rss_kib(system.app.pid)}
-    warm = await run_streams(system, WARMUP_JOBS, f"{label} warm-up", args.deadline_s)
+    out["follow"] = follow_mode
+    warm = await run_streams(system, WARMUP_JOBS, f"{label} warm-up", args.deadline_s, follow_mode)
     out["warmup"] = {k: warm[k] for k in ("jobs_completed", "correctness_failures", "wall_s")}
     out["streams"] = {}
     for k in args.ks:
         await asyncio.sleep(1.0)  # let the previous round's cleanup finish
         speed = speed_reference_ms()  # the machine's speed now (it drifts; see common.py)
-        out["streams"][str(k)] = await run_streams(system, k, f"{label} {k}", args.deadline_s)
+        out["streams"][str(k)] = await run_streams(
+            system, k, f"{label} {k}", args.deadline_s, follow_mode
+        )
         out["streams"][str(k)]["speed_reference_ms"] = speed
         print(f"  [{label}] K={k}: {short_streams(out['streams'][str(k)])}", flush=True)
     if args.idle:
@@ -703,12 +787,14 @@ async def scenarios(system: System, args: argparse.Namespace, label: str) -> dic
     return out
 
 
-def run_tree(label: str, src: Path, args: argparse.Namespace) -> dict[str, Any]:
+def run_tree(
+    label: str, src: Path, args: argparse.Namespace, follow_mode: str = "get"
+) -> dict[str, Any]:
     """Start a system from ``src``, run the scenarios, stop it; errors are recorded."""
-    print(f"[{label}] code from {src}", flush=True)
+    print(f"[{label}] code from {src}, streams followed by {follow_mode}", flush=True)
 
     async def work(system: System) -> dict[str, Any]:
-        return await scenarios(system, args, label)
+        return await scenarios(system, args, label, follow_mode)
 
     run = run_system(
         label,
@@ -842,6 +928,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--repeat", type=int, default=1,
         help="run each tree N times, alternating (baseline, current, baseline, ...): medians",
     )  # fmt: skip
+    parser.add_argument(
+        "--follow", choices=FOLLOW_MODES, default="get",
+        help="how clients follow their jobs: get (submit, then GET eventsUrl; default) or post "
+        "(the submit asks for the events in its own response, Accept: text/event-stream)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--baseline-follow", choices=FOLLOW_MODES, default=None,
+        help="--follow for the baseline run; without --baseline, the baseline is the working "
+        "tree followed this way (compares the two ways of following, alternating)",
+    )  # fmt: skip
     parser.add_argument("--deadline-s", type=float, default=120.0, help="per scenario (120)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
     parser.add_argument("--log-dir", type=Path, default=None, help="keep app/broker logs here")
@@ -876,6 +972,8 @@ def config(args: argparse.Namespace, nofile: tuple[int, int]) -> dict[str, Any]:
         "target_s": TARGET_S,
         "idle_target_kib_per_connection": IDLE_TARGET_KIB,
         "submit_concurrency": SUBMIT_CONCURRENCY,
+        "follow": args.follow,
+        "baseline_follow": args.baseline_follow or args.follow,
         "open_concurrency_idle": OPEN_CONCURRENCY,
         "queue_parallelism": QUEUE_PARALLELISM,
         "warmup_jobs": WARMUP_JOBS,
@@ -908,17 +1006,26 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     machine = machine_info(("tierq", "httpx", "uvicorn", "starlette", "redis", "sse-starlette"))
     repeats: dict[str, list[dict[str, Any]]] = {"current": []}
+    baseline_follow = args.baseline_follow or args.follow
+    compare = bool(args.baseline or baseline_follow != args.follow)
     with contextlib.ExitStack() as stack:
         if args.baseline:
             path, commit = stack.enter_context(worktree(args.baseline))
+        if compare:
             repeats = {"baseline": [], "current": []}
         for n in range(max(1, args.repeat)):
             suffix = f" #{n + 1}" if args.repeat > 1 else ""
-            if args.baseline:  # alternating: the VM's speed drifts within minutes
-                run = {"ref": args.baseline, "commit": commit}
-                run.update(run_tree(f"baseline{suffix}", path / "src", args))
+            if compare:  # alternating: the VM's speed drifts within minutes
+                if args.baseline:
+                    run, src = {"ref": args.baseline, "commit": commit}, path / "src"
+                else:
+                    run, src = current_tree_info(), ROOT / "src"
+                run.update(run_tree(f"baseline{suffix}", src, args, baseline_follow))
                 repeats["baseline"].append(run)
-            run = {**current_tree_info(), **run_tree(f"current{suffix}", ROOT / "src", args)}
+            run = {
+                **current_tree_info(),
+                **run_tree(f"current{suffix}", ROOT / "src", args, args.follow),
+            }
             repeats["current"].append(run)
     runs = {label: done[0] for label, done in repeats.items()}
     table = ratios(runs["current"], runs["baseline"]) if "baseline" in runs else {}

@@ -28,20 +28,36 @@ class StreamCaps:
                 retry_after_s=1,
                 code="too_many_streams",
             )
+        self.take_user(user_id)
+        self.jobs[job_id] += 1
+
+    def take_user(self, user_id: str) -> None:
+        """Count one more stream of ``user_id`` for a job not known yet (a submit that streams
+        its job's events: the cap is checked before anything is submitted); :meth:`add_job`
+        names the job once it is."""
         if self.users[user_id] >= self.per_user:
             raise Busy(
                 f"you have {self.per_user} event streams open here; close one",
                 retry_after_s=1,
                 code="too_many_streams",
             )
-        self.jobs[job_id] += 1
         self.users[user_id] += 1
 
+    def add_job(self, job_id: str) -> None:
+        self.jobs[job_id] += 1
+
+    def give_user(self, user_id: str) -> None:
+        self._drop(self.users, user_id)
+
     def give(self, job_id: str, user_id: str) -> None:
-        for counts, key in ((self.jobs, job_id), (self.users, user_id)):
-            counts[key] -= 1
-            if counts[key] <= 0:
-                del counts[key]
+        self._drop(self.jobs, job_id)
+        self._drop(self.users, user_id)
+
+    @staticmethod
+    def _drop(counts: Counter[str], key: str) -> None:
+        counts[key] -= 1
+        if counts[key] <= 0:
+            del counts[key]
 
     @contextmanager
     def held(self, job_id: str, user_id: str) -> Iterator[None]:

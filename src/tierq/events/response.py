@@ -12,7 +12,7 @@ of a write that cannot complete (it resumes with ``Last-Event-ID``).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import structlog
@@ -41,6 +41,7 @@ class JobEventsResponse(Response):
         send_timeout_s: float,
         on_open: Callable[[], None] | None = None,
         on_close: Callable[[JobFollower], None] | None = None,
+        headers: Mapping[str, str] | None = None,
     ) -> None:
         # Not Response.__init__: it builds headers and a body this class never uses (and every
         # idle connection would hold them); FastAPI looks at ``background`` only.
@@ -50,6 +51,11 @@ class JobEventsResponse(Response):
         self.send_timeout_s = send_timeout_s
         self.on_open = on_open
         self.on_close = on_close
+        self.head = (
+            HEADERS + [(k.lower().encode(), v.encode()) for k, v in headers.items()]
+            if headers
+            else HEADERS
+        )
         self._task: asyncio.Task[Any] | None = None  # the one writing
         self._writing = False  # a write is in progress
         self._send_deadline = LazyDeadline(self._abort_write)  # bounds the write in progress
@@ -62,7 +68,7 @@ class JobEventsResponse(Response):
         if self.on_open is not None:
             self.on_open()
         try:
-            await send({"type": "http.response.start", "status": 200, "headers": HEADERS})
+            await send({"type": "http.response.start", "status": 200, "headers": self.head})
             if await self._write(send):
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
         finally:

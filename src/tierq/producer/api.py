@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 
 from tierq.config import UserSettings
 from tierq.contracts import Cancelled, JobRequest
@@ -66,14 +66,55 @@ def job_view(job_id: str, state: JobState) -> dict[str, Any]:
     return view
 
 
-@router.post("/api/jobs", status_code=202)
-async def submit_job(job: JobRequest, request: Request) -> JSONResponse:
+STREAMED = (
+    "Submit and follow in one request (``Accept: text/event-stream``): the job is admitted "
+    "as with ``202``, and this response is its event stream from the first event, as "
+    "``GET eventsUrl`` serves it; the job's ids are in the ``X-Tierq-*`` headers (``Job-Id``, "
+    "``Queue-Id``, ``Tier``, ``Events-Url``, ``Events-Token``: a dropped stream resumes there "
+    "with ``Last-Event-ID``). Nothing is emitted before the client listens, and the "
+    "separate stream request (its connection, its authentication, its replay) is saved. A "
+    "submit refused answers the same JSON error as without the header."
+)
+
+
+@router.post(
+    "/api/jobs",
+    status_code=202,
+    responses={200: {"description": STREAMED, "content": {"text/event-stream": {}}}},
+)
+async def submit_job(job: JobRequest, request: Request) -> Response:
+    """Admit a job: ``202`` with its ids, or, asked with ``Accept: text/event-stream``, its
+    events over SSE in this response (see :data:`STREAMED`)."""
     rt = runtime(request)
     user = authenticate_user(request, rt.settings)
-    reply = await submit(rt, user, job, request.headers)
-    return JSONResponse(
-        reply.model_dump(by_alias=True, mode="json"), status_code=202, headers=reply.rate_headers
-    )
+    if not streamed(request):
+        reply = await submit(rt, user, job, request.headers)
+        return JSONResponse(
+            reply.model_dump(by_alias=True, mode="json"),
+            status_code=202,
+            headers=reply.rate_headers,
+        )
+    rt.streams.take_user(user.id)  # 429 over the cap, before anything is submitted
+    try:
+        reply = await submit(rt, user, job, request.headers)
+    except BaseException:
+        rt.streams.give_user(user.id)
+        raise
+    rt.streams.add_job(reply.job_id)
+    headers = {
+        "x-tierq-job-id": reply.job_id,
+        "x-tierq-queue-id": reply.queue_id.value,
+        "x-tierq-tier": reply.tier,
+        "x-tierq-events-url": reply.events_url,
+        "x-tierq-events-token": reply.events_token,
+        **reply.rate_headers,
+    }
+    return _events_response(rt, reply.job_id, None, user.id, headers)
+
+
+def streamed(request: Request) -> bool:
+    """Whether the client asks for the job's events in the submit's response."""
+    return "text/event-stream" in request.headers.get("accept", "")
 
 
 @router.get("/api/jobs/{job_id}")
@@ -148,12 +189,24 @@ async def open_job_events(rt: Runtime, request: Request, job_id: str) -> JobEven
         )
     owner = state.user_id or ""
     rt.streams.take(job_id, owner)  # 429 over the caps; given back when the stream closes
-    follower = JobFollower(rt.jobs, rt.hub, job_id, last_id, rt.settings.sse_ping_s)
+    return _events_response(rt, job_id, last_id, owner)
+
+
+def _events_response(
+    rt: Runtime,
+    job_id: str,
+    after: str | None,
+    owner: str,
+    headers: dict[str, str] | None = None,
+) -> JobEventsResponse:
+    """``job_id``'s events after ``after`` as SSE, for a stream counted in ``rt.streams``."""
+    follower = JobFollower(rt.jobs, rt.hub, job_id, after, rt.settings.sse_ping_s)
     return JobEventsResponse(
         follower,
         send_timeout_s=rt.settings.sse_send_timeout_s,
         on_open=lambda: _sse_opened(rt),
         on_close=lambda f: _sse_closed(rt, f, owner),
+        headers=headers,
     )
 
 
