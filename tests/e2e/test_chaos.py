@@ -124,13 +124,13 @@ _send, _undo = Dispatcher._send, submit._undo
 _sends = {{}}
 
 
-async def send(self, out):
+async def send(self, out, *args):
     if out.data["input"]["prompt"] == {GHOST!r}:
         _sends[out.job_id] = _sends.get(out.job_id, 0) + 1
         if _sends[out.job_id] == 1:
             raise UpstreamError("failpoint: the first publish fails")
         await asyncio.sleep(1.5)
-    return await _send(self, out)
+    return await _send(self, out, *args)
 
 
 async def undo(rt, body, lease_keys):

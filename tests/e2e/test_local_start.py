@@ -266,3 +266,99 @@ def test_a_local_start_that_read_nothing_does_not_run_a_job_whose_cancel_was_req
     assert "started" not in types(system, second)
     assert types(system, second).count("cancelled") == 1
     assert system.slot_count(system.keys.model_guard("sim", "paid")) == 0
+
+
+@contextmanager
+def publishes_refused(system: System) -> Iterator[None]:
+    """The app's publishes meet a closed port (a real connection refused), until the end."""
+    gateway = system.runtime.gateway
+    real = gateway._batch_url
+    gateway._batch_url = f"http://127.0.0.1:{free_port()}/v2/batch"
+    try:
+        yield
+    finally:
+        gateway._batch_url = real
+
+
+def test_a_job_whose_publish_failed_as_it_started_runs_once_and_is_forgotten(
+    make_system: Callable[..., System],
+) -> None:
+    """A job dispatched by a release starts here as its publish goes out. The publish fails:
+    the run goes on (no QStash message will bring the job), and when it ends, dispatch
+    forgets the job instead of sending it out again."""
+    system = make_system(models={"sim": ModelSettings(limits=TierLimits(paid=1, free=1))})
+    rt = system.runtime
+    first = submit(system, {"fail": "hang"})  # holds the model's one slot until cancelled
+    wait_until(lambda: system.job(first)["status"] == "running", timeout=10)
+    second = submit(system, {"tokens": 3, "token_latency_ms": 5})  # parked behind it
+    with publishes_refused(system):
+        cancel(system, first)  # its release dispatches the second; its publish is refused
+        wait_until(lambda: system.job(second)["status"] == "completed", timeout=10)
+    assert types(system, second).count("started") == 1
+    assert system.redis.hget(system.keys.job(second), "messageId") is None  # never published
+    assert system.redis.zscore(system.keys.dispatching, second) is None  # not sent again
+    assert system.redis.hget(f"{system.keys.sched}:jobs", second) is None  # dispatch forgot it
+    assert system.slot_count(system.keys.model_guard("sim", "paid")) == 0
+    assert rt.local.started == 2
+    assert system.metric("tierq_dispatch_publish_failures_total") == 1
+
+
+def test_a_retryable_failure_of_a_run_whose_publish_failed_puts_the_job_back_first(
+    make_system: Callable[..., System],
+) -> None:
+    """The same, but the run fails and may be retried: with no QStash message to retry it,
+    the job goes back to the front of its line and out again, to run a second time."""
+    system = make_system(models={"sim": ModelSettings(limits=TierLimits(paid=1, free=1))})
+    first = submit(system, {"fail": "hang"})
+    wait_until(lambda: system.job(first)["status"] == "running", timeout=10)
+    second = submit(system, {"tokens": 4, "token_latency_ms": 5, "fail": "error",
+                             "fail_attempts": 1})  # fmt: skip
+    with publishes_refused(system):
+        cancel(system, first)
+        # back at the front of its line, out again at once (its slot is free), where it
+        # starts here again as its publish goes out (and fails again)
+        wait_until(lambda: system.job(second)["status"] == "completed", timeout=15)
+    kinds = types(system, second)
+    assert kinds.count("started") == 2
+    assert kinds.count("completed") == 1
+    assert system.job(second)["attempts"] == 2
+    assert system.slot_count(system.keys.model_guard("sim", "paid")) == 0
+    assert system.redis.zscore(system.keys.dispatching, second) is None
+    assert system.metric("tierq_dispatch_publish_failures_total") == 2
+
+
+def test_a_delivery_reaching_another_process_waits_for_a_run_whose_publish_was_pending(
+    make_system: Callable[..., System],
+) -> None:
+    """A job dispatched by a release starts on A as its publish goes out; its record says
+    ``localRun: "pending"`` until the publish answers. QStash delivers it to B: B waits for
+    A's run, as for a local run of its own message, and answers as the job ended (no 429)."""
+    port_b = free_port()
+    a = make_system(
+        public_url=f"http://127.0.0.1:{port_b}",  # A's deliveries go to B
+        models={"sim": ModelSettings(limits=TierLimits(paid=1, free=1))},
+    )
+    b = ServerThread(create_app(a.settings), port=port_b).start()
+    try:
+        rt_b = b.server.config.app.state.runtime
+        with qstash(a) as client:
+            client.queue.pause(QUEUE)
+            first = submit(a, {"fail": "hang"})
+            wait_until(lambda: a.job(first)["status"] == "running", timeout=10)
+            second = submit(a, {"fail": "hang"})  # parked behind it
+            cancel(a, first)  # the release dispatches the second: it starts on A
+            wait_until(lambda: a.job(second)["status"] == "running", timeout=10)
+            # as a run that started before its publish answered has it (the answer usually
+            # comes a moment after the start; here, whichever came first)
+            a.redis.hset(a.keys.job(second), "localRun", "pending")
+            client.queue.resume(QUEUE)
+            wait_until(lambda: rt_b.local.awaiting_elsewhere == 1, timeout=10)
+            cancel(a, second)
+            wait_until(message_gone(client, message_of(a, second)), timeout=15)  # 2xx
+        text = httpx.get(f"{b.url}/metrics").text
+        assert sample(text, "tierq_worker_deliveries_total", '{route="unified",status="429"}') == 0
+        assert rt_b.local.started == 0
+        assert types(a, second).count("started") == 1
+        assert a.job(second)["status"] == "cancelled"
+    finally:
+        b.stop()

@@ -348,7 +348,7 @@ class Dispatcher:
             rows = [
                 x for i in range(0, len(rows), 3) if _s(rows[i]) != job_id for x in rows[i : i + 3]
             ]
-        sent = await self._publish(rows)
+        sent = await self._publish(rows, hold=None if skip else job_id)
         if not skip and admission.parked.dispatched and job_id not in sent:
             raise UpstreamError("qstash is unavailable: the job could not be published")
 
@@ -526,32 +526,41 @@ class Dispatcher:
 
     # -- publishing --------------------------------------------------------------------------
 
-    async def _publish(self, rows: Sequence[Any]) -> dict[str, str]:
+    async def _publish(self, rows: Sequence[Any], hold: str | None = None) -> dict[str, str]:
         """Publish dispatched ``(job, dedup id, body)`` rows together (one group commit); confirm
-        the ones QStash took, put the others back in their lines. Raises nothing for a failed
+        the ones QStash took, put the others back in their lines (except those that started
+        here as their publish went out: their runs see to it). Raises nothing for a failed
         publish: the job waits, parked, for the next attempt. Returns job id → message id of
-        the ones published."""
+        the ones published. ``hold``: the job of the submit publishing (it starts here only
+        once published)."""
         if not rows:
             return {}
         out = [_Out.of(*rows[i : i + 3]) for i in range(0, len(rows), 3)]
         local = self.local
-        if local is not None:
-            for o in out:
-                local.expect(o.job_id)
+        early: set[str] = set()  # the jobs that started here as their publish went out
+        if local is not None and hold is not None and any(o.job_id == hold for o in out):
+            local.expect(hold)
         results: list[Any] = [None] * len(out)
         try:
-            results = await asyncio.gather(*(self._send(o) for o in out), return_exceptions=True)
+            results = await asyncio.gather(
+                *(self._send(o, early, hold) for o in out), return_exceptions=True
+            )
         finally:
             if local is not None:  # before the confirm: its round trip is not the run's
                 # business (were it lost, the job goes back to its line, is published again
                 # and finds itself running or ended)
                 for o, r in zip(out, results, strict=True):
-                    if isinstance(r, str):
-                        local.start(o.job_id, r, o.body, o.data, o.traceparent)
-                    else:
-                        local.unexpect(o.job_id)
+                    message_id = r if isinstance(r, str) else ""
+                    if o.job_id in early:
+                        local.published(o.job_id, message_id)
+                    elif o.job_id == hold and message_id:
+                        local.begin(hold, o.body, o.data, o.traceparent, message_id)
+                    elif o.job_id == hold:
+                        local.unexpect(hold)
         sent = {o.job_id: r for o, r in zip(out, results, strict=True) if isinstance(r, str)}
-        failed = [o.job_id for o in out if o.job_id not in sent]
+        # a job whose publish failed goes back to its line, unless it runs here: that run
+        # ends it, or puts it back itself (see the worker pipeline's _end)
+        failed = [o.job_id for o in out if o.job_id not in sent and o.job_id not in early]
 
         def build(pipe: Any) -> None:
             for job_id, message_id in sent.items():  # never re-creates a taken-back job
@@ -573,7 +582,12 @@ class Dispatcher:
                 self.metrics.dispatched.labels(o.data["queueId"]).inc()
         return sent
 
-    async def _send(self, o: _Out) -> str:
+    async def _send(self, o: _Out, early: set[str], hold: str | None = None) -> str:
+        """Publish ``o``; its job starts here at once (added to ``early``) when local starts
+        are on (:mod:`tierq.dispatch.local`): the run's first steps overlap the publish's
+        round trip. Not the job ``hold`` (its submit, which takes it out if the publish fails:
+        it starts once the publish answered). The run is traced under the publish, as its
+        delivery would be."""
         data = o.data
         path = delivery_path(
             o.job_id,
@@ -591,6 +605,13 @@ class Dispatcher:
             attributes={"tierq.job_id": o.job_id, "tierq.queue": data["queueId"]},
         ):
             traceparent = o.traceparent = current_traceparent() if submitted else None
+            local = self.local
+            if (
+                o.job_id != hold
+                and local is not None
+                and local.begin(o.job_id, o.body, data, traceparent)
+            ):
+                early.add(o.job_id)
             return await self.gateway.publish_raw(
                 data["queueId"], url, o.body, int(data["maxRetries"]), o.dedup_id,
                 headers={"traceparent": traceparent} if traceparent else None,

@@ -7,17 +7,28 @@ embedded broker: about 10 ms of a slot cycle; against QStash in the cloud, tens)
 needs none of that to start: the dispatcher has already taken its leases, recorded it and
 published it.
 
-What stays as it was: the job is still published to its named QStash queue before it starts
-(its message id is known), so QStash still holds it if this process dies; the run is the same
-pipeline a delivery runs (claim, start, execute, events, cleanup), with the same message id.
+A job dispatched by a freed slot (a release, a resume, the reconciler) starts as its publish
+goes out, not once QStash answered (:meth:`LocalRuns.begin`): the run learns its message id
+when the publish answers, and waits for it only where it needs it (its end, parking the job
+again). Until then its record says ``localRun: "pending"``. A submit's own job starts once its
+publish answered (:meth:`LocalRuns.expect`): a submit whose publish fails takes the job out
+again. If the publish of a started job fails, the dispatcher leaves the job to its run (it
+is not put back in its line): the run goes on, its release forgets the job in dispatch, and
+an attempt to retry goes back to the front of its line (no QStash message would retry it).
+If this process dies meanwhile, the job is still marked as being published: the reconciler
+puts it back in its line at the deadline.
+
+What stays as it was: the job is still published to its named QStash queue, so QStash still
+holds it if this process dies; the run is the same pipeline a delivery runs (claim, start,
+execute, events, cleanup), under the same message id.
 A delivery of that message to this process waits for the local run and answers what the run
 would have answered (2xx, a retryable 5xx, 489): QStash acts on it as before. A delivery that
 comes after the run ended gets the same answer (kept for ``KEEP_S``, at most ``KEEP_MAX``
 of them). A delivery that reaches another process finds the job's record naming this message
-as a local start's (``localRun``) and waits for the run's end in the job's log, then answers as
-the job ended (a job that failed for good: ``489``, so its message still reaches the DLQ); one
-that arrives before the local run starts runs the job itself, and the local run then finds it
-taken and steps aside.
+(or ``pending``) as a local start's (``localRun``) and waits for the run's end in the job's
+log, then answers as the job ended (a job that failed for good: ``489``, so its message still
+reaches the DLQ); one that arrives before the local run starts runs the job itself, and the
+local run then finds it taken and steps aside.
 
 Turn it off (``local_start=false``) when the worker routes are served by another deployment
 than the one that submits (the dispatching process must be able to run the job).
@@ -26,6 +37,7 @@ than the one that submits (the dispatching process must be able to run the job).
 from __future__ import annotations
 
 import asyncio
+import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine
@@ -54,23 +66,37 @@ KEEP_MAX = 10_000
 """Ended runs' answers kept at most (the oldest go first)."""
 
 
+PENDING = "pending"
+"""``localRun`` on a job's record while its local run's publish has not answered yet."""
+
+
+def unpublished() -> str:
+    """A message id of its own for a local run whose publish failed, where one is needed to
+    park its job again (a deduplication id)."""
+    return f"unpublished-{secrets.token_hex(6)}"
+
+
 @dataclass
 class _Run:
     """A local run, or one about to start: its job's publish is in flight (``task`` None)."""
 
-    ready: asyncio.Future[None]  # done once the publish answered (started, or not)
-    message_id: str = ""
+    ready: asyncio.Future[None]  # done once the publish answered (sent, or failed)
     task: asyncio.Task[Any] | None = None
+    message_id: str = ""  # once the publish answered: the message's id ("": it failed)
     taken: bool = False  # a delivery waits for its answer
 
 
 class LocalRuns:
     """The runs this process started at dispatch, by job id, until each ends (see module doc).
 
-    A job's entry is made before its publish is sent (:meth:`expect`): a delivery that comes
-    while the publish's answer is still on its way waits for it, then for the run, instead of
-    racing it (measured with no-op jobs: without this, most deliveries reached the app before
-    the publish's answer and ran the claim a second time)."""
+    A run starts as its job's publish is sent (:meth:`begin`), not once QStash answered: the
+    publish's round trip (the app to the broker and back, ~3 ms on loopback when idle, more
+    under load; tens of ms to QStash in the cloud) was most of a freed slot's hand-off. What
+    the run needs of the message (its id: a failure for good names it, and deliveries find the
+    run by it) it waits for only where it needs it (:meth:`message_of`): at its end, or to park
+    the job again. A delivery that comes while the publish's answer is still on its way waits
+    for it, then for the run (measured with no-op jobs: without this, most deliveries reached
+    the app before the publish's answer and ran the claim a second time)."""
 
     def __init__(self) -> None:
         self._runs: dict[str, _Run] = {}
@@ -98,7 +124,8 @@ class LocalRuns:
         self._drained = tasks
 
     def expect(self, job_id: str) -> None:
-        """``job_id``'s publish is about to be sent."""
+        """``job_id``'s publish is about to be sent, and it starts once that answered (its
+        submit undoes the job if the publish fails: see :meth:`Dispatcher.publish`)."""
         if job_id not in self._runs:
             self._runs[job_id] = _Run(asyncio.get_running_loop().create_future())
 
@@ -110,48 +137,82 @@ class LocalRuns:
             if not run.ready.done():
                 run.ready.set_result(None)
 
-    def start(
+    def begin(
         self,
         job_id: str,
-        message_id: str,
         body: str,
         data: dict[str, Any],
         traceparent: str | None = None,
-    ) -> None:
-        """Run the published job ``job_id`` (its worker ``body``, parsed as ``data``) here."""
+        message_id: str = "",
+    ) -> bool:
+        """Run the job ``job_id`` (its worker ``body``, parsed as ``data``) here, now: its
+        publish is about to be sent (:meth:`published` says how it went), or answered
+        ``message_id``. ``False``: no run (not bound, or it runs here already)."""
         run = self._runs.get(job_id)
         if self._run is None or (run is not None and run.task is not None):
-            return  # running here already (published again meanwhile)
+            return False
         if run is None:
             run = self._runs[job_id] = _Run(asyncio.get_running_loop().create_future())
-        run.message_id = message_id
         run.task = task = asyncio.create_task(
             self._run(body.encode(), data, message_id, traceparent), name=f"tierq-local-{job_id}"
         )
-        if not run.ready.done():
-            run.ready.set_result(None)
+        if message_id:
+            self.published(job_id, message_id)
         if self._drained is not None:
             self._drained.add(task)
         self.started += 1
         if self._metrics is not None:
             self._metrics.local_runs.labels("started").inc()
-        task.add_done_callback(lambda done: self._finished(job_id, message_id, done))
+        task.add_done_callback(lambda done: self._finished(job_id, done))
+        return True
 
-    def _finished(self, job_id: str, message_id: str, task: asyncio.Task[Any]) -> None:
+    def published(self, job_id: str, message_id: str) -> None:
+        """``job_id``'s publish answered: with ``message_id``, or failed (``""``)."""
+        run = self._runs.get(job_id)
+        if run is not None and not run.ready.done():
+            run.message_id = message_id
+            run.ready.set_result(None)
+
+    def message_now(self, job_id: str) -> str:
+        """The message id of ``job_id``'s local run, if its publish answered already."""
+        run = self._runs.get(job_id)
+        return run.message_id if run is not None and run.ready.done() else ""
+
+    async def message_of(self, job_id: str) -> str:
+        """The message id of ``job_id``'s local run, once its publish answered (``""``: it
+        failed, or no local run)."""
+        run = self._runs.get(job_id)
+        if run is None:
+            return ""
+        await asyncio.shield(run.ready)
+        return run.message_id
+
+    def detach(self, job_id: str) -> None:
+        """The running task is ``job_id``'s local run, and it has put the job back in its line
+        (its publish failed): from now on the job's next dispatch may start a run here."""
+        run = self._runs.get(job_id)
+        if run is not None and run.task is asyncio.current_task():
+            del self._runs[job_id]
+
+    def _finished(self, job_id: str, task: asyncio.Task[Any]) -> None:
         if self._drained is not None:
             self._drained.discard(task)
         run = self._runs.get(job_id)
-        if run is not None and run.task is task:
-            del self._runs[job_id]
-        if task.cancelled() or (run is not None and run.taken):
+        if run is None or run.task is not task:
+            return
+        del self._runs[job_id]
+        if not run.ready.done():  # a run that ended before its publish answered: no answer kept
+            run.ready.set_result(None)
+            return
+        if task.cancelled() or run.taken:
             return  # a delivery waits for this answer already: it is not given twice
         if task.exception() is not None:
             log.error("worker.local_run_crashed", job_id=job_id, error=repr(task.exception()))
             return
         reply: Answer = task.result()
-        if reply.ran:  # its delivery, when it comes, answers the same
+        if reply.ran and run.message_id:  # its delivery, when it comes, answers the same
             now = time.monotonic()
-            self._ended[job_id] = (message_id, reply, now + KEEP_S)
+            self._ended[job_id] = (run.message_id, reply, now + KEEP_S)
             self._ended.move_to_end(job_id)
             while self._ended:
                 oldest = next(iter(self._ended.values()))
@@ -165,7 +226,7 @@ class LocalRuns:
         (given once: the delivery takes it); ``None``: no local run of this message."""
         run = self._runs.get(job_id)
         if run is not None:
-            if run.task is None:
+            if not run.ready.done() or run.task is None:
                 return run.ready
             if run.message_id != message_id:
                 return None

@@ -6,7 +6,8 @@ service, experience, createdAt), ``append.lua`` (status, seq, terminalSeq and th
 event: startedAt and attempts at a start, result, usage, error, finishedAt and failedMessageId at
 the end), ``cancel.lua`` (cancelRequested, or status, terminalSeq and finishedAt), the dispatcher
 (messageId once published) and a run's heartbeat (beatAt); a run started at dispatch
-(``tierq.dispatch.local``) writes its message id as localRun with its start (empty otherwise).
+(``tierq.dispatch.local``) writes its message id as localRun with its start (``pending``
+while its publish has not answered; empty otherwise).
 """
 
 from __future__ import annotations

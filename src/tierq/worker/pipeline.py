@@ -21,6 +21,7 @@ from redis.exceptions import RedisError
 
 from tierq.aio import raise_if_cancelled, ticks
 from tierq.contracts import Started, WorkerBody
+from tierq.dispatch.local import PENDING, unpublished
 from tierq.errors import UpstreamError
 from tierq.events.cancel import poll_cancel_flag
 from tierq.events.codec import entry
@@ -178,6 +179,17 @@ async def _unless_local(
     return reply if adopted is None else adopted
 
 
+async def _may_revive(rt: Runtime, body: WorkerBody, message_id: str, local: bool) -> bool:
+    """Whether this message may run a job that failed for good: only a real new message that
+    carries it. A local run leaves that to its delivery (whose claim takes the leases again)."""
+    if local:
+        return False
+    if await rt.gateway.carries_job(message_id, body.job_id):
+        return True
+    log.warning("worker.revive_refused", message_id=message_id)
+    return False
+
+
 async def _lost_start(rt: Runtime, body: WorkerBody, message_id: str, local: bool) -> Reply | None:
     """Another run started the job first. A local start steps aside; a delivery takes this
     process's local start's answer, else looks again (``None``): a local start elsewhere is
@@ -262,14 +274,13 @@ async def _run(
                 return decision.error
             # it may have started here (at dispatch) while this delivery read its state
             reply = await _unless_local(rt, body, message_id, local, decision.error)
-            if reply is decision.error and not local and state.local_run == message_id:
+            if reply is decision.error and not local and state.local_run in (message_id, PENDING):
                 # another process's local start runs this very message: wait for its end,
                 # then answer as if this delivery came then (QStash keeps its retries)
                 await _await_run_elsewhere(rt, body, alive_s)
                 return None
             return reply
-        if decision.value.revive and not await rt.gateway.carries_job(message_id, body.job_id):
-            log.warning("worker.revive_refused", message_id=message_id)
+        if decision.value.revive and not await _may_revive(rt, body, message_id, local):
             await rt.dispatcher.release(body)
             return done("failed")  # a failed job runs again only from a real new message
         if decision.value.action == "cancel":
@@ -281,7 +292,7 @@ async def _run(
         finished = False
         hands_off = False  # the job is parked again, or another delivery runs it: keep out
         try:
-            guarded = await guard(rt, body, raw, message_id, full)
+            guarded = await guard(rt, body, raw, message_id, full, local=local)
             if isinstance(guarded, Err):
                 hands_off = True
                 return guarded.error
@@ -305,7 +316,7 @@ async def _run(
                 return done("skipped")
             outcome = await _execute(rt, body, run, held, cancel)
             hands_off = True  # _end cleans up
-            return await _end(rt, body, held, run, outcome, message_id)
+            return await _end(rt, body, raw, held, run, outcome, message_id, local)
         finally:
             if not hands_off:
                 await cleanup(rt, body, held, finished)
@@ -320,15 +331,26 @@ class _Run:
 async def _end(
     rt: Runtime,
     body: WorkerBody,
+    raw: bytes,
     held: list[tuple[str, str]],
     run: _Run,
     outcome: Outcome,
     message_id: str,
+    local: bool = False,
 ) -> Reply:
     """Write how the attempt ended (its outcome, its ledger line, its model's adaptive limit)
     in the round trip that gives the leases back, and correct the token quotas if the job
     ended. Attempts count by the job's own run count: QStash's retry header is not signed, and
-    a job parked again goes out as a new message."""
+    a job parked again goes out as a new message.
+
+    A local run whose publish failed (:mod:`tierq.dispatch.local`) has no QStash message to
+    retry it: an attempt to retry goes back to the front of its line instead (and out again
+    at once when its slot is free). One that ended needs nothing more: the release forgets
+    it in dispatch (it is not sent again)."""
+    published = True
+    if local and not message_id:  # its publish went out as it started: wait for its answer
+        message_id = await rt.local.message_of(body.job_id)
+        published = bool(message_id)
     ending = settle(rt, body, outcome, run.number, message_id)
     finished = ending.finished
     usage = outcome.usage
@@ -343,6 +365,9 @@ async def _end(
             rt.dispatcher.queue_adapt(pipe, body, adapt)
 
     await cleanup(rt, body, held, finished, write, used)
+    if not published and not finished:
+        rt.local.detach(body.job_id)  # the next run may start here
+        await rt.dispatcher.park(body, raw, dedup_id=f"{body.job_id}.{unpublished()}", front=True)
     if finished:
         _track(body, outcome.kind, run, outcome)
     return dataclasses.replace(ending.reply, ran=True)
@@ -438,7 +463,9 @@ async def _start(
         {
             "startedAt": str(now),
             "attempts": str(number + 1),
-            "localRun": message_id if local else "",
+            "localRun": (message_id or rt.local.message_now(body.job_id) or PENDING)
+            if local
+            else "",
         },
         revive=revive,
         fresh=fresh,

@@ -11,20 +11,31 @@ room. Nothing waits inside a delivery, polls, or spends a QStash retry on a full
 from __future__ import annotations
 
 from tierq.contracts import WorkerBody
+from tierq.dispatch.local import unpublished
 from tierq.observability.logging import log_job_event
 from tierq.runtime import Runtime
 from tierq.worker.result import Err, Ok, Reply, Result, done
 
 
 async def guard(
-    rt: Runtime, body: WorkerBody, raw: bytes, message_id: str, full: str | None = None
+    rt: Runtime,
+    body: WorkerBody,
+    raw: bytes,
+    message_id: str,
+    full: str | None = None,
+    *,
+    local: bool = False,
 ) -> Result[list[tuple[str, str]], Reply]:
     """``Ok(leases held)`` or ``Err(reply)`` once the job is parked again; ``full`` is what the
-    delivery's claim answered (:meth:`Dispatcher.claim_with_state`), else it claims now."""
+    delivery's claim answered (:meth:`Dispatcher.claim_with_state`), else it claims now. A
+    local run that started with its publish (``local``, no ``message_id`` yet) parks under
+    its message's id once the publish answered (one of its own if it failed)."""
     if full is None:
         full = await rt.dispatcher.claim(body)
     if full == "ok":
         return Ok(rt.dispatcher.leases(body))
+    if local and not message_id:
+        message_id = await rt.local.message_of(body.job_id) or unpublished()
     rt.metrics.guard_waits.labels(full).inc()
     parked = await rt.dispatcher.park(body, raw, dedup_id=f"{body.job_id}.{message_id}", front=True)
     log_job_event("waiting", rt.settings.log_sample_rates, guard=full, parked=parked.reason)
