@@ -41,6 +41,19 @@ class SseEvent:
     data: dict[str, Any]
 
 
+def job_body(**job: Any) -> dict[str, Any]:
+    """A submit's body: a streamed chat job on the simulated model, ``job`` overriding."""
+    body: dict[str, Any] = {
+        "service": "chat",
+        "experience": "stream",
+        "mode": "auto",
+        "model": "sim",
+        "input": {"prompt": "hello world"},
+    }
+    body.update(job)
+    return body
+
+
 @dataclass
 class System:
     settings: Settings
@@ -69,15 +82,9 @@ class System:
         self.redis.close()
 
     def submit(self, key: str = PAID, **job: Any) -> httpx.Response:
-        body = {
-            "service": "chat",
-            "experience": "stream",
-            "mode": "auto",
-            "model": "sim",
-            "input": {"prompt": "hello world"},
-        }
-        body.update(job)
-        return self.http.post("/api/jobs", json=body, headers={"Authorization": f"Bearer {key}"})
+        return self.http.post(
+            "/api/jobs", json=job_body(**job), headers={"Authorization": f"Bearer {key}"}
+        )
 
     def job(self, job_id: str, key: str = PAID) -> dict[str, Any]:
         res = self.http.get(f"/api/jobs/{job_id}", headers={"Authorization": f"Bearer {key}"})

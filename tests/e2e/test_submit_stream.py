@@ -7,28 +7,16 @@ import contextlib
 import json
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
 
 import httpx
 from test_sse import RawStream, assert_error, datas, log_ids, read_sse
 
 from helpers import wait_until
 from system import PAID, System
+from system import job_body as body
 
 SSE = {"Authorization": f"Bearer {PAID}", "Accept": "text/event-stream"}
 SLOW = {"tokens": 20, "token_latency_ms": 30}
-
-
-def body(**job: Any) -> dict[str, Any]:
-    out = {
-        "service": "chat",
-        "experience": "stream",
-        "mode": "auto",
-        "model": "sim",
-        "input": {"prompt": "hello world"},
-    }
-    out.update(job)
-    return out
 
 
 def lines_of(res: httpx.Response, deadline: float) -> RawStream:
