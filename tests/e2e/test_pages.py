@@ -252,6 +252,59 @@ def qstash_paused(system: System, queue: str) -> bool:
         client.http._client.close()  # the SDK never closes its httpx client
 
 
+STREAMED_SUBMIT_JS = """
+async ([key, body]) => {
+  const res = await fetch("/api/jobs", {
+    method: "POST",
+    headers: {"Authorization": `Bearer ${key}`, "Accept": "text/event-stream",
+              "Content-Type": "application/json"},
+    body: JSON.stringify(body),
+  });
+  const reader = res.body.getReader();
+  const decoder = new TextDecoder();
+  let text = "", reads = 0;
+  for (;;) {
+    const {value, done} = await reader.read();
+    if (done) break;
+    reads += 1;
+    text += decoder.decode(value, {stream: true});
+  }
+  const events = text.split("\\n\\n").filter(b => b.includes("data:")).map(block => {
+    const data = block.split("\\n").find(line => line.startsWith("data:"));
+    return JSON.parse(data.slice(5));
+  });
+  return {status: res.status, type: res.headers.get("content-type"),
+          jobId: res.headers.get("x-tierq-job-id"), reads, events};
+}
+"""
+
+
+def test_a_browser_submits_and_reads_the_events_in_one_fetch(page: Page, system: System) -> None:
+    """``POST /api/jobs`` with ``Accept: text/event-stream``, read by ``fetch`` as the events
+    come (``EventSource`` cannot ``POST``): the whole log, in pieces as the model writes it."""
+    open_sse(page, system)
+    body = {
+        "service": "chat",
+        "experience": "stream",
+        "mode": "auto",
+        "model": "sim",
+        "input": {"prompt": "one fetch", "simulate": {"tokens": 8, "token_latency_ms": 60}},
+    }
+    got = page.evaluate(STREAMED_SUBMIT_JS, [PAID, body])
+    assert got["status"] == 200
+    assert got["type"].startswith("text/event-stream")
+    events = got["events"]
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+    assert events[0]["type"] == "queued"
+    assert events[-1]["type"] == "completed"
+    assert all(e["jobId"] == got["jobId"] for e in events)
+    text = "".join(e["text"] for e in events if e["type"] == "delta")
+    assert text == events[-1]["result"]
+    assert len(text.split()) == 8
+    assert got["reads"] > 2  # streamed as written (~0.5 s of tokens), not handed over at the end
+    assert system.job(got["jobId"])["status"] == "completed"
+
+
 @pytest.mark.timeout(120)
 def test_dashboard_shows_queues_guards_and_pauses(page: Page, system: System) -> None:
     done = system.submit(PAID).json()
