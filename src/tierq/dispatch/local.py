@@ -37,7 +37,6 @@ than the one that submits (the dispatching process must be able to run the job).
 from __future__ import annotations
 
 import asyncio
-import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Coroutine
@@ -68,12 +67,6 @@ KEEP_MAX = 10_000
 
 PENDING = "pending"
 """``localRun`` on a job's record while its local run's publish has not answered yet."""
-
-
-def unpublished() -> str:
-    """A message id of its own for a local run whose publish failed, where one is needed to
-    park its job again (a deduplication id)."""
-    return f"unpublished-{secrets.token_hex(6)}"
 
 
 @dataclass
@@ -184,7 +177,8 @@ class LocalRuns:
         run = self._runs.get(job_id)
         if run is None:
             return ""
-        await asyncio.shield(run.ready)
+        if not run.ready.done():
+            await asyncio.shield(run.ready)
         return run.message_id
 
     def detach(self, job_id: str) -> None:

@@ -21,7 +21,7 @@ from redis.exceptions import RedisError
 
 from tierq.aio import raise_if_cancelled, ticks
 from tierq.contracts import Started, WorkerBody
-from tierq.dispatch.local import PENDING, unpublished
+from tierq.dispatch.local import PENDING
 from tierq.errors import UpstreamError
 from tierq.events.cancel import poll_cancel_flag
 from tierq.events.codec import entry
@@ -36,7 +36,7 @@ from tierq.worker.result import Err, Ok, Reply, Result, done, error_reply
 from tierq.worker.steps.cleanup import cleanup
 from tierq.worker.steps.events import record_cancelled, settle
 from tierq.worker.steps.execute import Outcome, execute
-from tierq.worker.steps.guard import guard
+from tierq.worker.steps.guard import guard, park_again
 from tierq.worker.steps.route import Decision, decide
 from tierq.worker.steps.validate import validate
 
@@ -367,7 +367,7 @@ async def _end(
     await cleanup(rt, body, held, finished, write, used)
     if not published and not finished:
         rt.local.detach(body.job_id)  # the next run may start here
-        await rt.dispatcher.park(body, raw, dedup_id=f"{body.job_id}.{unpublished()}", front=True)
+        await park_again(rt, body, raw, "")
     if finished:
         _track(body, outcome.kind, run, outcome)
     return dataclasses.replace(ending.reply, ran=True)

@@ -10,8 +10,10 @@ room. Nothing waits inside a delivery, polls, or spends a QStash retry on a full
 
 from __future__ import annotations
 
+import secrets
+
 from tierq.contracts import WorkerBody
-from tierq.dispatch.local import unpublished
+from tierq.dispatch.dispatcher import Parked
 from tierq.observability.logging import log_job_event
 from tierq.runtime import Runtime
 from tierq.worker.result import Err, Ok, Reply, Result, done
@@ -35,10 +37,18 @@ async def guard(
     if full == "ok":
         return Ok(rt.dispatcher.leases(body))
     if local and not message_id:
-        message_id = await rt.local.message_of(body.job_id) or unpublished()
+        message_id = await rt.local.message_of(body.job_id)
     rt.metrics.guard_waits.labels(full).inc()
-    parked = await rt.dispatcher.park(body, raw, dedup_id=f"{body.job_id}.{message_id}", front=True)
+    parked = await park_again(rt, body, raw, message_id)
     log_job_event("waiting", rt.settings.log_sample_rates, guard=full, parked=parked.reason)
     if not parked.dispatched:
         await rt.jobs.append(parked.event(body.job_id), if_queued=True)
     return Err(done("parked", guard=full))
+
+
+async def park_again(rt: Runtime, body: WorkerBody, raw: bytes, message_id: str) -> Parked:
+    """Put the job back at the front of its user's line, deduplicated by this message (two
+    deliveries of one message park it once); a run with no message (a local run whose publish
+    failed) parks under an id of its own."""
+    suffix = message_id or f"unpublished-{secrets.token_hex(6)}"
+    return await rt.dispatcher.park(body, raw, dedup_id=f"{body.job_id}.{suffix}", front=True)
