@@ -164,7 +164,13 @@ def test_a_user_limit_of_one_holds_on_the_cluster(system: System, keys: AppKeys)
     seen: list[set[str]] = []
 
     def both_ended() -> bool:
-        states = {status(system, j["jobId"], FREE) for j in (first, second)}
+        # the second job is read before the first: "running" then "running" can only
+        # mean both ran at the moment of the first read (the first started long ago and
+        # was still running after it), whereas reading them the other way round would
+        # see a hand-off that happens between the two reads as an overlap
+        later = status(system, second["jobId"], FREE)
+        earlier = status(system, first["jobId"], FREE)
+        states = {earlier, later}
         seen.append(states)
         return states <= TERMINAL
 
