@@ -171,6 +171,10 @@ def api_key(user: str) -> str:
 # -- the system under test ---------------------------------------------------------------------
 
 
+APP_SETTINGS: dict[str, str] = {}
+"""``--app-env NAME=VALUE``: more of ``tierq serve``'s environment, in every run."""
+
+
 @dataclass(frozen=True)
 class Setup:
     """One run's settings: what ``tierq serve`` gets in its environment."""
@@ -209,7 +213,7 @@ class Setup:
         }
         if self.overrides:
             env["TIERQ_USER_OVERRIDES"] = json.dumps(self.overrides)
-        return env
+        return {**env, **APP_SETTINGS}
 
     def api_keys(self) -> dict[str, dict[str, str]]:
         return {api_key(u): {"id": u, "plan": "paid"} for u in (*self.users, WARM_USER)}
@@ -1120,7 +1124,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="JSON results file")
     parser.add_argument("--log-dir", type=Path, default=None, help="keep app/broker logs here")
+    parser.add_argument(
+        "--app-env", action="append", default=[], metavar="NAME=VALUE",
+        help="more environment for tierq serve in every run, e.g. TIERQ_WORKERS=2 (repeatable)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
+    for item in args.app_env:
+        name, sep, value = item.partition("=")
+        if not sep or not name.startswith("TIERQ_"):
+            parser.error(f"--app-env takes TIERQ_NAME=VALUE, not {item!r}")
+        APP_SETTINGS[name] = value
     if args.repeat < 1:
         parser.error("--repeat wants a number >= 1")
     args.sizes = QUICK if args.quick else FULL
@@ -1135,6 +1148,7 @@ def config(args: argparse.Namespace) -> dict[str, Any]:
         "queue": QUEUE,
         "models": list(MODELS),
         "submit_concurrency": SUBMIT_CONCURRENCY,
+        "app_env": dict(APP_SETTINGS),
         "poll_s": POLL_S,
         "poll_batch": POLL_BATCH,
         "light_poll_s": LIGHT_POLL_S,

@@ -544,6 +544,36 @@ def check_stream(stream: JobStream) -> str | None:
     return None
 
 
+class LoopLag:
+    """How late this process's event loop wakes from a 1 ms sleep, sampled through a run: the
+    bench client shares the machine with the system it measures, and its own lag is counted
+    in every token delay it measures."""
+
+    def __init__(self, every_s: float = 0.001) -> None:
+        self.every_s = every_s
+        self.samples: list[tuple[float, float]] = []  # (wall ms, how late in ms)
+
+    async def run(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            before = loop.time()
+            await asyncio.sleep(self.every_s)
+            late_ms = (loop.time() - before - self.every_s) * 1000
+            self.samples.append((now_ms(), max(0.0, late_ms)))
+
+    def report(self, t0: float, step_ms: int = 250) -> dict[str, Any]:
+        windows: dict[int, list[float]] = {}
+        for at, late in self.samples:
+            windows.setdefault(int((at - t0) // step_ms), []).append(late)
+        return {
+            **summary([late for _, late in self.samples]),
+            "by_window": [
+                {"from_ms": i * step_ms, "p99": pct(v, 99), "max": round(max(v), 2)}
+                for i, v in sorted(windows.items())
+            ],
+        }
+
+
 async def run_streams(
     system: System, k: int, tag: str, deadline_s: float, follow_mode: str = "get"
 ) -> dict[str, Any]:
@@ -558,6 +588,8 @@ async def run_streams(
     before = cpu_snapshot(system.pids())
     t0 = now_ms()
     sub = Submitted()
+    lag = LoopLag()
+    sampler = asyncio.create_task(lag.run())
 
     async def work() -> None:
         await submit_many(system.app_port, prompts, sub, follow_now, follow_mode)
@@ -566,9 +598,11 @@ async def run_streams(
     try:
         in_time = await with_deadline(deadline_s, work())
     finally:
-        await finish_tasks(tasks)
+        sampler.cancel()
+        await finish_tasks([*tasks, sampler])
     after = cpu_snapshot(system.pids())
     report = streams_report(k, sub, in_time, t0, before, after)
+    report["client_loop_lag_ms"] = lag.report(t0)
     report["unfinished_jobs"] = await unfinished(system.app_url, sub.streams)
     return report
 
@@ -810,6 +844,19 @@ def run_tree(
 # -- baseline ----------------------------------------------------------------------------------
 
 
+def run_baseline(
+    label: str, src: Path, args: argparse.Namespace, follow_mode: str
+) -> dict[str, Any]:
+    """``run_tree`` with the baseline's own settings (``--baseline-app-env``) over the rest."""
+    current = dict(APP_SETTINGS)
+    APP_SETTINGS.update(args.baseline_settings)
+    try:
+        return run_tree(label, src, args, follow_mode)
+    finally:
+        APP_SETTINGS.clear()
+        APP_SETTINGS.update(current)
+
+
 STREAM_FIGURES: tuple[tuple[str, Callable[[dict[str, Any]], Any]], ...] = (
     ("last_done_over_model", lambda r: r["last_done_over_model"]),
     ("tokens_per_s", lambda r: r["tokens_per_s"]),
@@ -852,6 +899,7 @@ def short_streams(r: dict[str, Any]) -> str:
         f"(x{r['last_done_over_model']} model), {r['tokens_per_s']} tok/s, "
         f"delay p50/p99 {r['token_delay_ms']['p50']}/{r['token_delay_ms']['p99']} ms "
         f"(live {live.get('p50')}/{live.get('p99')}, early {early.get('n')} tokens), "
+        f"client loop lag p99 {(r.get('client_loop_lag_ms') or {}).get('p99')} ms, "
         f"{r['correctness_failures']} failures"
     )
 
@@ -946,11 +994,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="more environment for tierq serve, e.g. TIERQ_DELTA_FLUSH_MS=40 (repeatable)",
     )  # fmt: skip
     parser.add_argument(
+        "--baseline-app-env", action="append", default=[], metavar="NAME=VALUE",
+        help="environment for tierq serve in the baseline runs only (over --app-env); without "
+        "--baseline, the baseline is the working tree so configured (compares two settings)",
+    )  # fmt: skip
+    parser.add_argument(
         "--broker-env", action="append", default=[], metavar="NAME=VALUE",
         help="more environment for tierq broker, e.g. TIERQ_BROKER__MAX_IN_FLIGHT=500",
     )  # fmt: skip
     args = parser.parse_args(argv)
-    for option, into in ((args.app_env, APP_SETTINGS), (args.broker_env, BROKER_SETTINGS)):
+    args.baseline_settings = {}
+    for option, into in (
+        (args.app_env, APP_SETTINGS),
+        (args.broker_env, BROKER_SETTINGS),
+        (args.baseline_app_env, args.baseline_settings),
+    ):
         for item in option:
             name, sep, value = item.partition("=")
             if not sep or not name.startswith("TIERQ_"):
@@ -980,6 +1038,7 @@ def config(args: argparse.Namespace, nofile: tuple[int, int]) -> dict[str, Any]:
         "deadline_s": args.deadline_s,
         "sse_ping_s": 600,
         "app_env": dict(APP_SETTINGS),
+        "baseline_app_env": args.baseline_settings,
         "broker_env": dict(BROKER_SETTINGS),
         "client_loop": "uvloop" if LOOP_FACTORY else "asyncio",
         "client_json": loads.__module__ or "json",
@@ -1007,7 +1066,7 @@ def main(argv: list[str] | None = None) -> int:
     machine = machine_info(("tierq", "httpx", "uvicorn", "starlette", "redis", "sse-starlette"))
     repeats: dict[str, list[dict[str, Any]]] = {"current": []}
     baseline_follow = args.baseline_follow or args.follow
-    compare = bool(args.baseline or baseline_follow != args.follow)
+    compare = bool(args.baseline or baseline_follow != args.follow or args.baseline_settings)
     with contextlib.ExitStack() as stack:
         if args.baseline:
             path, commit = stack.enter_context(worktree(args.baseline))
@@ -1020,7 +1079,7 @@ def main(argv: list[str] | None = None) -> int:
                     run, src = {"ref": args.baseline, "commit": commit}, path / "src"
                 else:
                     run, src = current_tree_info(), ROOT / "src"
-                run.update(run_tree(f"baseline{suffix}", src, args, baseline_follow))
+                run.update(run_baseline(f"baseline{suffix}", src, args, baseline_follow))
                 repeats["baseline"].append(run)
             run = {
                 **current_tree_info(),

@@ -208,12 +208,13 @@ def cancel(system: System, job_id: str) -> None:
     assert res.status_code == 200, res.text
 
 
-def test_a_local_start_claims_only_when_the_admission_bound_has_a_line(
+def test_a_parked_job_starts_in_the_freed_slot_without_waiting_at_a_full_admission_bound(
     make_system: Callable[..., System],
 ) -> None:
     """With nothing waiting at the admission bound, a local start neither reads the job nor
-    claims its leases (its dispatch took them a moment ago). With the bound full, it waits in
-    line and claims, as a delivery does: the line paces a burst's starts against its submits."""
+    claims its leases (its dispatch took them a moment ago). A job that waited parked and
+    starts in the slot a release freed does the same even when the bound is full: it does
+    not wait behind its user's submits (a limited slot would stay empty meanwhile)."""
     system = make_system(
         models={"sim": ModelSettings(limits=TierLimits(paid=1, free=1))},
         admission_concurrency=2,
@@ -233,19 +234,59 @@ def test_a_local_start_claims_only_when_the_admission_bound_has_a_line(
             await rt.admission.acquire("someone")
 
         on_app_loop(system, fill())
-        cancel(system, first)  # its release dispatches the second, whose start waits in line
-        wait_until(lambda: rt.admission.waiting == 1, timeout=10)
-        assert system.job(second)["status"] == "queued"
+        try:
+            cancel(system, first)  # its release dispatches the second: it starts at once
+            wait_until(lambda: system.job(second)["status"] == "completed", timeout=10)
+            assert rt.admission.waiting == 0
+        finally:
 
-        async def free() -> None:
-            rt.admission.release()
-            rt.admission.release()
+            async def free() -> None:
+                rt.admission.release()
+                rt.admission.release()
 
-        on_app_loop(system, free())
-        wait_until(lambda: system.job(second)["status"] == "completed", timeout=10)
-    assert claimed == [second]
+            on_app_loop(system, free())
+    assert claimed == []
     assert rt.local.started == 2
     assert types(system, second).count("started") == 1
+
+
+def test_a_submitted_job_starts_in_line_and_claims_when_the_admission_bound_is_full(
+    make_system: Callable[..., System],
+) -> None:
+    """The local start of a job its submit has just published waits in its user's line at a
+    full admission bound, and reads and claims there like a delivery: the line paces a
+    burst's starts against its submits."""
+    system = make_system(admission_concurrency=1)
+    rt = system.runtime
+    claimed = count_claims(rt)
+    gateway = rt.dispatcher.gateway
+    publish = gateway.publish_raw
+
+    async def publish_then_fill(*args: Any, **kwargs: Any) -> Any:
+        # the submit's admission has given its place back by now: a burst takes it
+        message_id = await publish(*args, **kwargs)
+        await rt.admission.acquire("someone")
+        return message_id
+
+    gateway.publish_raw = publish_then_fill
+    try:
+        with qstash(system) as client:
+            client.queue.pause(QUEUE)  # deliveries cannot come: only the local start runs it
+            job = submit(system, {"tokens": 2, "token_latency_ms": 5})
+            wait_until(lambda: rt.admission.waiting == 1, timeout=10)  # the start, in line
+            assert system.job(job)["status"] == "queued"
+            assert claimed == []
+            on_app_loop(system, _release(rt))
+            wait_until(lambda: system.job(job)["status"] == "completed", timeout=10)
+    finally:
+        gateway.publish_raw = publish
+    assert claimed == [job]
+    assert rt.local.started == 1
+    assert types(system, job).count("started") == 1
+
+
+async def _release(rt: Any) -> None:
+    rt.admission.release()
 
 
 def test_a_local_start_that_read_nothing_does_not_run_a_job_whose_cancel_was_requested(
