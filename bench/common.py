@@ -517,6 +517,18 @@ def open_fds(pid: int) -> int | None:
         return None
 
 
+def machine_cpu_s() -> tuple[float, float] | None:
+    """CPU seconds all CPUs spent busy (user, nice, system, irq, softirq) and stolen by the
+    hypervisor (``steal``: this VM's vCPUs wanted to run and did not) since boot
+    (``/proc/stat``); ``None`` if unreadable."""
+    try:
+        first = Path("/proc/stat").read_text().splitlines()[0].split()
+    except (OSError, IndexError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in first[1:9])
+    return (user + nice + system + irq + softirq) / CLK_TCK, steal / CLK_TCK
+
+
 def cpu_snapshot(pids: Mapping[str, int | None]) -> dict[str, float | None]:
     """CPU seconds so far of each named process, and of this one as ``bench_client``."""
     out = {name: cpu_seconds(pid) for name, pid in pids.items()}

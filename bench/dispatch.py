@@ -80,7 +80,6 @@ import httpx
 import redis.asyncio as aioredis
 
 from common import (
-    CLK_TCK,
     LOOP_FACTORY,
     QUEUE_IDS,
     RESULTS_DIR,
@@ -90,6 +89,7 @@ from common import (
     cpu_snapshot,
     cpu_spent,
     current_tree_info,
+    machine_cpu_s,
     machine_info,
     now_ms,
     pct,
@@ -382,13 +382,9 @@ def left(deadline_at: float) -> float:
 
 
 def machine_busy_s() -> float | None:
-    """CPU seconds all CPUs spent busy since boot (``/proc/stat``), ``None`` if unreadable."""
-    try:
-        first = Path("/proc/stat").read_text().splitlines()[0].split()
-    except (OSError, IndexError):
-        return None
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(v) for v in first[1:9])
-    return (user + nice + system + irq + softirq + steal) / CLK_TCK
+    """CPU seconds all CPUs spent busy or stolen since boot, ``None`` if unreadable."""
+    reading = machine_cpu_s()
+    return None if reading is None else sum(reading)
 
 
 def cpu_reading(system: System) -> dict[str, float | None]:

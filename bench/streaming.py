@@ -50,6 +50,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import itertools
 import json
 import statistics
 import sys
@@ -73,6 +74,7 @@ from common import (
     cpu_snapshot,
     cpu_spent,
     current_tree_info,
+    machine_cpu_s,
     machine_info,
     now_ms,
     open_fds,
@@ -574,6 +576,37 @@ class LoopLag:
         }
 
 
+class CpuWindows:
+    """Cores each process of the system (and this client, and the whole machine: busy, and
+    stolen by the hypervisor) kept busy, by window of ``step_s`` through a run: whether the
+    machine had CPU to spare where tokens were late."""
+
+    def __init__(self, system: System, step_s: float = 0.25) -> None:
+        self.system = system
+        self.step_s = step_s
+        self.readings: list[tuple[float, dict[str, float | None]]] = []
+
+    def read(self) -> None:
+        machine = machine_cpu_s()
+        reading: dict[str, float | None] = dict(cpu_snapshot(self.system.pids()))
+        reading["machine_busy"], reading["machine_steal"] = machine or (None, None)
+        self.readings.append((now_ms(), reading))
+
+    async def run(self) -> None:
+        while True:
+            self.read()
+            await asyncio.sleep(self.step_s)
+
+    def report(self, t0: float) -> list[dict[str, Any]]:
+        out = []
+        for (t1, a), (t2, b) in itertools.pairwise(self.readings):
+            span_s = (t2 - t1) / 1000
+            used = cpu_spent(a, b)
+            cores = {k: round(v / span_s, 2) for k, v in used.items() if v is not None}
+            out.append({"from_ms": round(t1 - t0), "to_ms": round(t2 - t0), "cores": cores})
+        return out
+
+
 async def run_streams(
     system: System, k: int, tag: str, deadline_s: float, follow_mode: str = "get"
 ) -> dict[str, Any]:
@@ -588,8 +621,8 @@ async def run_streams(
     before = cpu_snapshot(system.pids())
     t0 = now_ms()
     sub = Submitted()
-    lag = LoopLag()
-    sampler = asyncio.create_task(lag.run())
+    lag, windows = LoopLag(), CpuWindows(system)
+    samplers = [asyncio.create_task(lag.run()), asyncio.create_task(windows.run())]
 
     async def work() -> None:
         await submit_many(system.app_port, prompts, sub, follow_now, follow_mode)
@@ -598,11 +631,12 @@ async def run_streams(
     try:
         in_time = await with_deadline(deadline_s, work())
     finally:
-        sampler.cancel()
-        await finish_tasks([*tasks, sampler])
+        await finish_tasks([*tasks, *samplers])
+    windows.read()
     after = cpu_snapshot(system.pids())
     report = streams_report(k, sub, in_time, t0, before, after)
     report["client_loop_lag_ms"] = lag.report(t0)
+    report["cores_by_window"] = windows.report(t0)
     report["unfinished_jobs"] = await unfinished(system.app_url, sub.streams)
     return report
 
