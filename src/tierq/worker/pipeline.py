@@ -268,8 +268,9 @@ async def _run(
     """One pass of the delivery; ``None``: ask again (it waited for a run elsewhere, or a
     local start that read nothing was refused its start: the next pass reads and claims)."""
     with rt.cancels.watch(body.job_id) as cancel:  # before reading state: no cancel is missed
-        # a job that waited parked starts in the slot a release just freed (its start goes
-        # out with its publish: no message id yet): it skips the admission line
+        # a job that waited parked starts in the slot a release just freed, as its publish
+        # goes out (no message id yet): it skips the admission line, and waits for its
+        # message id only where it needs it (parking the job again, its end)
         handoff = local and not message_id
         # nothing read nor claimed (see _read_and_claim): a hand-off, or a job its submit
         # published that starts while nothing waits at the admission bound
@@ -307,7 +308,7 @@ async def _run(
         finished = False
         hands_off = False  # the job is parked again, or another delivery runs it: keep out
         try:
-            guarded = await guard(rt, body, raw, message_id, full, local=local)
+            guarded = await guard(rt, body, raw, message_id, full, early=handoff)
             if isinstance(guarded, Err):
                 hands_off = True
                 return guarded.error
@@ -331,7 +332,7 @@ async def _run(
                 return done("skipped")
             outcome = await _execute(rt, body, run, held, cancel)
             hands_off = True  # _end cleans up
-            return await _end(rt, body, raw, held, run, outcome, message_id, local)
+            return await _end(rt, body, raw, held, run, outcome, message_id, handoff)
         finally:
             if not hands_off:
                 await cleanup(rt, body, held, finished)
@@ -351,19 +352,20 @@ async def _end(
     run: _Run,
     outcome: Outcome,
     message_id: str,
-    local: bool = False,
+    early: bool = False,
 ) -> Reply:
     """Write how the attempt ended (its outcome, its ledger line, its model's adaptive limit)
     in the round trip that gives the leases back, and correct the token quotas if the job
     ended. Attempts count by the job's own run count: QStash's retry header is not signed, and
     a job parked again goes out as a new message.
 
-    A local run whose publish failed (:mod:`tierq.dispatch.local`) has no QStash message to
+    ``early``: a local run that started as its publish went out (no message id yet). One
+    whose publish failed (:mod:`tierq.dispatch.local`) has no QStash message to
     retry it: an attempt to retry goes back to the front of its line instead (and out again
     at once when its slot is free). One that ended needs nothing more: the release forgets
     it in dispatch (it is not sent again)."""
     published = True
-    if local and not message_id:  # its publish went out as it started: wait for its answer
+    if early:  # its publish went out as it started: wait for its answer
         message_id = await rt.local.message_of(body.job_id)
         published = bool(message_id)
     ending = settle(rt, body, outcome, run.number, message_id)

@@ -26,17 +26,17 @@ async def guard(
     message_id: str,
     full: str | None = None,
     *,
-    local: bool = False,
+    early: bool = False,
 ) -> Result[list[tuple[str, str]], Reply]:
     """``Ok(leases held)`` or ``Err(reply)`` once the job is parked again; ``full`` is what the
     delivery's claim answered (:meth:`Dispatcher.claim_with_state`), else it claims now. A
-    local run that started with its publish (``local``, no ``message_id`` yet) parks under
-    its message's id once the publish answered (one of its own if it failed)."""
+    local run that started as its publish went out (``early``: no ``message_id`` yet) parks
+    under its message's id once the publish answered (one of its own if it failed)."""
     if full is None:
         full = await rt.dispatcher.claim(body)
     if full == "ok":
         return Ok(rt.dispatcher.leases(body))
-    if local and not message_id:
+    if early:
         message_id = await rt.local.message_of(body.job_id)
     rt.metrics.guard_waits.labels(full).inc()
     parked = await park_again(rt, body, raw, message_id)
