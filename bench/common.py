@@ -12,7 +12,6 @@ import os
 import platform
 import resource
 import shutil
-import ssl
 import statistics
 import subprocess
 import sys
@@ -352,39 +351,99 @@ async def with_deadline(deadline_s: float, work: Awaitable[Any]) -> bool:
     return True
 
 
-_TLS = ssl.create_default_context()
+IDLE_REOPEN_S = 2.0
 
 
-def submit_client() -> httpx.AsyncClient:
-    """One submitter's client, with one connection of its own, like one user. (One shared
-    client with many connections spent most of this process's CPU walking its pool on every
-    request, and slowed the submits it was measuring.) They all share one TLS context (never
-    used: plain HTTP), which httpx would otherwise build for each client, at several
-    milliseconds of this process's CPU."""
-    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
-    return httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(30.0), verify=_TLS)
+class HttpConn:
+    """One keep-alive HTTP/1.1 connection to the app, opened on first use, reopened after an
+    error, a ``Connection: close`` or ``IDLE_REOPEN_S`` unused (the server may have closed it:
+    uvicorn's keep-alive timeout is 5 s). A request on a reused connection that the server
+    closed before answering a byte is sent once more on a new one, as HTTP clients do. Replies
+    must carry ``Content-Length`` (the app's JSON replies do)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+        self.used_at = 0.0
+        self.reopened = 0  # requests sent again after the server closed an idle connection
+
+    async def request(self, data: bytes) -> tuple[int, bytes]:
+        if self.writer is not None and time.monotonic() - self.used_at > IDLE_REOPEN_S:
+            self.close()
+        reused = self.writer is not None
+        try:
+            return await self._request(data)
+        except (asyncio.IncompleteReadError, ConnectionError) as exc:
+            if not reused or (isinstance(exc, asyncio.IncompleteReadError) and exc.partial):
+                raise
+        self.reopened += 1
+        return await self._request(data)
+
+    async def _request(self, data: bytes) -> tuple[int, bytes]:
+        if self.reader is None or self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(HOST, self.port)
+        reader, writer = self.reader, self.writer
+        try:
+            writer.write(data)
+            head = await reader.readuntil(b"\r\n\r\n")
+            status = int(head[9:12])
+            lower = head.lower()
+            at = lower.find(b"\r\ncontent-length:")
+            if at < 0:
+                raise ValueError(f"reply {status} without Content-Length")
+            end = lower.index(b"\r\n", at + 2)
+            body = await reader.readexactly(int(lower[at + 17 : end]))
+            if b"\r\nconnection: close" in lower:
+                self.close()
+        except BaseException:
+            self.close()
+            raise
+        self.used_at = time.monotonic()
+        return status, body
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.reader = self.writer = None
+
+
+def json_post(port: int, path: str, body: bytes, headers: Mapping[str, str]) -> bytes:
+    """An HTTP/1.1 POST of the JSON ``body``, whole, for ``HttpConn.request``."""
+    extra = "".join(f"{name}: {value}\r\n" for name, value in headers.items())
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: {HOST}:{port}\r\n{extra}"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    )
+    return head.encode() + body
 
 
 async def submit_from(
+    port: int,
     items: Iterable[T],
-    submit: Callable[[httpx.AsyncClient, T], Awaitable[R | str]],
+    submit: Callable[[HttpConn, T], Awaitable[R | str]],
     on_job: Callable[[R], None],
     errors: Counter[str],
     concurrency: int,
 ) -> None:
-    """Submit every item, in order, from ``concurrency`` submitters, each with a
-    ``submit_client`` of its own: ``submit`` gives the job or why it failed; ``on_job`` runs as
-    soon as a submit returns a job, and a failure is counted in ``errors``."""
+    """Submit every item, in order, from ``concurrency`` submitters, each with an ``HttpConn``
+    of its own to the app on ``port``, like one user each: ``submit`` gives the job or why it
+    failed; ``on_job`` runs as soon as a submit returns a job, and a failure is counted in
+    ``errors``. Raw HTTP, not httpx: on this 2-core machine the client shares the CPU with the
+    system it measures, and httpx cost it several hundred microseconds a submit."""
     todo = iter(items)
 
     async def submitter() -> None:
-        async with submit_client() as client:
+        conn = HttpConn(port)
+        try:
             for item in todo:
-                got = await submit(client, item)
+                got = await submit(conn, item)
                 if isinstance(got, str):
                     errors[got] += 1
                 else:
                     on_job(got)
+        finally:
+            conn.close()
 
     await asyncio.gather(*(submitter() for _ in range(concurrency)))
 

@@ -76,7 +76,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import httpx
 import redis.asyncio as aioredis
 
 from common import (
@@ -84,11 +83,13 @@ from common import (
     QUEUE_IDS,
     RESULTS_DIR,
     ROOT,
+    HttpConn,
     System,
     commandstats_calls,
     cpu_snapshot,
     cpu_spent,
     current_tree_info,
+    json_post,
     machine_cpu_s,
     machine_info,
     now_ms,
@@ -96,7 +97,6 @@ from common import (
     results_head,
     run_system,
     serve_env,
-    submit_client,
     submit_from,
     summary,
     with_deadline,
@@ -311,28 +311,25 @@ class Submitted:
             self.reached.set()
 
 
-async def submit_one(client: httpx.AsyncClient, base: str, spec: Spec) -> Job | str:
+async def submit_one(conn: HttpConn, spec: Spec) -> Job | str:
     """One submit: the job, or why it failed."""
-    start = now_ms()
     headers = {"Authorization": f"Bearer {api_key(spec.user)}"}
+    request = json_post(conn.port, "/api/jobs", json.dumps(spec.body()).encode(), headers)
+    start = now_ms()
     try:
-        res = await client.post(f"{base}/api/jobs", json=spec.body(), headers=headers)
-    except httpx.HTTPError as exc:
+        status, data = await conn.request(request)
+    except (OSError, ValueError, asyncio.IncompleteReadError) as exc:
         return type(exc).__name__
-    if res.status_code != 202:
-        return f"submit {res.status_code}: {res.text[:120]}"
-    return Job(res.json()["jobId"], spec.user, spec.model, start, now_ms())
+    if status != 202:
+        return f"submit {status}: {data[:120].decode(errors='replace')}"
+    return Job(json.loads(data)["jobId"], spec.user, spec.model, start, now_ms())
 
 
 async def submit_all(
-    base: str, specs: Iterable[Spec], into: Submitted, concurrency: int = SUBMIT_CONCURRENCY
+    port: int, specs: Iterable[Spec], into: Submitted, concurrency: int = SUBMIT_CONCURRENCY
 ) -> None:
     """Submit every spec, in order, from ``concurrency`` submitters (see ``submit_from``)."""
-
-    async def submit(client: httpx.AsyncClient, spec: Spec) -> Job | str:
-        return await submit_one(client, base, spec)
-
-    await submit_from(list(specs), submit, into.add, into.errors, concurrency)
+    await submit_from(port, list(specs), submit_one, into.add, into.errors, concurrency)
     into.done_ms = now_ms()
 
 
@@ -458,7 +455,7 @@ async def run_jobs(
     """Submit ``specs``, then wait until every job is terminal."""
     deadline_at = time.monotonic() + deadline_s
     sub = Submitted()
-    submitted = await with_deadline(deadline_s, submit_all(system.app_url, specs, sub))
+    submitted = await with_deadline(deadline_s, submit_all(system.app_port, specs, sub))
     done = submitted and await records.wait_terminal(lambda: sub.jobs, deadline_at)
     return sub, done
 
@@ -584,12 +581,13 @@ def light_users(sizes: Sizes) -> list[str]:
 
 
 async def light_loop(
-    base: str, records: Records, user: str, n: int, into: Submitted, deadline_at: float
+    port: int, records: Records, user: str, n: int, into: Submitted, deadline_at: float
 ) -> None:
     """Submit one job, wait until it is terminal, then the next; ``n`` jobs."""
-    async with submit_client() as client:
+    conn = HttpConn(port)
+    try:
         for i in range(n):
-            got = await submit_one(client, base, Spec(user, "m1", FAIR_D_MS, f"{user} {i}"))
+            got = await submit_one(conn, Spec(user, "m1", FAIR_D_MS, f"{user} {i}"))
             if isinstance(got, str):
                 into.errors[got] += 1
                 await asyncio.sleep(0.1)
@@ -598,6 +596,8 @@ async def light_loop(
             while not got.terminal and time.monotonic() < deadline_at:
                 await asyncio.sleep(LIGHT_POLL_S)
                 await records.refresh([got])
+    finally:
+        conn.close()
 
 
 async def scenario_b(system: System, sizes: Sizes, *, settled: bool = False) -> dict[str, Any]:
@@ -612,7 +612,7 @@ async def scenario_b(system: System, sizes: Sizes, *, settled: bool = False) -> 
     report: dict[str, Any] = {"deadline_s": round(deadline_s, 1)}
     before = cpu_reading(system)
     t0 = now_ms()
-    flooding = asyncio.create_task(submit_all(system.app_url, flood, f_sub))
+    flooding = asyncio.create_task(submit_all(system.app_port, flood, f_sub))
     try:
         await asyncio.sleep(B_START_AFTER_S)
         backlog = asyncio.create_task(f_sub.reached.wait())
@@ -624,7 +624,7 @@ async def scenario_b(system: System, sizes: Sizes, *, settled: bool = False) -> 
         backlog.cancel()
         light_start = now_ms()
         loops = [
-            light_loop(system.app_url, records, u, sizes.b_light_jobs, l_sub, deadline_at)
+            light_loop(system.app_port, records, u, sizes.b_light_jobs, l_sub, deadline_at)
             for u in light_users(sizes)
         ]
         report["light_in_time"] = await with_deadline(left(deadline_at), asyncio.gather(*loops))

@@ -105,6 +105,7 @@ from common import (
     QUEUE_IDS,
     RESULTS_DIR,
     ROOT,
+    HttpConn,
     Proc,
     System,
     broker_proc,
@@ -148,7 +149,6 @@ WARMUP_JOBS = 50
 WARMUP_CONCURRENCY = 16
 WARMUP_DEADLINE_S = 60.0
 SETTLE_S = 1.0
-IDLE_REOPEN_S = 2.0
 READ_CHUNK = 500
 TOP_COMMANDS = 12
 TASKIQ_WORKERS = 2
@@ -367,60 +367,6 @@ def system_trees(system: System) -> dict[str, int | None]:
 
 
 # -- submitting over raw HTTP/1.1 ----------------------------------------------------------------
-
-
-class HttpConn:
-    """One keep-alive HTTP/1.1 connection to the app, opened on first use, reopened after an
-    error, a ``Connection: close`` or ``IDLE_REOPEN_S`` unused (the server may have closed it:
-    uvicorn's keep-alive timeout is 5 s). A request on a reused connection that the server
-    closed before answering a byte is sent once more on a new one, as HTTP clients do. Replies
-    must carry ``Content-Length`` (the app's JSON replies do)."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
-        self.used_at = 0.0
-        self.reopened = 0  # requests sent again after the server closed an idle connection
-
-    async def request(self, data: bytes) -> tuple[int, bytes]:
-        if self.writer is not None and time.monotonic() - self.used_at > IDLE_REOPEN_S:
-            self.close()
-        reused = self.writer is not None
-        try:
-            return await self._request(data)
-        except (asyncio.IncompleteReadError, ConnectionError) as exc:
-            if not reused or (isinstance(exc, asyncio.IncompleteReadError) and exc.partial):
-                raise
-        self.reopened += 1
-        return await self._request(data)
-
-    async def _request(self, data: bytes) -> tuple[int, bytes]:
-        if self.reader is None or self.writer is None:
-            self.reader, self.writer = await asyncio.open_connection(HOST, self.port)
-        reader, writer = self.reader, self.writer
-        try:
-            writer.write(data)
-            head = await reader.readuntil(b"\r\n\r\n")
-            status = int(head[9:12])
-            lower = head.lower()
-            at = lower.find(b"\r\ncontent-length:")
-            if at < 0:
-                raise ValueError(f"reply {status} without Content-Length")
-            end = lower.index(b"\r\n", at + 2)
-            body = await reader.readexactly(int(lower[at + 17 : end]))
-            if b"\r\nconnection: close" in lower:
-                self.close()
-        except BaseException:
-            self.close()
-            raise
-        self.used_at = time.monotonic()
-        return status, body
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-        self.reader = self.writer = None
 
 
 def submit_request(port: int, index: int) -> bytes:

@@ -28,6 +28,7 @@ import json
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -36,15 +37,17 @@ import redis
 
 from common import (
     RESULTS_DIR,
+    HttpConn,
     commandstats_calls,
     cpu_snapshot,
     cpu_spent,
+    json_post,
     machine_info,
     results_head,
     run_async,
     running_system,
     serve_env,
-    submit_client,
+    submit_from,
     write_results,
 )
 
@@ -86,14 +89,17 @@ async def run_jobs(system: Any, n: int, concurrency: int) -> dict[str, Any]:
     url = f"{system.app_url}/api/jobs"
     r = redis.Redis.from_url(system.app_redis.url)
     job_ids: list[str] = []
-    todo = iter(range(n))
 
-    async def submitter() -> None:
-        async with submit_client() as client:
-            for _ in todo:
-                res = await client.post(url, json=payload, headers=AUTH)
-                res.raise_for_status()
-                job_ids.append(res.json()["jobId"])
+    body = json.dumps(payload).encode()
+    request = json_post(system.app_port, "/api/jobs", body, AUTH)
+    errors: Counter[str] = Counter()
+
+    async def submit(conn: HttpConn, _: int) -> dict[str, Any] | str:
+        status, data = await conn.request(request)
+        return json.loads(data) if status == 202 else f"submit {status}"
+
+    def took(reply: dict[str, Any]) -> None:
+        job_ids.append(reply["jobId"])
 
     # warm up, then measure from a clean slate
     async with httpx.AsyncClient() as client:
@@ -103,7 +109,16 @@ async def run_jobs(system: Any, n: int, concurrency: int) -> dict[str, Any]:
     r.config_resetstat()
     pids = system.pids()
     cpu0, t0 = cpu_snapshot(pids), time.monotonic()
-    submitters = asyncio.gather(*(submitter() for _ in range(concurrency)))
+    submitters = asyncio.ensure_future(
+        submit_from(
+            system.app_port,
+            range(n),
+            submit,
+            took,
+            errors,
+            concurrency,
+        )
+    )
     seen: set[str] = set()
     own_reads = 0
     deadline = time.monotonic() + 120
@@ -121,6 +136,8 @@ async def run_jobs(system: Any, n: int, concurrency: int) -> dict[str, Any]:
             break
         await asyncio.sleep(0.02)
     await submitters
+    if errors:
+        raise RuntimeError(f"submits failed: {dict(errors)}")
     wall = time.monotonic() - t0
     cpu = cpu_spent(cpu0, cpu_snapshot(pids))
     calls = commandstats_calls(r.info("commandstats"))
