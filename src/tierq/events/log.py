@@ -6,7 +6,6 @@ and ordered even with several writers; the log entry id is what SSE sends as ``i
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
@@ -28,8 +27,7 @@ def _s(value: Any) -> str:
 
 def event_prefix(event: WorkerEvent) -> str:
     """The event as JSON without ``seq`` and without its closing brace (the script adds both)."""
-    data = event.model_dump(by_alias=True, exclude={"seq"}, mode="json")
-    return json.dumps(data, separators=(",", ":"))[:-1]
+    return event.model_dump_json(by_alias=True, exclude={"seq"})[:-1]
 
 
 @dataclass(frozen=True)
