@@ -285,6 +285,43 @@ def test_a_submitted_job_starts_in_line_and_claims_when_the_admission_bound_is_f
     assert types(system, job).count("started") == 1
 
 
+def test_a_submitted_batch_job_starts_at_once_when_the_admission_bound_is_full(
+    make_system: Callable[..., System],
+) -> None:
+    """A batch job its submit has just published starts without a place at the bound and
+    without reading or claiming (its dispatch took the leases): nobody streams it, so its
+    start is not paced against the burst's submits."""
+    system = make_system(admission_concurrency=1)
+    rt = system.runtime
+    claimed = count_claims(rt)
+    gateway = rt.dispatcher.gateway
+    publish = gateway.publish_raw
+
+    async def publish_then_fill(*args: Any, **kwargs: Any) -> Any:
+        message_id = await publish(*args, **kwargs)
+        await rt.admission.acquire("someone")  # as by a burst of submits
+        return message_id
+
+    gateway.publish_raw = publish_then_fill
+    try:
+        with qstash(system) as client:
+            client.queue.pause("q_paid_batch")  # only the local start can run it
+            res = system.submit(
+                PAID, experience="batch",
+                input={"prompt": "local start", "simulate": {"tokens": 2, "token_latency_ms": 5}},
+            )  # fmt: skip
+            assert res.status_code == 202, res.text
+            job = res.json()["jobId"]
+            wait_until(lambda: system.job(job)["status"] == "completed", timeout=10)
+            assert rt.admission.waiting == 0
+    finally:
+        gateway.publish_raw = publish
+        on_app_loop(system, _release(rt))
+    assert claimed == []
+    assert rt.local.started == 1
+    assert types(system, job).count("started") == 1
+
+
 async def _release(rt: Any) -> None:
     rt.admission.release()
 

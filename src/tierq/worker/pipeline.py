@@ -241,13 +241,14 @@ async def _read_and_claim(
     then ``fresh``: refused for a job cancelled, ended, started or cancel-requested meanwhile,
     one that ran before, or one whose record its submit is still writing, and the start goes
     the whole way (read and claim) instead. When submits or starts wait at the bound, the local
-    start of a job its submit has just published reads and claims in line like a delivery:
-    without that round trip in line, the jobs of a 500-job burst started so early that their
-    clients' streams opened later (measured: submit -> first token at the client p50 ~0.5 ->
-    ~0.9 s); the line paces those starts against the burst's submits. A job that waited
-    parked and starts in the slot a release just freed skips the line: its client follows it
-    already, and waiting behind a burst of its user's submits kept a limited slot empty
-    (measured on 20 ms jobs while 400 submits came in: the start's round trip ~10 ms)."""
+    start of a streamed job its submit has just published reads and claims in line like a
+    delivery: without that round trip in line, the jobs of a 500-job burst started so early
+    that their clients' streams opened later (measured: submit -> first token at the client p50
+    ~0.5 -> ~0.9 s); the line paces those starts against the burst's submits. A batch or
+    vision job (nobody streams it) and a job that waited parked and starts in the slot a
+    release just freed skip the line: waiting behind a burst of submits kept a limited slot
+    empty (measured on 20 ms jobs while 400 submits came in: the start's round trip ~10 ms;
+    the first job of the burst started ~30 ms after the first submit)."""
     if skip:
         return None, "ok", True, 0, Ok(Decision("run"))
     async with rt.admission.fair(body.user_id):  # see Settings.admission_concurrency
@@ -272,9 +273,12 @@ async def _run(
         # goes out (no message id yet): it skips the admission line, and waits for its
         # message id only where it needs it (parking the job again, its end)
         handoff = local and not message_id
-        # nothing read nor claimed (see _read_and_claim): a hand-off, or a job its submit
-        # published that starts while nothing waits at the admission bound
-        fresh = light and (handoff or rt.admission.idle)
+        # a streamed job its submit published waits its turn at the admission bound to start
+        # (see _read_and_claim); a batch or vision job, like a hand-off, starts at once
+        paced = not handoff and not (local and body.experience != "stream")
+        # nothing read nor claimed (see _read_and_claim): a local start that is not paced, or
+        # one that is while nothing waits at the admission bound
+        fresh = light and (not paced or rt.admission.idle)
         state, full, sent, alive_s, decision = await _read_and_claim(rt, body, message_id, fresh)
         if isinstance(decision, Err):
             if state is None and sent and _recording(body):
@@ -319,7 +323,7 @@ async def _run(
                 await cleanup(rt, body, held, True, _ended_unrun(rt, body))
                 _track(body, "cancelled")
                 return dataclasses.replace(reply, ran=True)
-            async with _in_line(rt, body, not handoff):
+            async with _in_line(rt, body, paced):
                 run = await _start(rt, body, state, decision.value.revive, message_id, local, fresh)
             if isinstance(run, str):
                 if fresh or run == "taken":
