@@ -14,12 +14,14 @@ from contextlib import contextmanager
 from typing import Any
 
 import httpx
+import pytest
 from qstash import QStash
 
 from helpers import ServerThread, wait_until
 from system import DEV, PAID, System, sample
 from tierq.app import create_app
 from tierq.config import ModelSettings, TierLimits
+from tierq.dispatch import dispatcher as dispatcher_module
 from tierq.embedded_redis import free_port
 
 QUEUE = "q_paid_stream"
@@ -183,6 +185,24 @@ def test_jobs_parked_behind_a_model_limit_all_run_when_slots_free(
     wait_until(lambda: all(system.job(j)["status"] == "completed" for j in jobs), timeout=20)
     for job_id in jobs:
         assert types(system, job_id).count("started") == 1
+
+
+def test_a_handed_off_job_that_ends_before_its_confirm_has_its_message_id(
+    make_system: Callable[..., System], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A release's publishes are confirmed a moment later, together; a job that ran in less
+    than that gets its message id on its record with its own release (nothing waits for the
+    deferred confirm, held back here for the whole test)."""
+    monkeypatch.setattr(dispatcher_module, "CONFIRM_AFTER_S", 60.0)
+    system = make_system(models={"sim": ModelSettings(limits=TierLimits(paid=1, free=1))})
+    first = submit(system, {"fail": "hang"})  # holds the model's one slot until cancelled
+    wait_until(lambda: system.job(first)["status"] == "running", timeout=10)
+    second = submit(system, {"tokens": 0})  # parked behind it; ends at once when it runs
+    cancel(system, first)  # its release dispatches the second: published, then confirmed later
+    wait_until(lambda: system.job(second)["status"] == "completed", timeout=10)
+    assert message_of(system, second)  # written by its release, not by the deferred confirm
+    assert system.redis.zscore(system.keys.dispatching, second) is None
+    assert types(system, second).count("started") == 1
 
 
 def count_claims(rt: Any) -> list[str]:

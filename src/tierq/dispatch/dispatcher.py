@@ -437,15 +437,21 @@ class Dispatcher:
         before: Callable[[Any], None] | None = None,
         correction: Sequence[str | int] = (),
     ) -> list[Any]:
-        """:meth:`release` from a job's state record (when no worker body is at hand)."""
+        """:meth:`release` from a job's state record (when no worker body is at hand). A job
+        whose own publish is still to be confirmed (it ran in less than ``CONFIRM_AFTER_S``)
+        gets its message id on its record in the same round trip (the release forgets it in
+        dispatch)."""
         extra = [job_id, queue, user_id, self.keys.model_guard(model_id, tier), *correction]
         first = 0
+        own = self._confirms.pop(job_id, None)
 
         def build(pipe: Any) -> None:
             nonlocal first
             if before is not None:
                 before(pipe)
                 first = len(pipe)
+            if own is not None:
+                self.jobs.queue_set_if_exists(pipe, job_id, {"messageId": own})
             for key, holder in also:
                 pipe.zrem(key, holder)
             self._queue_script(pipe, "release", extra)
@@ -453,6 +459,8 @@ class Dispatcher:
         try:
             replies = await self.run_pipeline(build)
         except RedisError as exc:
+            if own is not None:
+                self._confirm_later({job_id: own})
             raise UpstreamError(f"redis: {exc}") from exc
         await self._publish(replies[-1])
         return replies[:first]
