@@ -5,7 +5,9 @@ Black-box like ``bench/streaming.py``: two embedded Redis servers (the app's and
 every run below, each with its own settings in the environment, warmed up with 16 no-op
 jobs of a user of its own before it is measured. Jobs run on the simulated model, one token
 of ``D`` ms each (``input.simulate``), in ``q_paid_batch`` (experience batch, mode auto, paid
-plan). The client submits with at most 32 submits in flight and reads the job state records
+plan). The client submits with at most 32 submits in flight, each submitter on a keep-alive
+HTTP/1.1 connection spoken by hand (``HttpConn``: httpx cost this process 0.3-0.4 CPU-seconds of
+the 2 cores in A's 20 ms run), and reads the job state records
 (``status``, ``createdAt``, ``startedAt``, ``finishedAt``) straight from the app's Redis
 (pipelined ``HMGET``, every 50 ms) until every job is terminal. Nothing here asserts on
 timing; every wait has a deadline, and a run that runs out of time is recorded as not

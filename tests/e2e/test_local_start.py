@@ -270,6 +270,25 @@ def test_a_parked_job_starts_in_the_freed_slot_without_waiting_at_a_full_admissi
     assert types(system, second).count("started") == 1
 
 
+@contextmanager
+def bound_full_once_published(rt: Any) -> Iterator[None]:
+    """Each publish, once answered, takes the one place of the admission bound, as a burst of
+    submits would (the submit's admission has given its place back by then)."""
+    gateway = rt.dispatcher.gateway
+    publish = gateway.publish_raw
+
+    async def publish_then_fill(*args: Any, **kwargs: Any) -> Any:
+        message_id = await publish(*args, **kwargs)
+        await rt.admission.acquire("someone")
+        return message_id
+
+    gateway.publish_raw = publish_then_fill
+    try:
+        yield
+    finally:
+        gateway.publish_raw = publish
+
+
 def test_a_submitted_job_starts_in_line_and_claims_when_the_admission_bound_is_full(
     make_system: Callable[..., System],
 ) -> None:
@@ -279,27 +298,14 @@ def test_a_submitted_job_starts_in_line_and_claims_when_the_admission_bound_is_f
     system = make_system(admission_concurrency=1)
     rt = system.runtime
     claimed = count_claims(rt)
-    gateway = rt.dispatcher.gateway
-    publish = gateway.publish_raw
-
-    async def publish_then_fill(*args: Any, **kwargs: Any) -> Any:
-        # the submit's admission has given its place back by now: a burst takes it
-        message_id = await publish(*args, **kwargs)
-        await rt.admission.acquire("someone")
-        return message_id
-
-    gateway.publish_raw = publish_then_fill
-    try:
-        with qstash(system) as client:
-            client.queue.pause(QUEUE)  # deliveries cannot come: only the local start runs it
-            job = submit(system, {"tokens": 2, "token_latency_ms": 5})
-            wait_until(lambda: rt.admission.waiting == 1, timeout=10)  # the start, in line
-            assert system.job(job)["status"] == "queued"
-            assert claimed == []
-            on_app_loop(system, _release(rt))
-            wait_until(lambda: system.job(job)["status"] == "completed", timeout=10)
-    finally:
-        gateway.publish_raw = publish
+    with bound_full_once_published(rt), qstash(system) as client:
+        client.queue.pause(QUEUE)  # deliveries cannot come: only the local start runs it
+        job = submit(system, {"tokens": 2, "token_latency_ms": 5})
+        wait_until(lambda: rt.admission.waiting == 1, timeout=10)  # the start, in line
+        assert system.job(job)["status"] == "queued"
+        assert claimed == []
+        on_app_loop(system, _release(rt))
+        wait_until(lambda: system.job(job)["status"] == "completed", timeout=10)
     assert claimed == [job]
     assert rt.local.started == 1
     assert types(system, job).count("started") == 1
@@ -314,17 +320,8 @@ def test_a_submitted_batch_job_starts_at_once_when_the_admission_bound_is_full(
     system = make_system(admission_concurrency=1)
     rt = system.runtime
     claimed = count_claims(rt)
-    gateway = rt.dispatcher.gateway
-    publish = gateway.publish_raw
-
-    async def publish_then_fill(*args: Any, **kwargs: Any) -> Any:
-        message_id = await publish(*args, **kwargs)
-        await rt.admission.acquire("someone")  # as by a burst of submits
-        return message_id
-
-    gateway.publish_raw = publish_then_fill
     try:
-        with qstash(system) as client:
+        with bound_full_once_published(rt), qstash(system) as client:
             client.queue.pause("q_paid_batch")  # only the local start can run it
             res = system.submit(
                 PAID, experience="batch",
@@ -335,7 +332,6 @@ def test_a_submitted_batch_job_starts_at_once_when_the_admission_bound_is_full(
             wait_until(lambda: system.job(job)["status"] == "completed", timeout=10)
             assert rt.admission.waiting == 0
     finally:
-        gateway.publish_raw = publish
         on_app_loop(system, _release(rt))
     assert claimed == []
     assert rt.local.started == 1
