@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -140,6 +141,37 @@ def test_paused_queue_holds_jobs_until_resumed(held_system: System) -> None:
             assert types(system.events(reply["jobId"], reply["eventsToken"]))[-1] == "completed"
     finally:
         qstash.http._client.close()
+
+
+def test_publishes_that_may_wait_linger_and_go_out_together(held_system: System) -> None:
+    """A publish whose answer may wait (a job already running here needs its message id only
+    at its end) lingers for others: two made together go out in one request after the
+    linger, and a publish that cannot wait takes the lingering ones along at once."""
+    system = held_system
+    gateway = system.runtime.gateway
+    qstash = QStash(DEV.token, base_url=system.broker.url)
+    qstash.queue.pause("q_free_vision")  # nothing published here is delivered
+    qstash.http._client.close()  # type: ignore[attr-defined]
+    url = system.settings.public_url.rstrip("/") + "/api/worker/batch/chat"
+
+    async def publish(linger_s: float) -> str:
+        return await gateway.publish_raw("q_free_vision", url, "{}", 0, linger_s=linger_s)
+
+    async def together() -> tuple[int, int]:
+        before = gateway.requests
+        first = asyncio.ensure_future(publish(3600.0))  # would wait an hour
+        await system.runtime.redis.ping()  # a round trip: a publish sent at once is out now
+        second = asyncio.ensure_future(publish(3600.0))
+        await publish(0)  # cannot wait: takes both along
+        await asyncio.gather(first, second)
+        taken = gateway.requests - before
+        alone = gateway.requests
+        await publish(0.01)  # nobody comes: it goes out on its own after its linger
+        return taken, gateway.requests - alone
+
+    assert system.app.loop is not None
+    run = asyncio.run_coroutine_threadsafe(together(), system.app.loop)
+    assert run.result(timeout=20) == (1, 1)
 
 
 def test_submits_arriving_together_are_published_in_batches(held_system: System) -> None:

@@ -97,6 +97,7 @@ class QStashGateway:
         self.settings = settings
         self._waiting: list[tuple[BatchRequest, asyncio.Future[str]]] = []
         self._senders: set[asyncio.Task[None]] = set()
+        self._lingering: asyncio.TimerHandle | None = None  # a later send of what waits
         self.requests = 0  # publish HTTP requests made (for tests and metrics)
         self._batch_url = self._base_url + "/v2/batch"
         self._proxy = _env_proxy(self._batch_url)
@@ -117,10 +118,13 @@ class QStashGateway:
         retries: int,
         dedup_id: str | None = None,
         headers: dict[str, str] | None = None,
+        linger_s: float = 0.0,
     ) -> str:
         """Enqueue a worker body (JSON) into ``queue``; returns the QStash message id. With
         ``dedup_id``, QStash accepts one message per id within its deduplication window (a
-        second publish gets the first one's id back)."""
+        second publish gets the first one's id back). ``linger_s``: whoever waits for the
+        answer can wait that long too, so the publish goes out with those made meanwhile (or
+        with the next one that cannot wait)."""
         request: BatchRequest = {
             "queue": queue,
             "url": url,
@@ -134,17 +138,36 @@ class QStashGateway:
             request["headers"] = headers
         if self.settings.qstash_retry_delay is not None:
             request["retry_delay"] = self.settings.qstash_retry_delay
-        future: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[str] = loop.create_future()
         self._waiting.append((request, future))
-        if len(self._senders) < MAX_SENDERS:
+        if linger_s <= 0:
+            self._send_soon()
+        else:  # the soonest of the lingering publishes' deadlines
+            due = loop.time() + linger_s
+            if self._lingering is None or due < self._lingering.when():
+                if self._lingering is not None:
+                    self._lingering.cancel()
+                self._lingering = loop.call_at(due, self._send_soon)
+        return await future
+
+    def _send_soon(self) -> None:
+        """A sender for what waits, unless :data:`MAX_SENDERS` are busy (one of them takes it
+        when it is done)."""
+        if self._lingering is not None:
+            self._lingering.cancel()
+            self._lingering = None
+        if self._waiting and len(self._senders) < MAX_SENDERS:
             sender = asyncio.create_task(self._send_waiting(), name="tierq-publish")
             self._senders.add(sender)
             sender.add_done_callback(self._senders.discard)
-        return await future
 
     async def _send_waiting(self) -> None:
         while self._waiting:
             batch, self._waiting = self._waiting[:MAX_BATCH], self._waiting[MAX_BATCH:]
+            if not self._waiting and self._lingering is not None:  # nothing left to linger for
+                self._lingering.cancel()
+                self._lingering = None
             try:
                 ids = await self._send([request for request, _ in batch])
             except Exception as exc:  # every waiting submit gets an answer, whatever failed
@@ -284,6 +307,7 @@ class QStashGateway:
     async def aclose(self) -> None:
         """Close the HTTP clients (the SDK never closes its own); later publishes fail."""
         self._closed = True
+        self._send_soon()  # what lingers gets its answer: the gateway is closed
         if self._session is not None:
             await self._session.close()
         await self._http.aclose()

@@ -60,6 +60,9 @@ POSITION_RATIO = 0.8
 what holds it changed)."""
 POSITIONS_MAX = 1000
 """Positions looked at per pass (the first ones of each queue's order)."""
+PUBLISH_LINGER_S = 0.003
+"""How long the publish of a job that already started here waits for others to go with it in
+one request (its run needs the message id only at its end; a submit's publish never waits)."""
 CONFIRM_AFTER_S = 0.005
 """How long the confirmation of a release's publishes waits for others to go with it, in one
 round trip (nothing waits for it: unconfirmed, a job goes back to its line only after
@@ -670,15 +673,17 @@ class Dispatcher:
         ):
             traceparent = o.traceparent = current_traceparent() if submitted else None
             local = self.local
+            linger = 0.0
             if (
                 o.job_id != hold
                 and local is not None
                 and local.begin(o.job_id, o.body, data, traceparent)
             ):
                 early.add(o.job_id)
+                linger = PUBLISH_LINGER_S  # its run is going: only its end needs the answer
             return await self.gateway.publish_raw(
                 data["queueId"], url, o.body, int(data["maxRetries"]), o.dedup_id,
-                headers={"traceparent": traceparent} if traceparent else None,
+                headers={"traceparent": traceparent} if traceparent else None, linger_s=linger,
             )  # fmt: skip
 
     # -- the safety net ----------------------------------------------------------------------

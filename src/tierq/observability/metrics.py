@@ -4,8 +4,44 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any, Self
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import prometheus_client
+from prometheus_client import CollectorRegistry, generate_latest
+
+
+class _CachedLabels:
+    """``labels(*values)`` answered from a dict after the first call for those values:
+    prometheus_client's takes a lock and rebuilds the key every time (~1.3 µs of the ~1.9 µs a
+    labelled ``inc`` costs; a job makes a dozen). Children are never removed here."""
+
+    _children: dict[tuple[Any, ...], Self]
+
+    def labels(self, *values: Any, **by_name: Any) -> Self:
+        if by_name:
+            return super().labels(*values, **by_name)  # type: ignore[misc,no-any-return]
+        try:
+            return self._children[values]
+        except AttributeError:
+            self._children = {}
+        except KeyError:
+            pass
+        child: Self = super().labels(*values)  # type: ignore[misc]
+        self._children[values] = child
+        return child
+
+
+class Counter(_CachedLabels, prometheus_client.Counter):
+    pass
+
+
+class Gauge(_CachedLabels, prometheus_client.Gauge):
+    pass
+
+
+class Histogram(_CachedLabels, prometheus_client.Histogram):
+    pass
+
 
 _WAIT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 _RUN_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900)

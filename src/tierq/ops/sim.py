@@ -457,6 +457,7 @@ class SimGateway(QStashGateway):
         retries: int,
         dedup_id: str | None = None,
         headers: dict[str, str] | None = None,  # forwarded headers: not played by the sim
+        linger_s: float = 0.0,  # nothing to batch: published at once
     ) -> str:
         if self._closed:
             raise UpstreamError("qstash publish failed: the sim's queues are closed")
