@@ -81,7 +81,8 @@ class QStashGateway:
     (no added latency) while fewer than :data:`MAX_SENDERS` requests are in flight; publishes
     that arrive while all are busy wait for one and then go out together in one request, each
     to its own queue. Under load that is one HTTP request (and one signed round trip in the
-    broker) for many jobs instead of one each.
+    broker) for many jobs instead of one each. A publish whose answer may wait (``linger_s``:
+    a job already running here) waits that long for company first.
 
     The batch request is the SDK's own (its body, its error for a refused request, its reading
     of the answer) sent over aiohttp instead of the SDK's httpx client: with a few requests in
