@@ -201,11 +201,11 @@ class Dispatcher:
             self._started = True
         while not self._stopping:
             free = self.settings.max_in_flight - len(self._tasks)
-            due: int | None = None
+            claimed: list[Claimed] = []
             if free > 0:
                 self._woken = False
                 limit = min(free, self.settings.claim_batch)
-                claimed, due = await self.store.claim(now_ms(), limit, self.lease_ms)
+                claimed = await self.store.claim(now_ms(), limit, self.lease_ms)
                 for item in claimed:
                     self._running.add((item.msg.id, item.attempt))
                     task = asyncio.create_task(self._deliver(item))
@@ -213,14 +213,14 @@ class Dispatcher:
                     task.add_done_callback(self._delivered)
                 if len(claimed) == limit:
                     continue
-            await self._sleep(free > 0, due)
+            await self._sleep(free > 0)
 
-    async def _sleep(self, can_claim: bool, due: int | None) -> None:
-        """Until woken (a publish, a delivery's end) or, when it could claim, the first waiting
-        message is due (``due``, as the claim just saw it), or the poll interval passed."""
+    async def _sleep(self, can_claim: bool) -> None:
         timeout = self.settings.poll_interval_s
-        if can_claim and due is not None:
-            timeout = min(timeout, max(0.0, (due - now_ms()) / 1000))
+        if can_claim:
+            due = await self.store.next_due_ms()
+            if due is not None:
+                timeout = min(timeout, max(0.0, (due - now_ms()) / 1000))
         if self._woken:
             if can_claim:
                 return

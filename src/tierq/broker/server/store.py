@@ -164,27 +164,21 @@ class BrokerStore:
             return [(int(code), raw.decode()) for code, raw in results]
         raise AssertionError("unreachable")
 
-    async def claim(
-        self, now_ms: int, limit: int, lease_ms: int
-    ) -> tuple[list[Claimed], int | None]:
-        """Up to ``limit`` due messages, each a new attempt under a lease of ``lease_ms``; and
-        when the first message still waiting is due (ms; ``None``: none waits)."""
+    async def claim(self, now_ms: int, limit: int, lease_ms: int) -> list[Claimed]:
         k = self.keys
         flat = await self._scripts["claim"](
             keys=[k.due, k.inflight, k.events],
             args=[now_ms, limit, lease_ms, k.msg_prefix, self.settings.events_max_len],
         )
-        claimed = [
+        return [
             Claimed(
                 StoredMessage.model_validate_json(flat[i + 1]),
                 flat[i + 2],
                 int(flat[i + 3]),
                 int(flat[i + 4]),
             )
-            for i in range(0, len(flat) - 1, 5)
+            for i in range(0, len(flat), 5)
         ]
-        due = int(float(flat[-1]))
-        return claimed, None if due < 0 else due
 
     async def finish(
         self,
@@ -252,6 +246,10 @@ class BrokerStore:
         cutoff = "+inf" if cutoff_ms is None else cutoff_ms
         k = self.keys
         return int(await self._scripts["reclaim"](keys=[k.inflight, k.due], args=[cutoff, now_ms]))
+
+    async def next_due_ms(self) -> int | None:
+        head = await self.r.zrange(self.keys.due, 0, 0, withscores=True)
+        return int(head[0][1]) if head else None
 
     async def get_message(self, user: str, message_id: str) -> tuple[StoredMessage, bytes]:
         meta, body, owner = await self.r.hmget(self.keys.msg(message_id), ["m", "b", "u"])

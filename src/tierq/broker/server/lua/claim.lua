@@ -3,9 +3,7 @@
 -- renew the lease or record the outcome, so a stale attempt can never apply its result twice.
 -- KEYS: 1 due, 2 inflight, 3 events
 -- ARGV: 1 now ms, 2 max count, 3 lease ms, 4 message key prefix, 5 events maxlen
--- Returns a flat list: id, meta json, body, retries so far, attempt — for each claimed message
--- — then when the first message still waiting is due (ms; -1: none), so that the caller knows
--- how long it may sleep without another round trip.
+-- Returns a flat list: id, meta json, body, retries so far, attempt — for each claimed message.
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[2])
 local out = {}
 local lease_until = tonumber(ARGV[1]) + tonumber(ARGV[3])
@@ -23,6 +21,4 @@ for _, id in ipairs(ids) do
     out[#out + 1] = redis.call('HINCRBY', key, 'a', 1)
   end
 end
-local head = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-out[#out + 1] = head[2] or '-1'
 return out
