@@ -114,6 +114,7 @@ from common import (
     copy_logs,
     cpu_spent,
     current_tree_info,
+    json_post,
     log_flags,
     machine_info,
     now_ms,
@@ -379,11 +380,7 @@ def submit_request(port: int, index: int) -> bytes:
             "input": {"prompt": f"j{index}", "simulate": {"tokens": 0, "token_latency_ms": 0}},
         }
     )
-    head = (
-        f"POST /api/jobs HTTP/1.1\r\nHost: {HOST}:{port}\r\nAuthorization: Bearer {PAID_KEY}\r\n"
-        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-    )
-    return head.encode() + body
+    return json_post(port, "/api/jobs", body, {"Authorization": f"Bearer {PAID_KEY}"})
 
 
 @dataclass

@@ -70,10 +70,12 @@ from common import (
     LOOP_FACTORY,
     RESULTS_DIR,
     ROOT,
+    HttpConn,
     System,
     cpu_snapshot,
     cpu_spent,
     current_tree_info,
+    json_post,
     machine_cpu_s,
     machine_info,
     now_ms,
@@ -372,59 +374,16 @@ def job_body(prompt: str) -> dict[str, Any]:
     }
 
 
-class RawClient:
-    """One submitter's keep-alive HTTP/1.1 connection, spoken by hand: a submit costs this
-    process a few tens of microseconds, not the few hundred httpx takes. On this 2-core box
-    the client shares the CPU with the system it measures: with httpx its event loop lagged
-    up to ~30 ms while the burst of submits went out, and that lag was counted as token
-    delay of the streams it was reading meanwhile."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-        self.reader: asyncio.StreamReader | None = None
-        self.writer: asyncio.StreamWriter | None = None
-
-    async def post_json(self, path: str, body: dict[str, Any]) -> tuple[int, bytes]:
-        """POST ``body`` as JSON; the status and the response body (Content-Length framed)."""
-        if self.writer is None or self.writer.is_closing():
-            self.reader, self.writer = await asyncio.open_connection(HOST, self.port)
-        assert self.reader is not None
-        payload = json.dumps(body).encode()
-        self.writer.write(
-            f"POST {path} HTTP/1.1\r\nHost: {HOST}:{self.port}\r\n"
-            f"Authorization: {AUTH['Authorization']}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(payload)}\r\n\r\n".encode()
-            + payload
-        )
-        head = await self.reader.readuntil(b"\r\n\r\n")
-        status_line, _, rest = head.partition(b"\r\n")
-        status = int(status_line.split(b" ", 2)[1])
-        length, close = 0, False
-        for line in rest.split(b"\r\n"):
-            name, _, value = line.partition(b":")
-            name = name.strip().lower()
-            if name == b"content-length":
-                length = int(value)
-            elif name == b"connection" and value.strip().lower() == b"close":
-                close = True
-        data = await self.reader.readexactly(length)
-        if close:
-            self.close()
-        return status, data
-
-    def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
-            self.writer = None
-
-
-async def submit(client: RawClient, prompt: str) -> JobStream | str:
-    """One submit: the job's stream to follow, or why it failed."""
+async def submit(conn: HttpConn, prompt: str) -> JobStream | str:
+    """One submit on a submitter's keep-alive connection (spoken by hand: with httpx this
+    process's event loop lagged up to ~30 ms while the burst of submits went out, and that lag
+    was counted as token delay of the streams it read meanwhile): the job's stream to
+    follow, or why it failed."""
     submit_ms = now_ms()
+    request = json_post(conn.port, "/api/jobs", json.dumps(job_body(prompt)).encode(), AUTH)
     try:
-        status, data = await client.post_json("/api/jobs", job_body(prompt))
+        status, data = await conn.request(request)
     except (OSError, ValueError, asyncio.IncompleteReadError) as exc:
-        client.close()
         return type(exc).__name__
     if status != 202:
         return f"submit {status}"
@@ -485,7 +444,7 @@ async def submit_many(
     todo = iter(prompts)
 
     async def submitter() -> None:
-        raw = RawClient(port)
+        raw = HttpConn(port)
         try:
             for prompt in todo:
                 got: tuple[JobStream, Connection | None] | str

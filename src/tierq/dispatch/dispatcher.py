@@ -628,13 +628,15 @@ class Dispatcher:
             )
 
     async def _confirm_soon(self) -> None:
-        await asyncio.sleep(CONFIRM_AFTER_S)
-        self._confirming = None
-        await self._flush_confirms()
-
-    async def _flush_confirms(self) -> None:
-        sent, self._confirms = self._confirms, {}
-        await self._confirm(sent, [])
+        """The one task that confirms, while it lives: what comes in during a round trip goes
+        in the next one."""
+        try:
+            await asyncio.sleep(CONFIRM_AFTER_S)
+            while self._confirms:
+                sent, self._confirms = self._confirms, {}
+                await self._confirm(sent, [])
+        finally:
+            self._confirming = None
 
     async def _send_all(self, out: list[_Out], early: set[str], hold: str | None) -> list[Any]:
         """:meth:`_send` each: its message id, or the exception that failed it. One (the most
@@ -693,14 +695,15 @@ class Dispatcher:
             self._reconciler = asyncio.create_task(self._reconcile(), name="tierq-dispatch")
 
     async def stop(self) -> None:
-        """Stop the reconciler; confirm the publishes still waiting to be."""
-        for task in (self._reconciler, self._confirming):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-        self._reconciler = self._confirming = None
-        await self._flush_confirms()
+        """Stop the reconciler; let the confirming task finish (a few ms), so that every
+        publish made is confirmed."""
+        task, self._reconciler = self._reconciler, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._confirming is not None:
+            await self._confirming
 
     async def _reconcile(self) -> None:
         every = self.settings.dispatch_reconcile_s
