@@ -456,3 +456,87 @@ def test_a_delivery_reaching_another_process_waits_for_a_run_whose_publish_was_p
         assert a.job(second)["status"] == "cancelled"
     finally:
         b.stop()
+
+
+@contextmanager
+def starts_held(system: System) -> Iterator[tuple[asyncio.Event, list[str]]]:
+    """Every ``started`` write waits until the event is set; the list records each model run's
+    first item (the job id) as the provider yields it."""
+    rt = system.runtime
+    held = on_app_loop(system, _event())
+    first_items: list[str] = []
+    start, provider = rt.jobs.start, rt.providers.get("sim")
+    run = provider.run
+
+    async def held_start(*args: Any, **kwargs: Any) -> Any:
+        await held.wait()
+        return await start(*args, **kwargs)
+
+    async def observed(request: Any) -> Any:
+        first = True
+        async for item in run(request):
+            if first:
+                first_items.append(request.job_id)
+                first = False
+            yield item
+
+    rt.jobs.start, provider.run = held_start, observed
+    try:
+        yield held, first_items
+    finally:
+        rt.jobs.start, provider.run = start, run
+        system.app.loop.call_soon_threadsafe(held.set)
+
+
+async def _event() -> asyncio.Event:
+    return asyncio.Event()
+
+
+def test_a_handed_off_job_runs_its_model_while_its_start_is_written(
+    make_system: Callable[..., System],
+) -> None:
+    """A job started in the slot a release freed (nothing read) runs its model as its
+    ``started`` is written, not one round trip later; its text waits for that write, so the
+    log still reads started, deltas, completed."""
+    system = make_system(models={"sim": ModelSettings(limits=TierLimits(paid=1, free=1))})
+    with qstash(system) as client:
+        client.queue.pause(QUEUE)  # only local starts run the jobs
+        first = submit(system, {"fail": "hang"})  # holds the model's one slot until cancelled
+        wait_until(lambda: system.job(first)["status"] == "running", timeout=10)
+        second = submit(system, {"tokens": 3, "token_latency_ms": 5})  # parked behind it
+        with starts_held(system) as (held, first_items):
+            cancel(system, first)  # its release hands the slot to the second
+            wait_until(lambda: second in first_items, timeout=10)  # its model runs...
+            assert system.job(second)["status"] == "queued"  # ...its start not yet written
+            assert types(system, second) == ["queued", "waiting"]  # nor any of its text
+            system.app.loop.call_soon_threadsafe(held.set)
+            wait_until(lambda: system.job(second)["status"] == "completed", timeout=10)
+    logged = types(system, second)
+    assert logged[:3] == ["queued", "waiting", "started"]
+    assert "delta" in logged
+    assert logged[-1] == "completed"
+    assert set(logged[3:-1]) == {"delta"}
+
+
+def test_a_handed_off_job_whose_start_is_refused_writes_nothing_of_its_run(
+    make_system: Callable[..., System],
+) -> None:
+    """The model already produced text when the start is refused (its cancel was requested
+    meanwhile): the run stops, none of its text is written, and the job ends cancelled once."""
+    system = make_system(models={"sim": ModelSettings(limits=TierLimits(paid=1, free=1))})
+    with qstash(system) as client:
+        client.queue.pause(QUEUE)
+        first = submit(system, {"fail": "hang"})
+        wait_until(lambda: system.job(first)["status"] == "running", timeout=10)
+        second = submit(system, {"tokens": 50, "token_latency_ms": 5})  # parked behind it
+        with starts_held(system) as (held, first_items):
+            cancel(system, first)
+            wait_until(lambda: second in first_items, timeout=10)
+            system.redis.hset(system.keys.job(second), "cancelRequested", "1")
+            system.app.loop.call_soon_threadsafe(held.set)
+            wait_until(lambda: system.job(second)["status"] == "cancelled", timeout=10)
+    logged = types(system, second)
+    assert "started" not in logged
+    assert "delta" not in logged
+    assert logged.count("cancelled") == 1
+    assert system.slot_count(system.keys.model_guard("sim", "paid")) == 0

@@ -34,7 +34,13 @@ class Outcome:
     low_on_quota: bool = False
 
 
-async def _consume(rt: Runtime, body: WorkerBody, attempt: int, buffer: DeltaBuffer) -> Outcome:
+async def _consume(
+    rt: Runtime,
+    body: WorkerBody,
+    attempt: int,
+    buffer: DeltaBuffer,
+    gate: asyncio.Future[bool] | None,
+) -> Outcome:
     model = rt.settings.models[body.model_id]
     request = ProviderRequest(
         job_id=body.job_id,
@@ -55,6 +61,8 @@ async def _consume(rt: Runtime, body: WorkerBody, attempt: int, buffer: DeltaBuf
                     "completed", result=item.text, usage=item.usage, low_on_quota=item.low_on_quota
                 )
             if first:
+                if gate is not None and not await asyncio.shield(gate):
+                    return Outcome("cancelled")  # its start was refused: nothing is written
                 rt.metrics.ttft.labels(body.queue_id.value).observe(time.monotonic() - started)
                 first = False
             if buffer.rejected:
@@ -66,11 +74,20 @@ async def _consume(rt: Runtime, body: WorkerBody, attempt: int, buffer: DeltaBuf
                    retryable=True)  # fmt: skip
 
 
-async def execute(rt: Runtime, body: WorkerBody, attempt: int, cancel: asyncio.Event) -> Outcome:
+async def execute(
+    rt: Runtime,
+    body: WorkerBody,
+    attempt: int,
+    cancel: asyncio.Event,
+    gate: asyncio.Future[bool] | None = None,
+) -> Outcome:
+    """The run's outcome. ``gate``: the run began while its ``started`` was being written
+    (True once written, False if refused): its text waits for it (the job's log shows
+    ``started`` before any delta), and a refusal stops the run at once."""
     timeout = min(rt.settings.job_timeout_s, rt.settings.models[body.model_id].timeout_s)
     buffer = rt.deltas.buffer(body.job_id)
     try:
-        outcome = await _race(rt, body, attempt, cancel, buffer, timeout)
+        outcome = await _race(rt, body, attempt, cancel, buffer, timeout, gate)
     finally:
         await buffer.close()  # the buffered text is written before any terminal event
     if outcome.kind == "completed" and buffer.rejected:
@@ -85,6 +102,7 @@ async def _race(
     cancel: asyncio.Event,
     buffer: DeltaBuffer,
     limit_s: float,
+    gate: asyncio.Future[bool] | None,
 ) -> Outcome:
     """The model run in a task of its own, awaited directly; a cancel (``cancel`` set) or the
     time limit cancels it. Its outcome reaches the caller one turn of the event loop after the
@@ -94,13 +112,16 @@ async def _race(
     limited slot stays taken for nothing."""
     if cancel.is_set():
         return Outcome("cancelled")
-    run = asyncio.create_task(_consume(rt, body, attempt, buffer))
+    run = asyncio.create_task(_consume(rt, body, attempt, buffer, gate))
     stopped: list[OutcomeKind] = []  # why this side ended the run, if it did
 
     def stop(kind: OutcomeKind) -> None:
         if not run.done() and not stopped:
             stopped.append(kind)
             run.cancel()
+
+    if gate is not None:  # a refused start stops the run (its caller drops the outcome)
+        gate.add_done_callback(lambda opened: None if opened.result() else stop("cancelled"))
 
     watch = asyncio.create_task(cancel.wait())
     watch.add_done_callback(lambda task: None if task.cancelled() else stop("cancelled"))
