@@ -30,6 +30,7 @@ from tierq.ops.queue_metrics import QueueCollector
 from tierq.producer.api import router as producer_router
 from tierq.producer.usage import admin_router as usage_admin_router
 from tierq.producer.usage import router as usage_router
+from tierq.redis_pool import LeanRedis
 from tierq.runtime import Runtime, build_runtime, redis_clients
 from tierq.web.access import SurfaceGuard, Surfaces, gates, surfaces
 from tierq.web.bodies import BodyGuard
@@ -87,6 +88,11 @@ async def _upstream_error(request: Request, exc: Exception) -> Response:
 
 async def _start(rt: Runtime, seed_queues: bool) -> None:
     await rt.cancels.start()
+    if isinstance(rt.redis, LeanRedis):
+        try:  # see LeanRedis.load_scripts; on failure they load when first refused
+            await rt.redis.load_scripts()
+        except RedisError as exc:
+            log.warning("app.script_load_failed", error=str(exc))
     if seed_queues:  # configuration seeds; operators' changes stay (ops/queue_state.py)
         try:
             await queue_state.seed(rt)

@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
+import redis
 from qstash import QStash
 
 from helpers import most_at_once
@@ -200,3 +201,16 @@ def test_submits_arriving_together_are_published_in_batches(held_system: System)
     qstash.http._client.close()  # type: ignore[attr-defined]
     for job in held:
         assert_job_sequence(system.events(job["jobId"], job["eventsToken"]), stream=False)
+
+
+def test_the_app_loads_its_scripts_before_the_first_request(
+    redis_url: str, make_system: Callable[..., System]
+) -> None:
+    """A burst of first requests meets every script loaded: none is answered NOSCRIPT (each
+    such caller would load the scripts and call again: round trips more for the first jobs)."""
+    redis.Redis.from_url(redis_url).script_flush()
+    system = make_system()
+    rt = system.runtime
+    scripts = [*rt.dispatcher._scripts.values(), *rt.jobs.scripts(), *rt.leases._scripts.values()]
+    shas = [script.sha for script in [*scripts, rt.ledger.script]]
+    assert all(system.redis.script_exists(*shas))

@@ -43,6 +43,7 @@ from tierq.keys import AppKeys
 from tierq.observability.metrics import Metrics
 from tierq.observability.tracing import current_traceparent, span
 from tierq.queues import QueueId, delivery_path
+from tierq.redis_pool import LeanRedis
 
 if TYPE_CHECKING:
     from tierq.dispatch.local import LocalRuns
@@ -279,8 +280,11 @@ class Dispatcher:
         replies = list(await pipe.execute(raise_on_error=False))
         missing = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
         if missing:
-            for script in [*self._scripts.values(), *self.jobs.scripts(), *self.also_scripts]:
-                script.sha = await self.r.script_load(script.script)
+            if isinstance(self.r, LeanRedis):  # every script of the client, one round trip
+                await self.r.load_scripts()
+            else:
+                for script in [*self._scripts.values(), *self.jobs.scripts(), *self.also_scripts]:
+                    script.sha = await self.r.script_load(script.script)
             again = self.r.pipeline(transaction=False)
             build(_Only(again, frozenset(missing)))
             for i, reply in zip(missing, await again.execute(raise_on_error=False), strict=True):

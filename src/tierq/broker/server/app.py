@@ -80,6 +80,7 @@ def create_broker_app(
         )
         client = LeanRedis.from_pool(pool)  # owns (and closes) the pool
         store = BrokerStore(client, settings)
+        await client.load_scripts()  # see LeanRedis.load_scripts
         keyring = KeyRing(store, accounts)
         await keyring.load()
         http = DeliveryClient(settings.max_in_flight)
