@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
+from typing import cast
 
 import structlog
 import uvicorn
@@ -78,7 +79,7 @@ def create_broker_app(
             # reconnect and send once more (every script is safe to repeat; accept.lua notes how).
             retry=Retry(NoBackoff(), 1),
         )
-        client = LeanRedis.from_pool(pool)  # owns (and closes) the pool
+        client = cast(LeanRedis, LeanRedis.from_pool(pool))  # owns (and closes) the pool
         store = BrokerStore(client, settings)
         await client.load_scripts()  # see LeanRedis.load_scripts
         keyring = KeyRing(store, accounts)
