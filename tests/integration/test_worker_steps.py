@@ -146,45 +146,6 @@ async def test_execute_stops_within_100ms_of_cancel(rt: Runtime) -> None:
     assert time.monotonic() - started < 0.1
 
 
-async def test_a_run_stopped_by_its_time_limit_leaves_its_task_uncancelled(rt: Runtime) -> None:
-    """The run goes in the delivery's own task, stopped by cancelling that task: the cancel is
-    taken back, so what the delivery does next (its end) is not cancelled."""
-
-    async def delivery() -> tuple[Outcome, int]:
-        outcome = await execute(rt, await new_job(rt, {"fail": "hang"}), 0, asyncio.Event())
-        await asyncio.sleep(0)  # a cancel left pending would surface here
-        task = asyncio.current_task()
-        assert task is not None
-        return outcome, task.cancelling()
-
-    outcome, cancelling = await asyncio.wait_for(delivery(), 10)
-    assert (outcome.kind, outcome.code) == ("failed", "timeout")
-    assert cancelling == 0
-
-
-async def test_a_cancel_from_outside_while_the_run_is_stopped_stays_a_cancel(
-    rt: Runtime, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    body = await new_job(rt, {"fail": "hang"})
-    provider = rt.providers.get(body.model_id)
-    entered = asyncio.Event()
-    real = provider.run
-
-    async def run(request: Any) -> Any:
-        entered.set()
-        async for item in real(request):
-            yield item
-
-    monkeypatch.setattr(provider, "run", run)
-    cancel = asyncio.Event()
-    task = asyncio.create_task(execute(rt, body, 0, cancel))
-    await asyncio.wait_for(entered.wait(), 5)
-    cancel.set()  # the job's cancel stops the run...
-    task.cancel()  # ...as the delivery itself is cancelled (shutdown)
-    with pytest.raises(asyncio.CancelledError):
-        await asyncio.wait_for(task, 5)
-
-
 @pytest.mark.parametrize(
     ("outcome", "attempt", "status", "event", "terminal"),
     [
