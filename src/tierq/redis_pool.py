@@ -418,6 +418,10 @@ class LeanRedis(Redis):
     whose single commands on a :class:`LeanPool` skip the same per-call extras (the retry
     policy, the reply callbacks and the bounded read stay)."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._registered_scripts: dict[str, AsyncScript] = {}  # by sha: one each, however often
+
     async def execute_command(self, *args: Any, **options: Any) -> Any:
         pool = self.connection_pool
         name = args[0]
@@ -439,10 +443,6 @@ class LeanRedis(Redis):
         cls = Pipeline if transaction else LeanPipeline
         return cls(self.connection_pool, self.response_callbacks, transaction, shard_hint)
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._registered_scripts: dict[str, AsyncScript] = {}  # by sha: one each, however often
-
     def register_script(self, script: ScriptTextT) -> AsyncScript:  # type: ignore[override]
         """redis-py's script object, kept in this client's list (see :meth:`load_scripts`)."""
         registered = super().register_script(script)
@@ -451,10 +451,10 @@ class LeanRedis(Redis):
 
     async def load_scripts(self) -> None:
         """Load every script registered with this client, in one round trip. At start: else
-        the first burst of requests meets a server that has none of them, and every caller
-        that is answered ``NOSCRIPT`` loads them and calls again (measured at the start of
-        400 submits at once: ~250 loads, several round trips more for each of the first
-        submits)."""
+        the first requests meet a server that has none of them, and every caller answered
+        ``NOSCRIPT`` loads them and calls again (the Redis slow log at the start of
+        ``bench/dispatch.py``: ~250 loads for its first 16 jobs, each caller's a round trip
+        apiece)."""
         scripts = list(self._registered_scripts.values())
         if not scripts:
             return

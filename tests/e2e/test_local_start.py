@@ -342,15 +342,25 @@ async def _release(rt: Any) -> None:
     rt.admission.release()
 
 
-def test_a_local_start_that_read_nothing_does_not_run_a_job_whose_cancel_was_requested(
-    make_system: Callable[..., System],
-) -> None:
+@contextmanager
+def parked_behind_a_hang(
+    make_system: Callable[..., System], simulate: dict[str, Any]
+) -> Iterator[tuple[System, str, str]]:
+    """A model with one slot, taken by a job that hangs until cancelled, and a job (``simulate``)
+    parked behind it; QStash holds their messages: only local starts run them."""
     system = make_system(models={"sim": ModelSettings(limits=TierLimits(paid=1, free=1))})
     with qstash(system) as client:
         client.queue.pause(QUEUE)
         first = submit(system, {"fail": "hang"})
         wait_until(lambda: system.job(first)["status"] == "running", timeout=10)
-        second = submit(system, {"tokens": 2, "token_latency_ms": 5})  # parked behind it
+        yield system, first, submit(system, simulate)
+
+
+def test_a_local_start_that_read_nothing_does_not_run_a_job_whose_cancel_was_requested(
+    make_system: Callable[..., System],
+) -> None:
+    with parked_behind_a_hang(make_system, {"tokens": 2, "token_latency_ms": 5}) as parked:
+        system, first, second = parked
         # as a cancel leaves a job a delivery parked again (status waiting): marked, not ended
         system.redis.hset(
             system.keys.job(second), mapping={"status": "waiting", "cancelRequested": "1"}
@@ -498,12 +508,8 @@ def test_a_handed_off_job_runs_its_model_while_its_start_is_written(
     """A job started in the slot a release freed (nothing read) runs its model as its
     ``started`` is written, not one round trip later; its text waits for that write, so the
     log still reads started, deltas, completed."""
-    system = make_system(models={"sim": ModelSettings(limits=TierLimits(paid=1, free=1))})
-    with qstash(system) as client:
-        client.queue.pause(QUEUE)  # only local starts run the jobs
-        first = submit(system, {"fail": "hang"})  # holds the model's one slot until cancelled
-        wait_until(lambda: system.job(first)["status"] == "running", timeout=10)
-        second = submit(system, {"tokens": 3, "token_latency_ms": 5})  # parked behind it
+    with parked_behind_a_hang(make_system, {"tokens": 3, "token_latency_ms": 5}) as parked:
+        system, first, second = parked
         with starts_held(system) as (held, first_items):
             cancel(system, first)  # its release hands the slot to the second
             wait_until(lambda: second in first_items, timeout=10)  # its model runs...
@@ -523,12 +529,8 @@ def test_a_handed_off_job_whose_start_is_refused_writes_nothing_of_its_run(
 ) -> None:
     """The model already produced text when the start is refused (its cancel was requested
     meanwhile): the run stops, none of its text is written, and the job ends cancelled once."""
-    system = make_system(models={"sim": ModelSettings(limits=TierLimits(paid=1, free=1))})
-    with qstash(system) as client:
-        client.queue.pause(QUEUE)
-        first = submit(system, {"fail": "hang"})
-        wait_until(lambda: system.job(first)["status"] == "running", timeout=10)
-        second = submit(system, {"tokens": 50, "token_latency_ms": 5})  # parked behind it
+    with parked_behind_a_hang(make_system, {"tokens": 50, "token_latency_ms": 5}) as parked:
+        system, first, second = parked
         with starts_held(system) as (held, first_items):
             cancel(system, first)
             wait_until(lambda: second in first_items, timeout=10)
