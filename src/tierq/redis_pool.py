@@ -459,7 +459,6 @@ class LeanRedis(Redis):
         if not scripts:
             return
         pipe = self.pipeline(transaction=False)
-        for script in scripts:
+        for script in scripts:  # each keeps its sha: the one Redis gives back for its text
             pipe.script_load(script.script)
-        for script, sha in zip(scripts, await pipe.execute(), strict=True):
-            script.sha = sha if isinstance(sha, str) else sha.decode()
+        await pipe.execute()

@@ -469,11 +469,17 @@ def test_a_delivery_reaching_another_process_waits_for_a_run_whose_publish_was_p
 
 
 @contextmanager
-def starts_held(system: System) -> Iterator[tuple[asyncio.Event, list[str]]]:
-    """Every ``started`` write waits until the event is set; the list records each model run's
-    first item (the job id) as the provider yields it."""
+def starts_held(system: System) -> Iterator[tuple[Callable[[], None], list[str]]]:
+    """Every ``started`` write waits until the first yielded lets them go; the list records each
+    model run's first item (the job id) as the provider yields it."""
     rt = system.runtime
     held = on_app_loop(system, _event())
+    loop = system.app.loop
+    assert loop is not None
+
+    def let_go() -> None:
+        loop.call_soon_threadsafe(held.set)
+
     first_items: list[str] = []
     start, provider = rt.jobs.start, rt.providers.get("sim")
     run = provider.run
@@ -492,10 +498,10 @@ def starts_held(system: System) -> Iterator[tuple[asyncio.Event, list[str]]]:
 
     rt.jobs.start, provider.run = held_start, observed
     try:
-        yield held, first_items
+        yield let_go, first_items
     finally:
         rt.jobs.start, provider.run = start, run
-        system.app.loop.call_soon_threadsafe(held.set)
+        let_go()
 
 
 async def _event() -> asyncio.Event:
@@ -510,12 +516,12 @@ def test_a_handed_off_job_runs_its_model_while_its_start_is_written(
     log still reads started, deltas, completed."""
     with parked_behind_a_hang(make_system, {"tokens": 3, "token_latency_ms": 5}) as parked:
         system, first, second = parked
-        with starts_held(system) as (held, first_items):
+        with starts_held(system) as (let_go, first_items):
             cancel(system, first)  # its release hands the slot to the second
             wait_until(lambda: second in first_items, timeout=10)  # its model runs...
             assert system.job(second)["status"] == "queued"  # ...its start not yet written
             assert types(system, second) == ["queued", "waiting"]  # nor any of its text
-            system.app.loop.call_soon_threadsafe(held.set)
+            let_go()
             wait_until(lambda: system.job(second)["status"] == "completed", timeout=10)
     logged = types(system, second)
     assert logged[:3] == ["queued", "waiting", "started"]
@@ -531,11 +537,11 @@ def test_a_handed_off_job_whose_start_is_refused_writes_nothing_of_its_run(
     meanwhile): the run stops, none of its text is written, and the job ends cancelled once."""
     with parked_behind_a_hang(make_system, {"tokens": 50, "token_latency_ms": 5}) as parked:
         system, first, second = parked
-        with starts_held(system) as (held, first_items):
+        with starts_held(system) as (let_go, first_items):
             cancel(system, first)
             wait_until(lambda: second in first_items, timeout=10)
             system.redis.hset(system.keys.job(second), "cancelRequested", "1")
-            system.app.loop.call_soon_threadsafe(held.set)
+            let_go()
             wait_until(lambda: system.job(second)["status"] == "cancelled", timeout=10)
     logged = types(system, second)
     assert "started" not in logged

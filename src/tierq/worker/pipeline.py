@@ -473,11 +473,12 @@ async def _start(
     message_id: str,
     local: bool,
     fresh: bool = False,
+    now: int | None = None,
 ) -> _Run | str:
-    """Log ``started``; else why not: ``taken`` (another delivery started this run), or the job
-    ended meanwhile. A local start says so on the record (``localRun``): a delivery of its
-    message that reaches another process waits for it."""
-    now = int(time.time() * 1000)
+    """Log ``started`` (at ``now``, ms: by default, now); else why not: ``taken`` (another
+    delivery started this run), or the job ended meanwhile. A local start says so on the record
+    (``localRun``): a delivery of its message that reaches another process waits for it."""
+    now = int(time.time() * 1000) if now is None else now
     number = (state.attempts or 0) if state else 0
     started = await rt.jobs.start(
         Started(jobId=body.job_id, ts=now, attempt=number),
@@ -539,8 +540,8 @@ async def _start_running(
     Measured on 20 ms jobs at 8 limited slots (``bench/dispatch.py`` A): the round trip (~2 ms
     at steady load, ~10 ms while a burst of submits comes in) no longer keeps each slot taken
     for nothing."""
-    now = int(time.time() * 1000)
-    starting = asyncio.ensure_future(_start(rt, body, None, False, message_id, True, True))
+    now = int(time.time() * 1000)  # the run below and its record start at the same time
+    starting = asyncio.ensure_future(_start(rt, body, None, False, message_id, True, True, now))
     opened: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
 
     def settle(task: asyncio.Future[_Run | str]) -> None:
