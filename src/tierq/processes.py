@@ -53,6 +53,8 @@ from typing import TYPE_CHECKING, Any
 import structlog
 import uvicorn
 
+from tierq.web.http11 import HttpProtocol
+
 if TYPE_CHECKING:
     from tierq.broker.server.credentials import Account
     from tierq.config import Settings
@@ -282,6 +284,7 @@ def app_server(
         access_log=False,
         lifespan="on",
         timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s),
+        http=HttpProtocol,
     )
     return AppServer(config, on_started)
 
@@ -603,7 +606,13 @@ class _BrokerThread:
 
     def __init__(self, app: Any, host: str, port: int) -> None:
         config = uvicorn.Config(
-            app, host=host, port=port, log_level="warning", access_log=False, lifespan="on"
+            app,
+            host=host,
+            port=port,
+            log_level="warning",
+            access_log=False,
+            lifespan="on",
+            http=HttpProtocol,
         )
         self.started = threading.Event()
         self.server = AppServer(config, self.started.set)

@@ -30,6 +30,7 @@ from tierq.config import BrokerSettings
 from tierq.errors import ClientError
 from tierq.observability.metrics import Metrics
 from tierq.redis_pool import LeanPool, LeanRedis
+from tierq.web.http11 import HttpProtocol
 
 log = structlog.get_logger("tierq.broker")
 
@@ -132,7 +133,13 @@ async def serve(
 ) -> None:
     """Serve until cancelled or signalled; ``on_started`` runs once the socket listens."""
     config = uvicorn.Config(
-        app, host=host, port=port, log_level=log_level, access_log=False, lifespan="on"
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=False,
+        lifespan="on",
+        http=HttpProtocol,
     )
     server = uvicorn.Server(config)
     task = asyncio.create_task(server.serve())
