@@ -88,13 +88,17 @@ async def test_jobs_survive_kills_of_app_broker_and_redis(tmp_path: Path) -> Non
 
 DIE_BEFORE_RECORD = "die before record"
 RECORD_FAILPOINT = f'''"""Test failpoint (tests/e2e/test_chaos.py): the app dies (SIGKILL)
-right after admitting (and dispatching) a job whose prompt is {DIE_BEFORE_RECORD!r},
-before recording it."""
+right after admitting (and dispatching) a job whose prompt is {DIE_BEFORE_RECORD!r}: before
+recording it, the submit recording as on Redis Cluster (in a second call), unless
+TIERQ_TEST_RECORD_AT_ADMISSION is set (one script admits and records, as on a single Redis)."""
 import os
 import signal
 
 from tierq.dispatch.dispatcher import Dispatcher
+from tierq.producer import submit
 
+if not os.environ.get("TIERQ_TEST_RECORD_AT_ADMISSION"):
+    submit.records_at_admission = lambda settings: False
 _admit = Dispatcher.admit
 
 
@@ -187,10 +191,10 @@ async def started(system: ChaosSystem) -> AsyncIterator[redis.Redis]:
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 async def test_app_killed_between_admit_and_record_strands_no_job(tmp_path: Path) -> None:
-    """A submit admits and dispatches a job in one script, then records it: killed in between,
-    the job has leases and a place in dispatch but no record. Nobody heard a 202 for it; it
-    must go away: its unconfirmed publish is made again, the delivery finds no record and
-    gives the leases back, and the admission sweep drops its admission and share."""
+    """On Redis Cluster a submit admits and dispatches a job in one script, then records it:
+    killed in between, the job has leases and a place in dispatch but no record. Nobody heard a
+    202 for it; it must go away: its unconfirmed publish is made again, the delivery finds no
+    record and gives the leases back, and the admission sweep drops its admission and share."""
     system = ChaosSystem(tmp_path, app_extra_env=with_failpoints(tmp_path, RECORD_FAILPOINT))
     keys = AppKeys(APP_PREFIX)
     holds = [
@@ -219,6 +223,53 @@ async def test_app_killed_between_admit_and_record_strands_no_job(tmp_path: Path
         held = {k: live_members(client, k) for k in holds}
         assert recovered(), f"job {job_id} stranded after {RECOVERY_S}s: holds {held}"
         assert not job_ids(client)  # and no record came back
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+async def test_app_killed_right_after_admitting_and_recording_runs_the_job_once(
+    tmp_path: Path,
+) -> None:
+    """On a single Redis one script admits, dispatches and records the job: killed right after
+    it, before the publish and the 202, the job is recorded, holds its leases and waits in
+    dispatch with an unconfirmed publish. It is not lost: the reconciler puts it back in its
+    line and sends it again, it runs once, and nothing is held afterwards. (As a submit killed
+    after recording always did: a job recorded is a job admitted, whether its 202 got out.)"""
+    env = with_failpoints(tmp_path, RECORD_FAILPOINT) | {"TIERQ_TEST_RECORD_AT_ADMISSION": "1"}
+    system = ChaosSystem(tmp_path, app_extra_env=env)
+    keys = AppKeys(APP_PREFIX)
+    holds = [
+        keys.admission("q_paid_stream"),
+        keys.user_pending("q_paid_stream", "cp1"),
+        keys.queue_slots("q_paid_stream"),
+        keys.user_guard("cp1"),
+        keys.model_guard("sim", "paid"),
+    ]
+    async with started(system) as client:
+        auth = {"Authorization": f"Bearer {api_key('cp1')}"}
+        async with httpx.AsyncClient(base_url=system.app_url, timeout=10) as http:
+            with pytest.raises(httpx.HTTPError):  # the app died inside the request
+                await http.post("/api/jobs", json=job_body(DIE_BEFORE_RECORD), headers=auth)
+        await system.restart("app")
+        [job_id] = job_ids(client)  # recorded with its admission
+        assert client.hget(keys.job(job_id), "status") == "queued"
+        assert client.hexists(f"{keys.sched}:jobs", job_id)  # dispatched, publish unconfirmed
+
+        def recovered() -> bool:
+            done = client.hget(keys.job(job_id), "status") == "completed"
+            in_dispatch = client.hexists(f"{keys.sched}:jobs", job_id)
+            held = any(job_id in live_members(client, k) for k in holds)
+            return done and not in_dispatch and not held
+
+        with contextlib.suppress(AssertionError):
+            await asyncio.to_thread(wait_until, recovered, RECOVERY_S, 0.2)
+        held = {k: live_members(client, k) for k in holds}
+        status = client.hget(keys.job(job_id), "status")
+        assert recovered(), f"job {job_id} ({status}) not recovered in {RECOVERY_S}s: {held}"
+        events = [json.loads(e["e"]) for _, e in client.xrange(keys.job_events(job_id))]
+        assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+        assert [e["type"] for e in events].count("started") == 1
+        assert [e["type"] for e in events].count("completed") == 1
 
 
 @pytest.mark.slow

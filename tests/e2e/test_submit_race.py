@@ -1,6 +1,7 @@
-"""A job parked at admission can be dispatched by another process before its submit has
-written its record (admit and record are two round trips): its delivery must come back for
-it, not drop it."""
+"""On Redis Cluster a job parked at admission can be dispatched by another process before its
+submit has written its record (admit and record are two round trips there; on a single Redis
+one script does both): its delivery must come back for it, not drop it. Run on a single Redis
+with the submit told to record as on Cluster (``records_at_admission``)."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from helpers import wait_until
 from system import PAID, System
 from tierq.config import ModelSettings, TierLimits
 from tierq.events.log import JobStore
+from tierq.producer import submit
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -32,6 +34,7 @@ def test_a_job_dispatched_before_its_record_is_written_still_runs(
         return await create(self, job_id, fields, *args)
 
     slow_jobs: set[str] = set()
+    monkeypatch.setattr(submit, "records_at_admission", lambda settings: False)
     monkeypatch.setattr(JobStore, "create", slow_create)
     one = TierLimits(paid=1, free=1)
     system = make_system(

@@ -23,6 +23,8 @@ from tierq.config import (
     UserSettings,
 )
 from tierq.contracts import JobInput, JobRequest, Queued, Waiting, WorkerBody, parse_event
+from tierq.errors import UpstreamError
+from tierq.producer import submit as submit_module
 from tierq.producer.submit import submit
 from tierq.queues import QueueId
 from tierq.runtime import Runtime, build_runtime
@@ -348,3 +350,117 @@ async def test_a_pipeline_sends_again_only_what_redis_forgot(make_rt: Callable[.
     assert [_s(x) for x in replies[-1][::3]] == ["b"]
     assert replies[1] == 1
     assert int(await rt.dispatcher.r.get(f"{rt.keys.sched}:test-counter")) == 1
+
+
+async def _record(rt: Runtime, job_id: str) -> tuple[dict[str, str], list[dict[str, Any]]]:
+    """A job's state record and its events (``ts`` aside: when each was made)."""
+    state = {_s(k): _s(v) for k, v in (await rt.redis.hgetall(rt.keys.job(job_id))).items()}
+    rows = await rt.redis.xrange(rt.keys.job_events(job_id))
+    events = [parse_event(_s(fields[b"e"])).model_dump(by_alias=True) for _, fields in rows]
+    return state, [{k: v for k, v in e.items() if k != "ts"} for e in events]
+
+
+@pytest.mark.parametrize("paused", [False, True], ids=["dispatched", "parked"])
+async def test_the_admission_records_a_job_as_a_second_call_would(
+    make_rt: Callable[..., Any], paused: bool
+) -> None:
+    """On a single Redis a submit's admission writes the job's record in the same script
+    (``admit_record``): the record and first events (``queued``, then ``waiting`` for a parked
+    job) are those ``create`` writes after a bare admission (on Cluster, the submit's second
+    call)."""
+    two_calls, one_call = await make_rt(), await make_rt()
+    body = job("u1", "j1")
+    raw = body.model_dump_json(by_alias=True)
+    fields = {"userId": "u1", "queueId": Q.value, "createdAt": "5"}
+    queued = Queued(jobId="j1", ts=5, queueId=Q, tier="paid")
+    for rt in (two_calls, one_call):
+        if paused:
+            await rt.dispatcher.set_queue(Q.value, paused=True)
+    first = await two_calls.dispatcher.admit(body, raw, depth=10, share=10)
+    then = None if first.parked.dispatched else first.parked.event("j1")
+    assert await two_calls.jobs.create("j1", fields, queued, then)
+    record = one_call.jobs.record_args("j1", fields, queued, 5)
+    second = await one_call.dispatcher.admit(body, raw, depth=10, share=10, record=record)
+    assert (first.refused, first.parked) == (second.refused, second.parked)
+    assert second.parked.reason == ("paused" if paused else "")
+    assert await _record(one_call, "j1") == await _record(two_calls, "j1")
+    state, events = await _record(one_call, "j1")
+    assert state["status"] == "queued"
+    assert [e["type"] for e in events] == (["queued", "waiting"] if paused else ["queued"])
+    assert [e["seq"] for e in events] == list(range(1, len(events) + 1))
+
+
+async def test_a_refused_admission_records_nothing(make_rt: Callable[..., Any]) -> None:
+    rt = await make_rt()
+    body = job("u1", "j1")
+    queued = Queued(jobId="j1", ts=5, queueId=Q, tier="paid")
+    record = rt.jobs.record_args("j1", {"userId": "u1"}, queued, 5)
+    admission = await rt.dispatcher.admit(
+        body, body.model_dump_json(by_alias=True), depth=10, share=0, record=record
+    )
+    assert admission.refused == "user"
+    assert not await rt.redis.exists(rt.keys.job("j1"), rt.keys.job_events("j1"))
+
+
+async def test_a_submit_admits_and_records_its_job_in_one_script_call(
+    make_rt: Callable[..., Any],
+) -> None:
+    """A parked job's submit on a single Redis: one script call (admission, parking and its
+    record), where it took two (the record in a call of its own)."""
+    services = {"chat": ServiceSettings(experiences=["batch"], models=["m1"])}
+    rt = await make_rt(services=services)
+    await rt.dispatcher.set_queue(Q.value, paused=True)  # parked: nothing is published
+
+    async def script_calls() -> int:
+        stats = await rt.redis.info("commandstats")
+        return int(stats.get("cmdstat_evalsha", {}).get("calls", 0))
+
+    user = UserSettings(id="u1", plan="paid")
+    req = JobRequest(service="chat", experience="batch", mode="paid", model="m1",
+                     input=JobInput(prompt="p"))  # fmt: skip
+    await submit(rt, user, req)  # scripts loaded, anything once-only done
+    before = await script_calls()
+    reply = await submit(rt, user, req)
+    assert await script_calls() - before == 1
+    state, events = await _record(rt, reply.job_id)
+    assert state["status"] == "queued"
+    assert [e["type"] for e in events] == ["queued", "waiting"]
+
+
+async def test_a_submit_whose_admission_answer_was_lost_takes_its_job_back(
+    make_rt: Callable[..., Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The admission's script ran (the job admitted and recorded) but its answer never came
+    (Redis went away), and the undo fails too: the submit answers its error, and the undo goes
+    on until Redis answers. A job whose client was told "not admitted" must not stay."""
+    services = {"chat": ServiceSettings(experiences=["batch"], models=["m1"])}
+    rt = await make_rt(services=services)
+    await rt.dispatcher.set_queue(Q.value, paused=True)
+    admit, delete = rt.dispatcher.admit, rt.jobs.delete
+    down = [True]
+
+    async def answer_lost(*args: Any, **kwargs: Any) -> Any:
+        await admit(*args, **kwargs)
+        raise UpstreamError("redis: connection lost")
+
+    async def delete_while_down(job_id: str) -> None:
+        if down.pop() if down else False:
+            raise UpstreamError("redis: connection refused")
+        await delete(job_id)
+
+    rt.dispatcher.admit = answer_lost  # type: ignore[method-assign]
+    rt.jobs.delete = delete_while_down  # type: ignore[method-assign]
+    monkeypatch.setattr(submit_module, "UNDO_RETRY_S", 0.01)
+    user = UserSettings(id="u1", plan="paid")
+    req = JobRequest(service="chat", experience="batch", mode="paid", model="m1",
+                     input=JobInput(prompt="p"))  # fmt: skip
+    with pytest.raises(UpstreamError):
+        await submit(rt, user, req)
+    [key] = [k async for k in rt.redis.scan_iter(match=rt.keys.job("*")) if b":events" not in k]
+
+    async def gone() -> bool:
+        stats = await rt.dispatcher.queue_stats(Q.value)
+        return not await rt.redis.exists(key) and stats["parked"] == 0
+
+    await async_wait_until(gone)
+    assert not down  # the first undo failed: the one that took the job back came after

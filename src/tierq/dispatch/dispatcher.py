@@ -54,8 +54,9 @@ _SWEPT = ("status", "userId", "messageId", "createdAt")  # what the sweep reads 
 _SCRIPTS = (
     "park", "release", "claim", "confirm", "requeue", "reconcile", "positions", "aimd"
 )  # fmt: skip
-_APPENDED = {"admit": "park"}
-"""Scripts made of two files: ``admit`` runs ``park`` once the job is admitted."""
+_APPENDED = {"admit": "park", "admit_record": "admit"}
+"""Scripts made of several files: ``admit`` runs ``park`` once the job is admitted;
+``admit_record`` is ``admit`` that also writes the job's record (a single Redis only)."""
 POSITION_RATIO = 0.8
 """A parked job hears its new position when it fell to this fraction of the last one told (or
 what holds it changed)."""
@@ -335,12 +336,20 @@ class Dispatcher:
         return Parked(reason, position)
 
     async def admit(
-        self, body: WorkerBody, raw: bytes | str, *, depth: int, share: int
+        self,
+        body: WorkerBody,
+        raw: bytes | str,
+        *,
+        depth: int,
+        share: int,
+        record: Sequence[str] = (),
     ) -> Admission:
         """Admit a new job (its user's rate quotas, their ``share`` of the queue, then the
         queue's ``depth``) and park it, in one script; nothing is published yet
-        (:meth:`publish` does, once the job's record exists). A refused job leaves nothing
-        behind."""
+        (:meth:`publish` does, once the job's record exists). With ``record``
+        (:meth:`JobStore.record_args`; a single Redis only), the same script writes the job's
+        record once it is admitted, as :meth:`JobStore.create` would. A refused job leaves
+        nothing behind."""
         rate = self.settings.user_rate(body.user_id, body.plan)
         args = [
             *self.park_args(body, raw, body.job_id),
@@ -349,8 +358,9 @@ class Dispatcher:
             ttl_ms(self.settings.admission_ttl_s),
             rate.rpm or 0,
             rate.tpm or 0,
+            *record,
         ]
-        reply = await self.call_script("admit", args)
+        reply = await self.call_script("admit_record" if record else "admit", args)
         if _s(reply[0]) == "full":
             wait_ms = int(reply[2]) if len(reply) > 2 else 0
             return Admission(_s(reply[1]), Parked("", 0), (), retry_after_s=wait_ms / 1000)

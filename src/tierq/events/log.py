@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
-from tierq.contracts import WorkerEvent, is_terminal
+from tierq.contracts import Waiting, WorkerEvent, is_terminal
 from tierq.errors import UpstreamError
 from tierq.events.state import JobState
 from tierq.keys import AppKeys
@@ -63,6 +63,25 @@ class JobStore:
 
     def _job_keys(self, job_id: str) -> list[str]:
         return [self.keys.job(job_id), self.keys.job_events(job_id)]
+
+    def record_args(
+        self, job_id: str, fields: dict[str, str], first: WorkerEvent, ts: int
+    ) -> list[str]:
+        """How the dispatcher's ``admit_record`` script writes what :meth:`create` writes (the
+        ``waiting`` event, at ``ts``, when the job is parked): the job's keys, its first event,
+        the ``waiting`` event up to what holds the job (the script adds that and its position),
+        the record's fields."""
+        waiting = event_prefix(Waiting(jobId=job_id, ts=ts, guard="queue", position=0))
+        held = ',"guard":"queue","position":0'
+        if not waiting.endswith(held):  # the script writes guard and position last
+            raise RuntimeError(f"a waiting event ends otherwise than admit_record.lua writes it: "
+                               f"{waiting}")  # fmt: skip
+        return [
+            *self._job_keys(job_id),
+            event_prefix(first),
+            waiting[: -len(held)],
+            *_flatten(fields),
+        ]
 
     async def create(
         self,

@@ -3,6 +3,7 @@ it and publish it to its named queue — or leave nothing behind."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import math
 import secrets
@@ -10,6 +11,7 @@ import time
 from collections.abc import Mapping
 from typing import NoReturn
 
+import structlog
 from opentelemetry.trace import SpanKind
 
 from tierq.config import Settings, UserSettings
@@ -21,6 +23,8 @@ from tierq.observability.tracing import current_traceparent, span
 from tierq.producer.auth import events_token
 from tierq.queues import Mode, Plan, QueueId, Tier, queue_for
 from tierq.runtime import Runtime
+
+log = structlog.get_logger("tierq.producer")
 
 
 def resolve_tier(mode: Mode, plan: Plan) -> Tier:
@@ -150,6 +154,13 @@ async def submit(
         return reply
 
 
+def records_at_admission(settings: Settings) -> bool:
+    """Whether the admission's script writes the job's record too (one round trip a submit,
+    not two): on a single Redis. On Cluster the record's keys live under the job's own hash
+    tag, apart from the dispatcher's: the record is written in a second call, after it."""
+    return not settings.redis_cluster
+
+
 async def _submit(rt: Runtime, user: UserSettings, req: JobRequest) -> SubmitResponse:
     settings = rt.settings
     check_registry(settings, req)
@@ -160,27 +171,39 @@ async def _submit(rt: Runtime, user: UserSettings, req: JobRequest) -> SubmitRes
     body, fields = job_records(job_id, user, tier, req, now_ms, settings.qstash_retries)
     body.traceparent = current_traceparent()
     body.estimated_tokens = estimate_tokens(settings, req)
+    queued = Queued(jobId=job_id, ts=now_ms, queueId=queue, tier=tier)
+    lease_keys = [rt.keys.admission(queue.value), rt.keys.user_pending(queue.value, user.id)]
+    record = (
+        rt.jobs.record_args(job_id, fields, queued, now_ms)
+        if records_at_admission(settings)
+        else []
+    )
     async with rt.admission.fair(user.id):  # see Settings.admission_concurrency
-        admission = await rt.dispatcher.admit(
-            body,
-            body.model_dump_json(by_alias=True, exclude_none=True),
-            depth=settings.queues[queue].admission_depth,
-            share=settings.user_queue_limit(user.id, user.plan),
-        )
+        try:
+            admission = await rt.dispatcher.admit(
+                body,
+                body.model_dump_json(by_alias=True, exclude_none=True),
+                depth=settings.queues[queue].admission_depth,
+                share=settings.user_queue_limit(user.id, user.plan),
+                record=record,
+            )
+        except BaseException:
+            if record:  # it may have been admitted and recorded before the error reached us
+                await _undo(rt, body, lease_keys)
+            raise
     if admission.refused:
         _refuse(rt, user, queue.value, admission)
     parked = admission.parked
-    waiting = None if parked.dispatched else parked.event(job_id)
-    lease_keys = [rt.keys.admission(queue.value), rt.keys.user_pending(queue.value, user.id)]
-    try:
-        await rt.jobs.create(
-            job_id, fields, Queued(jobId=job_id, ts=now_ms, queueId=queue, tier=tier), waiting
-        )
-    except BaseException:
-        await _undo(rt, body, lease_keys)
-        with contextlib.suppress(UpstreamError):  # the others dispatched meanwhile still go
-            await rt.dispatcher.publish(admission, job_id, skip=True)
-        raise
+    if not record:
+        try:
+            await rt.jobs.create(
+                job_id, fields, queued, None if parked.dispatched else parked.event(job_id)
+            )
+        except BaseException:
+            await _undo(rt, body, lease_keys)
+            with contextlib.suppress(UpstreamError):  # the others dispatched meanwhile still go
+                await rt.dispatcher.publish(admission, job_id, skip=True)
+            raise
     try:
         await rt.dispatcher.publish(admission, job_id)
     except BaseException:
@@ -232,12 +255,42 @@ def _refuse(rt: Runtime, user: UserSettings, queue: str, admission: Admission) -
     )
 
 
+UNDO_RETRY_S = 0.2
+"""How often an undo that met Redis unavailable is tried again (see :func:`_undo`)."""
+UNDO_FOR_S = 120.0
+"""How long it is tried again, at most."""
+_undoing: set[asyncio.Task[None]] = set()  # undos going on after their submit answered
+
+
 async def _undo(rt: Runtime, body: WorkerBody, lease_keys: list[str]) -> None:
     """Nothing half-written: drop the job record, take it out of dispatch and give its slots
-    back (a publish already made finds no job and ends at once)."""
+    back (a publish already made finds no job and ends at once). When Redis does not answer
+    (the call that failed the submit may have run there: the job admitted and recorded, its
+    answer lost), the undo goes on in the background, every ``UNDO_RETRY_S`` for up to
+    ``UNDO_FOR_S``, after the submit has answered its 5xx: a job its client was told was not
+    admitted must not run once Redis is back (``tests/e2e/test_chaos.py``)."""
+    if not await _undo_once(rt, body, lease_keys):
+        task = asyncio.get_running_loop().create_task(
+            _undo_later(rt, body, lease_keys), name=f"tierq-undo-{body.job_id}"
+        )
+        _undoing.add(task)
+        task.add_done_callback(_undoing.discard)
+
+
+async def _undo_once(rt: Runtime, body: WorkerBody, lease_keys: list[str]) -> bool:
     job_id = body.job_id
     try:
         await rt.jobs.delete(job_id)
         await rt.dispatcher.release(body, also=[(key, job_id) for key in lease_keys])
     except UpstreamError:
-        pass  # the leases still expire on their own
+        return False
+    return True
+
+
+async def _undo_later(rt: Runtime, body: WorkerBody, lease_keys: list[str]) -> None:
+    deadline = time.monotonic() + UNDO_FOR_S
+    while time.monotonic() < deadline:
+        await asyncio.sleep(UNDO_RETRY_S)
+        if await _undo_once(rt, body, lease_keys):
+            return
+    log.warning("submit.undo_gave_up", job_id=body.job_id)

@@ -282,9 +282,10 @@ async def _run(
         state, full, sent, alive_s, decision = await _read_and_claim(rt, body, message_id, fresh)
         if isinstance(decision, Err):
             if state is None and sent and _recording(body):
-                # dispatched while its submit was still writing its record (a job parked at
-                # admission can be sent by another process at once): it keeps its leases and
-                # comes back in a moment; past RECORD_GRACE_MS it is gone (its submit died)
+                # dispatched while its submit was still writing its record (on Cluster, where
+                # the record is written after the admission: a job parked at admission can be
+                # sent by another process at once): it keeps its leases and comes back in a
+                # moment; past RECORD_GRACE_MS it is gone (its submit died)
                 return error_reply(
                     503, "not_recorded_yet", "the job is being recorded; retry",
                     {"Retry-After": "1"},

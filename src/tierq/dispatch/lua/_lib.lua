@@ -19,7 +19,9 @@ end
 local NOW = now_ms()
 local ADMITTING = false  -- admit.lua: the job is new (park.lua runs after it)
 local TAIL = nil  -- admit.lua: the user's quotas, appended to what park.lua returns
+local RECORD = nil  -- admit_record.lua: writes the job's record once it is admitted
 local function finish(out)
+  if RECORD then RECORD(out) end
   if TAIL then out[#out + 1] = TAIL end
   return out
 end
