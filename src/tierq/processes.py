@@ -53,7 +53,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 import uvicorn
 
-from tierq.web.http11 import HttpProtocol
+from tierq.web.http11 import server_config
 
 if TYPE_CHECKING:
     from tierq.broker.server.credentials import Account
@@ -276,15 +276,12 @@ def app_server(
 ) -> AppServer:
     """The server of one app process: requests in flight get ``shutdown_grace_s`` to finish
     when it is told to stop (then they are cancelled and the app's shutdown runs)."""
-    config = uvicorn.Config(
+    config = server_config(
         app,
-        host=host,
-        port=port,
+        host,
+        port,
         log_level=log_level,
-        access_log=False,
-        lifespan="on",
         timeout_graceful_shutdown=math.ceil(settings.shutdown_grace_s),
-        http=HttpProtocol,
     )
     return AppServer(config, on_started)
 
@@ -605,15 +602,7 @@ class _BrokerThread:
     """The embedded broker in a thread of the parent (its own event loop), for ``tierq dev``."""
 
     def __init__(self, app: Any, host: str, port: int) -> None:
-        config = uvicorn.Config(
-            app,
-            host=host,
-            port=port,
-            log_level="warning",
-            access_log=False,
-            lifespan="on",
-            http=HttpProtocol,
-        )
+        config = server_config(app, host, port, log_level="warning")
         self.started = threading.Event()
         self.server = AppServer(config, self.started.set)
         self.thread = threading.Thread(target=self._run, name="tierq-broker", daemon=True)

@@ -175,6 +175,26 @@ def live_members(client: redis.Redis, key: str) -> list[str]:
     return [str(m) for m in client.zrangebyscore(key, f"({now}", "+inf")]
 
 
+def admission_holds(keys: AppKeys) -> list[str]:
+    """What a job of user ``cp1`` in ``q_paid_stream`` holds from its admission on."""
+    return [
+        keys.admission("q_paid_stream"),
+        keys.user_pending("q_paid_stream", "cp1"),
+        keys.queue_slots("q_paid_stream"),
+        keys.user_guard("cp1"),
+        keys.model_guard("sim", "paid"),
+    ]
+
+
+async def submit_killing_the_app(system: ChaosSystem) -> None:
+    """Submit the job whose admission kills the app (``RECORD_FAILPOINT``); restart the app."""
+    auth = {"Authorization": f"Bearer {api_key('cp1')}"}
+    async with httpx.AsyncClient(base_url=system.app_url, timeout=10) as http:
+        with pytest.raises(httpx.HTTPError):  # the app died inside the request
+            await http.post("/api/jobs", json=job_body(DIE_BEFORE_RECORD), headers=auth)
+    await system.restart("app")
+
+
 @contextlib.asynccontextmanager
 async def started(system: ChaosSystem) -> AsyncIterator[redis.Redis]:
     """The system, running; a client of the app's Redis. Stopped at the end."""
@@ -197,19 +217,9 @@ async def test_app_killed_between_admit_and_record_strands_no_job(tmp_path: Path
     record and gives the leases back, and the admission sweep drops its admission and share."""
     system = ChaosSystem(tmp_path, app_extra_env=with_failpoints(tmp_path, RECORD_FAILPOINT))
     keys = AppKeys(APP_PREFIX)
-    holds = [
-        keys.admission("q_paid_stream"),
-        keys.user_pending("q_paid_stream", "cp1"),
-        keys.queue_slots("q_paid_stream"),
-        keys.user_guard("cp1"),
-        keys.model_guard("sim", "paid"),
-    ]
+    holds = admission_holds(keys)
     async with started(system) as client:
-        auth = {"Authorization": f"Bearer {api_key('cp1')}"}
-        async with httpx.AsyncClient(base_url=system.app_url, timeout=10) as http:
-            with pytest.raises(httpx.HTTPError):  # the app died inside the request
-                await http.post("/api/jobs", json=job_body(DIE_BEFORE_RECORD), headers=auth)
-        await system.restart("app")
+        await submit_killing_the_app(system)
         assert not job_ids(client)  # never recorded
         [job_id] = live_members(client, keys.admission("q_paid_stream"))
         assert client.hexists(f"{keys.sched}:jobs", job_id)  # dispatched, publish unconfirmed
@@ -238,19 +248,9 @@ async def test_app_killed_right_after_admitting_and_recording_runs_the_job_once(
     env = with_failpoints(tmp_path, RECORD_FAILPOINT) | {"TIERQ_TEST_RECORD_AT_ADMISSION": "1"}
     system = ChaosSystem(tmp_path, app_extra_env=env)
     keys = AppKeys(APP_PREFIX)
-    holds = [
-        keys.admission("q_paid_stream"),
-        keys.user_pending("q_paid_stream", "cp1"),
-        keys.queue_slots("q_paid_stream"),
-        keys.user_guard("cp1"),
-        keys.model_guard("sim", "paid"),
-    ]
+    holds = admission_holds(keys)
     async with started(system) as client:
-        auth = {"Authorization": f"Bearer {api_key('cp1')}"}
-        async with httpx.AsyncClient(base_url=system.app_url, timeout=10) as http:
-            with pytest.raises(httpx.HTTPError):  # the app died inside the request
-                await http.post("/api/jobs", json=job_body(DIE_BEFORE_RECORD), headers=auth)
-        await system.restart("app")
+        await submit_killing_the_app(system)
         [job_id] = job_ids(client)  # recorded with its admission
         assert client.hget(keys.job(job_id), "status") == "queued"
         assert client.hexists(f"{keys.sched}:jobs", job_id)  # dispatched, publish unconfirmed

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 _HEAD = b"HTTP/1.1 "
@@ -79,3 +80,11 @@ class HttpProtocol(HttpToolsProtocol):
     def _start_asgi_task(self, cycle: RequestResponseCycle, app: Any) -> None:
         cycle.transport = HeadWithBody(cycle.transport, self.loop)  # type: ignore[assignment]
         super()._start_asgi_task(cycle, app)
+
+
+def server_config(app: Any, host: str, port: int, **options: Any) -> uvicorn.Config:
+    """The ``uvicorn.Config`` of one of tierq's servers (``options``: uvicorn's others): this
+    protocol, the app's lifespan on, no access log (tierq logs its own lines)."""
+    return uvicorn.Config(
+        app, host=host, port=port, access_log=False, lifespan="on", http=HttpProtocol, **options
+    )

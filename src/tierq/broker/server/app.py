@@ -30,7 +30,7 @@ from tierq.config import BrokerSettings
 from tierq.errors import ClientError
 from tierq.observability.metrics import Metrics
 from tierq.redis_pool import LeanPool, LeanRedis
-from tierq.web.http11 import HttpProtocol
+from tierq.web.http11 import server_config
 
 log = structlog.get_logger("tierq.broker")
 
@@ -132,16 +132,7 @@ async def serve(
     log_level: str = "warning",
 ) -> None:
     """Serve until cancelled or signalled; ``on_started`` runs once the socket listens."""
-    config = uvicorn.Config(
-        app,
-        host=host,
-        port=port,
-        log_level=log_level,
-        access_log=False,
-        lifespan="on",
-        http=HttpProtocol,
-    )
-    server = uvicorn.Server(config)
+    server = uvicorn.Server(server_config(app, host, port, log_level=log_level))
     task = asyncio.create_task(server.serve())
     while not server.started and not task.done():  # noqa: ASYNC110 - uvicorn offers a flag only
         await asyncio.sleep(0.02)
