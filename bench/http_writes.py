@@ -18,19 +18,23 @@ from __future__ import annotations
 import argparse
 import asyncio
 import statistics
-import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from common import (
-    CLK_TCK,
     HOST,
     RESULTS_DIR,
     ROOT,
+    HttpConn,
+    Proc,
+    clean_env,
+    cpu_seconds,
     free_port,
     machine_info,
+    pythonpath,
     results_head,
     run_async,
     write_results,
@@ -51,65 +55,43 @@ uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=int(sys.argv[1]), http
     lifespan="off", log_level="warning", access_log=False, loop="uvloop")).run()
 """
 PROTOCOLS = ("one_write", "uvicorn")
-REQUEST = b"GET /x HTTP/1.1\r\nhost: bench\r\n\r\n"
+REQUEST = f"GET /x HTTP/1.1\r\nhost: {HOST}\r\n\r\n".encode()
 DEFAULT_OUT = RESULTS_DIR / "http_writes.json"
 
 
-def cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # utime + stime
-
-
-async def one_connection(port: int, n: int) -> None:
-    reader, writer = await asyncio.open_connection(HOST, port)
-    try:
-        for _ in range(n):
-            writer.write(REQUEST)
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = next(
-                int(line.split(b":", 1)[1])
-                for line in head.split(b"\r\n")
-                if line.lower().startswith(b"content-length:")
-            )
-            await reader.readexactly(length)
-    finally:
-        writer.close()
-
-
 async def load(port: int, requests: int, connections: int) -> None:
-    share = requests // connections
-    await asyncio.gather(*(one_connection(port, share) for _ in range(connections)))
+    """``requests`` requests over ``connections`` keep-alive connections, one in flight each."""
 
-
-async def wait_listening(port: int, deadline_s: float = 20.0) -> None:
-    end = time.monotonic() + deadline_s
-    while True:
+    async def one(n: int) -> None:
+        conn = HttpConn(port)
         try:
-            _, writer = await asyncio.open_connection(HOST, port)
-            writer.close()
-            return
-        except OSError:
-            if time.monotonic() > end:
-                raise
-            await asyncio.sleep(0.05)
+            for _ in range(n):
+                await conn.request(REQUEST)
+        finally:
+            conn.close()
+
+    await asyncio.gather(*(one(requests // connections) for _ in range(connections)))
 
 
-def run_round(protocol: str, args: argparse.Namespace) -> dict[str, Any]:
+def run_round(protocol: str, args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     port = free_port()
-    env = {"PYTHONPATH": str(ROOT / "src")}
-    server = subprocess.Popen([sys.executable, "-c", SERVER, str(port), protocol], env=env)
+    env = {**clean_env(), "PYTHONPATH": pythonpath(ROOT / "src")}
+    server = Proc(protocol, [sys.executable, "-c", SERVER, str(port), protocol], env,
+                  workdir / f"{protocol}.log")  # fmt: skip
+    server.start(workdir)
     try:
-        run_async(lambda: wait_listening(port))
-        run_async(lambda: load(port, args.requests // 10, args.connections))
-        before, began = cpu_s(server.pid), time.perf_counter()
+        server.wait_ready(f"http://{HOST}:{port}/")
+        run_async(lambda: load(port, args.requests // 10, args.connections))  # warm-up
+        before, began = cpu_seconds(server.pid), time.perf_counter()
         run_async(lambda: load(port, args.requests, args.connections))
-        wall, used = time.perf_counter() - began, cpu_s(server.pid) - before
+        wall, after = time.perf_counter() - began, cpu_seconds(server.pid)
     finally:
-        server.terminate()
-        server.wait(10)
+        server.stop()
+    if before is None or after is None:
+        raise RuntimeError(f"{protocol}: the server's /proc/<pid>/stat is unreadable")
     return {
         "protocol": protocol,
-        "server_cpu_us_per_request": round(used * 1e6 / args.requests, 2),
+        "server_cpu_us_per_request": round((after - before) * 1e6 / args.requests, 2),
         "wall_us_per_request": round(wall * 1e6 / args.requests, 2),
     }
 
@@ -124,11 +106,12 @@ def main() -> int:
     started = time.time()
     machine = machine_info(("uvicorn", "uvloop", "httptools"))
     rounds = []
-    for i in range(args.rounds):
-        for protocol in PROTOCOLS if i % 2 == 0 else reversed(PROTOCOLS):
-            result = run_round(protocol, args)
-            rounds.append(result)
-            print(f"  round {i + 1} {protocol}: {result}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="tierq-http-writes-") as workdir:
+        for i in range(args.rounds):
+            for protocol in PROTOCOLS if i % 2 == 0 else reversed(PROTOCOLS):
+                result = run_round(protocol, args, Path(workdir))
+                rounds.append(result)
+                print(f"  round {i + 1} {protocol}: {result}", flush=True)
     medians = {
         p: {
             key: statistics.median(r[key] for r in rounds if r["protocol"] == p)

@@ -36,6 +36,19 @@ class Appended:
     seq: int
 
 
+def _waiting_held() -> str:
+    """The end of a ``waiting`` event's JSON prefix that ``admit_record.lua`` writes itself (what
+    holds the job, its position); checked once: the model must serialise them last."""
+    held = ',"guard":"queue","position":0'
+    sample = event_prefix(Waiting(jobId="j", ts=0, guard="queue", position=0))
+    if not sample.endswith(held):
+        raise RuntimeError(f"a waiting event ends otherwise than admit_record.lua writes: {sample}")
+    return held
+
+
+_WAITING_HELD = _waiting_held()
+
+
 def _flatten(fields: dict[str, str] | None) -> list[str]:
     return [x for pair in (fields or {}).items() for x in pair]
 
@@ -72,14 +85,10 @@ class JobStore:
         the ``waiting`` event up to what holds the job (the script adds that and its position),
         the record's fields."""
         waiting = event_prefix(Waiting(jobId=job_id, ts=ts, guard="queue", position=0))
-        held = ',"guard":"queue","position":0'
-        if not waiting.endswith(held):  # the script writes guard and position last
-            raise RuntimeError(f"a waiting event ends otherwise than admit_record.lua writes it: "
-                               f"{waiting}")  # fmt: skip
         return [
             *self._job_keys(job_id),
             event_prefix(first),
-            waiting[: -len(held)],
+            waiting[: -len(_WAITING_HELD)],
             *_flatten(fields),
         ]
 

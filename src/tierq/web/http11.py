@@ -9,8 +9,9 @@ app's samples under 20 ms jobs (``bench/dispatch.py`` A), the body's a third of 
 head waits for the first write after it and goes with it. A response whose body does not
 follow in the same turn of the event loop (a stream, e.g. SSE, whose client waits for the head)
 gets its head written alone at the end of that turn. Measured (``bench/http_writes.py``, a bare
-ASGI app, 8 keep-alive connections, 4 alternating rounds): the server's CPU per request 20.6 ->
-18.1 µs (x 0.88), 4 of 4 rounds.
+ASGI app, 8 keep-alive connections, alternating rounds): in a quiet spell of the VM the
+server's CPU per request 20.6 -> 18.1 µs (x 0.88), 4 of 4 rounds; in slow spells, where rounds
+scatter by tens of percent, 0.82-1.09 over four invocations: no effect told apart from the drift.
 """
 
 from __future__ import annotations
